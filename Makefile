@@ -1,0 +1,44 @@
+# Makefile for whatsapp_proxy: one C file, no autotools.
+# `make` builds, `make run` runs with the reference's ports, `make test` tests.
+# Both `run` and `test` first check that the OpenSSL and Check headers exist.
+
+CC      ?= cc
+# -std=c11 for atomics; _GNU_SOURCE for accept4(), epoll and friends (Linux).
+CFLAGS  ?= -O2 -g
+CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -pthread
+CFLAGS  += $(shell pkg-config --cflags openssl 2>/dev/null)
+LDLIBS   = $(shell pkg-config --libs openssl 2>/dev/null || echo -lssl -lcrypto) -pthread
+CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
+ARGS    ?=
+
+all: whatsapp_proxy
+
+# The proxy itself.
+whatsapp_proxy: whatsapp_proxy.c whatsapp_proxy.h
+	$(CC) $(CFLAGS) -o $@ whatsapp_proxy.c $(LDLIBS)
+
+# The tests link the same file, with its main() renamed so the tests have theirs.
+test_proxy: test_proxy.c whatsapp_proxy.c whatsapp_proxy.h
+	$(CC) $(CFLAGS) -Dmain=whatsapp_proxy_main -c -o whatsapp_proxy_for_tests.o whatsapp_proxy.c
+	$(CC) $(CFLAGS) -o $@ test_proxy.c whatsapp_proxy_for_tests.o $(CHECK_LIBS) $(LDLIBS)
+
+# Installs (as root) or names the packages a fresh Debian or Ubuntu machine lacks.
+deps:
+	@sh scripts/check-deps.sh
+
+# Runs the proxy in the foreground with the default ports; add flags with ARGS="...".
+run: deps whatsapp_proxy
+	./whatsapp_proxy $(ARGS)
+
+# Runs the Check suite; CK_RUN_CASE="PROXY protocol" make test runs one section.
+test: deps whatsapp_proxy test_proxy
+	./test_proxy
+
+# Writes a self-signed chain into certs/, like the reference's generate-certs.sh.
+certs:
+	sh certs/generate-certs.sh certs
+
+clean:
+	rm -f whatsapp_proxy test_proxy *.o
+
+.PHONY: all deps run test certs clean
