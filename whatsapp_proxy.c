@@ -1,0 +1,3229 @@
+/*
+ * whatsapp_proxy.c - a WhatsApp chat proxy in one C file.
+ *
+ * It lets people behind a government block reach WhatsApp: the app connects
+ * to this proxy, and the proxy relays the bytes to WhatsApp's servers. It is a
+ * drop-in replacement for the official HAProxy-based proxy, written to be
+ * read from top to bottom. Read it with tutorial.md open beside it.
+ *
+ *     make run      build and run with the reference's ports (needs root or
+ *                   CAP_NET_BIND_SERVICE for ports below 1024)
+ *     make test     build and run the test suite (test_proxy.c)
+ *
+ * Depends on: the C library, POSIX threads, OpenSSL. Linux only (epoll,
+ * eventfd, accept4).
+ *
+ * The path of the bytes
+ * ---------------------
+ *
+ *   WhatsApp app                this proxy                     WhatsApp
+ *   ------------   TCP    +------------------------+   TCP    ----------
+ *   client  ------------> | listener               |
+ *                         |  [PROXY header in] (4) |
+ *                         |  [TLS handshake]   (5) |
+ *                         |  pick upstream     (6) | -------> chat server
+ *                         |  [PROXY header out](4) |          or media server
+ *                         |  relay bytes      (10) | <------>
+ *                         +------------------------+
+ *
+ * The chat stream is end-to-end encrypted by WhatsApp itself. The proxy never
+ * sees a message and never tries to: it only moves bytes.
+ *
+ * The listeners (the default set equals the reference's)
+ * -------------------------------------------------------
+ *
+ *   port  client side       PROXY header first?  goes to    header sent up
+ *   80    plain             no                   chat pool  PROXY v2
+ *   8080  plain             yes                  chat pool  PROXY v2
+ *   443   TLS (ended here)  no                   chat pool  PROXY v2
+ *   8443  TLS (ended here)  yes, before TLS      chat pool  PROXY v2
+ *   5222  plain             no                   chat pool  PROXY v2
+ *   8222  plain             yes                  chat pool  PROXY v2
+ *   587   passthrough       no                   media      none
+ *   7777  passthrough       yes                  media      none
+ *
+ * The sections of this file
+ * -------------------------
+ *
+ *    1. Settings and limits     every knob, its default and its reason
+ *    2. Logging and errors      log lines, allocation that cannot fail
+ *    3. Command line            flags into settings
+ *    4. PROXY protocol          the header that carries a client's address
+ *    5. TLS termination         certificates and the TLS handshake
+ *    6. Upstreams               resolving and dialling WhatsApp's servers
+ *    7. Listeners               the ports clients connect to
+ *    8. Admission               maxconn and the number of conversations
+ *    9. Conversation            one thread per new client, until relaying
+ *   10. Relay                   a few threads that move all the bytes
+ *   11. Check summary           --check and what to tell WhatsApp users
+ *   12. Starting and stopping   proxy_open(), proxy_run(), main()
+ *
+ * Each section uses only what is above it. The types and functions that the
+ * tests call are declared in whatsapp_proxy.h, in the same order.
+ *
+ * One connection's life
+ * ---------------------
+ *
+ *   1. The acceptor (the main thread) accepts the client (section 8). Over
+ *      --maxconn it closes the client at once.
+ *   2. A conversation thread (section 9) does everything that happens once
+ *      per connection, as plain blocking code: read the PROXY header, do the
+ *      TLS handshake, connect to an upstream, send the PROXY header there.
+ *   3. It hands the two connected sockets to a relay thread (section 10) and
+ *      ends. The relay thread moves bytes both ways until both sides close,
+ *      or the connection is idle for too long.
+ *
+ * Why two kinds of threads? A WhatsApp chat connection is idle nearly all the
+ * time: a phone keeps it open for hours and sends a few bytes now and then.
+ * A thread parked in read() for each of them would cost about 30 KiB of
+ * memory (kernel stack plus the touched part of its user stack), and the
+ * reference holds 27,500 connections on one host: 800 MiB for nothing. An
+ * idle connection in an epoll loop costs only its sockets and a small struct
+ * (a few hundred bytes). But the first steps of a connection (headers,
+ * handshakes, retries) are much easier to read as straight-line code, and
+ * they last only a moment, so a short-lived thread does them.
+ *
+ * Error policy: problems at startup stop the program with one line that
+ * names the flag, port or file and the fix (exit 2). Problems with one
+ * client are counted, logged without the client's address, and that client is
+ * closed; every other connection carries on.
+ */
+
+#include "whatsapp_proxy.h"
+
+#include <arpa/inet.h>
+#include <assert.h>
+#include <ctype.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+/* ==== 1. Settings and limits ==== */
+
+/*
+ * Everything a volunteer can change is in struct settings, filled by the
+ * command line (section 3) before any thread starts and only read after.
+ * Fixed limits are the constants below, each with its reason.
+ */
+
+#define PROGRAM_NAME "whatsapp_proxy"
+#define PROGRAM_VERSION "1.0.0"
+
+/* Enough for the eight reference ports and any sensible extra. */
+#define MAX_LISTENERS 32
+/* The reference pool has six servers; room for an operator's own. */
+#define MAX_UPSTREAMS 16
+/* Longest DNS name is 253 characters. */
+#define HOST_NAME_BYTES 256
+
+/* A failed upstream connect tries the next server, at most this many servers
+ * per client (HAProxy's "retries 3"). With the 5 s connect timeout a client
+ * waits at most 15 s before it is closed. */
+#define UPSTREAM_TRIES_MAX 3
+
+/* At most this many conversation threads at once (section 8). A reconnect
+ * storm after an outage can bring thousands of clients in one second; the
+ * extra ones wait in the kernel's listen backlog, which costs no thread. */
+#define CONVERSATIONS_AT_ONCE 1024
+
+/* The kernel's queue of not yet accepted connections per listener. Linux
+ * silently caps it at net.core.somaxconn (4096 since Linux 5.4). */
+#define LISTEN_BACKLOG 4096
+
+/* A conversation thread's stack. The deepest call is OpenSSL's handshake
+ * (well under 64 KiB even with RSA 4096); the default 8 MiB would only be
+ * reserved address space, but a small stack keeps 1,024 threads cheap. */
+#define CONVERSATION_STACK_BYTES (256 * 1024)
+
+/* Each relay thread reads into one scratch buffer of this size and writes
+ * straight on. Bigger means fewer system calls on bulk transfers; it exists
+ * once per relay thread, not per connection, so it costs nothing per client.
+ * (HAProxy's reference keeps two 4 KiB buffers for every connection.) */
+#define RELAY_SCRATCH_BYTES (128 * 1024)
+
+/* Bytes one direction may move in one turn before the relay thread serves
+ * other connections, so that one bulk transfer cannot starve the rest. */
+#define RELAY_TURN_BYTES (1024 * 1024)
+
+/* Which PROXY header goes to the chat upstreams. */
+enum send_proxy {
+    SEND_PROXY_NONE,
+    SEND_PROXY_V1,
+    SEND_PROXY_V2
+};
+
+/* The key type of the certificate made at startup. */
+enum key_type {
+    KEY_EC256,   /* ECDSA P-256: fast handshakes, what certbot makes today */
+    KEY_RSA2048, /* the reference's choice, for very old clients */
+    KEY_RSA4096
+};
+
+/* How much the proxy writes to stderr. */
+enum log_level {
+    LOG_ERROR,
+    LOG_WARN,
+    LOG_INFO,
+    LOG_DEBUG
+};
+
+/* One upstream server as the operator wrote it: a name and a port. */
+struct upstream_spec {
+    char host[HOST_NAME_BYTES];
+    uint16_t port;
+};
+
+struct settings {
+    struct listener_spec listeners[MAX_LISTENERS];
+    size_t listener_count;
+    struct upstream_spec chat_upstreams[MAX_UPSTREAMS]; /* round-robin pool */
+    size_t chat_upstream_count;
+    struct upstream_spec media_upstream;
+    enum send_proxy send_proxy;     /* header for chat upstreams */
+
+    char cert_file[PATH_MAX];       /* "" means: make a certificate */
+    char key_file[PATH_MAX];
+    char cert_dir[PATH_MAX];        /* where a made certificate is written */
+    enum key_type cert_key;
+    char ssl_dns[1024];             /* extra DNS names, comma separated */
+    char ssl_ip[1024];              /* extra IP addresses, comma separated */
+
+    unsigned maxconn;               /* client connections at once */
+    int timeout_connect_ms;         /* to reach an upstream */
+    int timeout_idle_ms;            /* no byte either way */
+    int timeout_fin_ms;             /* after one direction has closed */
+    int timeout_handshake_ms;       /* PROXY header plus TLS handshake */
+    unsigned relay_threads;         /* 0 means one per CPU */
+
+    char public_host[HOST_NAME_BYTES]; /* the name users type, for --check */
+    enum log_level log_level;
+    bool check_only;                /* --check: validate, summarise, exit */
+};
+
+/* The chat pool of the newest reference (SPEC.md). */
+static const struct upstream_spec DEFAULT_CHAT_UPSTREAMS[] = {
+    {"g.whatsapp.net", 5222},          {"g.whatsapp.net", 80},
+    {"g.whatsapp.net", 443},           {"g-fallback.whatsapp.net", 5222},
+    {"g-fallback.whatsapp.net", 80},   {"g-fallback.whatsapp.net", 443},
+};
+
+/* The reference's listeners; port 8199 (statistics) is not a relay port. */
+static const struct listener_spec DEFAULT_LISTENERS[] = {
+    {.port = 80},
+    {.port = 8080, .accept_proxy = true},
+    {.port = 443, .tls = true},
+    {.port = 8443, .tls = true, .accept_proxy = true},
+    {.port = 5222},
+    {.port = 8222, .accept_proxy = true},
+    {.port = 587, .media = true},
+    {.port = 7777, .media = true, .accept_proxy = true},
+};
+
+#define ARRAY_LENGTH(array) (sizeof(array) / sizeof((array)[0]))
+
+/*
+ * The shared state: everything more than one thread touches, in one struct,
+ * grouped by how it is protected. The only other mutable global is the
+ * stop_requested flag, which a signal handler writes.
+ *
+ * Which thread owns what:
+ *   - the acceptor (main thread) owns the listening sockets;
+ *   - a conversation thread owns its client until it hands it to a relay;
+ *   - a relay thread owns every connection in its epoll loop;
+ *   - nothing else is shared except what is below.
+ */
+struct listener;     /* section 7 */
+struct upstream;     /* section 6 */
+struct relay_thread; /* section 10 */
+
+static struct proxy_state {
+    /* Written by proxy_open() before any thread starts; read-only after. */
+    const struct settings *settings;
+    SSL_CTX *tls_context;            /* NULL when no listener is TLS */
+    struct listener *listeners;      /* settings->listener_count of them */
+    size_t listener_count;
+    struct relay_thread *relay_threads;
+    unsigned relay_thread_count;
+    int stop_fd;          /* eventfd, readable from the moment we stop */
+    int acceptor_wake_fd; /* eventfd, written when a conversation slot frees */
+
+    /* Atomics: any thread may change them without a lock. */
+    atomic_int log_level;            /* an enum log_level */
+    atomic_ullong counters[COUNTER_COUNT];
+    atomic_uint connections_now;     /* compared with settings->maxconn */
+    atomic_uint next_relay_thread;   /* round-robin over relay threads */
+    atomic_uint next_chat_upstream;  /* round-robin over the chat pool */
+
+    /* Guarded by upstream_lock: the resolved addresses of the servers. */
+    pthread_mutex_t upstream_lock;
+    struct upstream *chat_upstreams; /* settings->chat_upstream_count */
+    struct upstream *media_upstream;
+
+    /* Guarded by conversation_lock: how many conversation threads run. */
+    pthread_mutex_t conversation_lock;
+    pthread_cond_t conversations_ended; /* signalled when it reaches 0 */
+    unsigned conversations_now;
+} state = {
+    .stop_fd = -1,
+    .acceptor_wake_fd = -1,
+    .log_level = LOG_INFO,
+    .upstream_lock = PTHREAD_MUTEX_INITIALIZER,
+    .conversation_lock = PTHREAD_MUTEX_INITIALIZER,
+    .conversations_ended = PTHREAD_COND_INITIALIZER,
+};
+
+/* Set by proxy_request_stop(), which a signal handler may call. */
+static volatile sig_atomic_t stop_requested;
+
+/* Adds amount to one of the counters listed in whatsapp_proxy.h. Relaxed
+ * order: a counter orders nothing else, it is only read for statistics. */
+static void counter_add(enum counter which, unsigned long long amount)
+{
+    atomic_fetch_add_explicit(&state.counters[which], amount,
+                              memory_order_relaxed);
+}
+
+static void *xcalloc(size_t count, size_t size);
+
+/* Returns settings with every default of SPEC.md; see whatsapp_proxy.h. */
+struct settings *settings_new(void)
+{
+    struct settings *settings = xcalloc(1, sizeof *settings);
+
+    memcpy(settings->listeners, DEFAULT_LISTENERS, sizeof DEFAULT_LISTENERS);
+    settings->listener_count = ARRAY_LENGTH(DEFAULT_LISTENERS);
+    memcpy(settings->chat_upstreams, DEFAULT_CHAT_UPSTREAMS,
+           sizeof DEFAULT_CHAT_UPSTREAMS);
+    settings->chat_upstream_count = ARRAY_LENGTH(DEFAULT_CHAT_UPSTREAMS);
+    settings->media_upstream = (struct upstream_spec){"whatsapp.net", 443};
+    settings->send_proxy = SEND_PROXY_V2; /* the reference's newest choice */
+
+    snprintf(settings->cert_dir, sizeof settings->cert_dir, "certs");
+    settings->cert_key = KEY_EC256;
+    /* SSL_DNS and SSL_IP: the reference's environment variables. */
+    const char *dns = getenv("SSL_DNS");
+    const char *ip = getenv("SSL_IP");
+    snprintf(settings->ssl_dns, sizeof settings->ssl_dns, "%s", dns ? dns : "");
+    snprintf(settings->ssl_ip, sizeof settings->ssl_ip, "%s", ip ? ip : "");
+
+    settings->maxconn = 27500;              /* the reference's maxconn */
+    settings->timeout_connect_ms = 5000;    /* timeout connect 5s */
+    settings->timeout_idle_ms = 200000;     /* timeout client/server 200s */
+    settings->timeout_fin_ms = 1000;        /* timeout client-fin 1s */
+    settings->timeout_handshake_ms = 5000;  /* slow-client protection */
+    settings->relay_threads = 0;
+    settings->log_level = LOG_INFO;
+    return settings;
+}
+
+/* Frees settings from settings_new(). NULL is allowed. */
+void settings_free(struct settings *settings)
+{
+    free(settings);
+}
+
+/* ==== 2. Logging and errors ==== */
+
+/*
+ * One line per notable event on stderr, with the time and the level, so that
+ * systemd's journal or a terminal shows it as it happens. Client addresses are
+ * never written: the reference turns logging off so that nobody can learn
+ * from a seized server who used it, and we keep that promise.
+ *
+ * Memory allocation failure is not handled per call: on Linux it practically
+ * means the machine is out of memory, and carrying on with half-built state
+ * is worse than stopping, so xmalloc() and friends abort with a message.
+ */
+
+static const char *const LOG_LEVEL_NAMES[] = {"error", "warn", "info",
+                                              "debug"};
+
+/* Writes one log line "2026-01-31T12:00:00Z warn: ..." to stderr if level is
+ * enabled. Thread-safe: one fprintf() call per line, and stdio locks the
+ * stream for each call. */
+__attribute__((format(printf, 2, 3)))
+static void log_line(enum log_level level, const char *format, ...)
+{
+    if ((int)level > atomic_load(&state.log_level))
+        return;
+
+    char message[512];
+    va_list arguments;
+    va_start(arguments, format);
+    vsnprintf(message, sizeof message, format, arguments);
+    va_end(arguments);
+
+    char when[32];
+    time_t now = time(NULL);
+    struct tm utc;
+    gmtime_r(&now, &utc);
+    strftime(when, sizeof when, "%Y-%m-%dT%H:%M:%SZ", &utc);
+    fprintf(stderr, "%s %s: %s\n", when, LOG_LEVEL_NAMES[level], message);
+}
+
+/* Prints "whatsapp_proxy: <reason>: <why>" and aborts. For allocation
+ * failure only (see the section comment). */
+static void out_of_memory(size_t bytes)
+{
+    fprintf(stderr, PROGRAM_NAME ": out of memory allocating %zu bytes\n",
+            bytes);
+    abort();
+}
+
+/* malloc() that never returns NULL. The caller frees the result. */
+static void *xmalloc(size_t size)
+{
+    void *memory = malloc(size);
+    if (memory == NULL)
+        out_of_memory(size);
+    return memory;
+}
+
+/* calloc() that never returns NULL. The caller frees the result. */
+static void *xcalloc(size_t count, size_t size)
+{
+    void *memory = calloc(count, size);
+    if (memory == NULL)
+        out_of_memory(count * size);
+    return memory;
+}
+
+/* Appends the newest OpenSSL error reason (or "unknown reason") to buffer
+ * and clears OpenSSL's error queue of this thread. */
+static void tls_error_text(char *buffer, size_t buffer_size)
+{
+    unsigned long code = ERR_peek_last_error();
+    if (code == 0)
+        snprintf(buffer, buffer_size, "unknown reason");
+    else
+        ERR_error_string_n(code, buffer, buffer_size);
+    ERR_clear_error();
+}
+
+/* Monotonic milliseconds since some fixed moment: for deadlines, never for
+ * the wall-clock time (which can jump when the clock is corrected). */
+static long long now_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+/* ==== 3. Command line ==== */
+
+/*
+ * Every flag is in the OPTIONS table below: its name, the name of its value
+ * (NULL for a switch) and one line of help. The parser uses the table to know
+ * whether a flag takes a value, and --help prints the same table, so the two
+ * can never disagree. Both "--flag value" and "--flag=value" work.
+ *
+ * Parsing never exits: it returns PARSE_ERROR with one line naming the flag,
+ * so that tests can check the message and main() decides to exit 2.
+ */
+
+struct option {
+    const char *name;
+    const char *value_name; /* NULL: the flag takes no value */
+    const char *help;
+};
+
+static const struct option OPTIONS[] = {
+    {"--listen", "[ADDR:]PORT[/tls][/accept-proxy][/media]",
+     "a port to serve, repeatable (default: the reference's eight ports)"},
+    {"--upstream", "HOST:PORT",
+     "a chat server, repeatable (default: g.whatsapp.net and g-fallback)"},
+    {"--media-upstream", "HOST:PORT", "the media server (whatsapp.net:443)"},
+    {"--send-proxy", "none|v1|v2", "PROXY header sent to chat servers (v2)"},
+    {"--cert", "FILE", "certificate chain in PEM, e.g. from Let's Encrypt"},
+    {"--key", "FILE", "private key in PEM for --cert"},
+    {"--cert-dir", "DIR", "where a made certificate is written (certs)"},
+    {"--cert-key", "ec256|rsa2048|rsa4096", "key of a made certificate (ec256)"},
+    {"--ssl-dns", "NAME,...", "extra DNS names in a made certificate"},
+    {"--ssl-ip", "IP,...", "extra IP addresses in a made certificate"},
+    {"--maxconn", "N", "client connections at once (27500)"},
+    {"--timeout-connect", "S", "seconds to reach a server (5)"},
+    {"--timeout-idle", "S", "seconds without a byte before closing (200)"},
+    {"--timeout-fin", "S", "seconds for the other side after a close (1)"},
+    {"--timeout-handshake", "S", "seconds for PROXY header and TLS (5)"},
+    {"--threads", "N", "relay threads (one per CPU)"},
+    {"--public-host", "NAME", "the name users type in the app, for --check"},
+    {"--log-level", "error|warn|info|debug", "how much to log (info)"},
+    {"--check", NULL, "check the settings, print what to tell users, exit"},
+    {"--help", NULL, "show this help and exit"},
+    {"--version", NULL, "show the version and exit"},
+};
+
+/* Writes printf-style text into error (always terminated) and returns -1, so
+ * that parsers can say "return parse_failure(...)". */
+__attribute__((format(printf, 3, 4)))
+static int parse_failure(char *error, size_t error_size, const char *format,
+                         ...)
+{
+    va_list arguments;
+    va_start(arguments, format);
+    vsnprintf(error, error_size, format, arguments);
+    va_end(arguments);
+    return -1;
+}
+
+/* Reads a decimal port 0..65535 from text[0..length). Returns true on
+ * success. Leading signs, spaces and empty text are refused. */
+static bool port_parse(const char *text, size_t length, uint16_t *port)
+{
+    if (length == 0 || length > 5)
+        return false;
+    unsigned value = 0;
+    for (size_t i = 0; i < length; i++) {
+        if (!isdigit((unsigned char)text[i]))
+            return false;
+        value = value * 10 + (unsigned)(text[i] - '0');
+    }
+    if (value > 65535)
+        return false;
+    *port = (uint16_t)value;
+    return true;
+}
+
+/* Splits "HOST:PORT" or "[IPV6]:PORT" into its parts; see whatsapp_proxy.h.
+ * An empty host is allowed here; callers that need one check it. */
+static int address_port_split(const char *text, char *host, size_t host_size,
+                              uint16_t *port, char *error, size_t error_size)
+{
+    const char *host_start = text;
+    const char *host_end;
+    const char *port_text;
+
+    if (text[0] == '[') {
+        host_start = text + 1;
+        host_end = strchr(host_start, ']');
+        if (host_end == NULL || host_end[1] != ':')
+            return parse_failure(error, error_size,
+                                 "'%s': expected [IPV6]:PORT", text);
+        port_text = host_end + 2;
+    } else {
+        host_end = strrchr(text, ':');
+        if (host_end == NULL)
+            return parse_failure(error, error_size,
+                                 "'%s': expected HOST:PORT", text);
+        if (memchr(text, ':', (size_t)(host_end - text)) != NULL)
+            return parse_failure(error, error_size,
+                                 "'%s': put IPv6 addresses in brackets, "
+                                 "like [::1]:443", text);
+        port_text = host_end + 1;
+    }
+
+    size_t host_length = (size_t)(host_end - host_start);
+    if (host_length >= host_size)
+        return parse_failure(error, error_size, "'%s': host name too long",
+                             text);
+    if (!port_parse(port_text, strlen(port_text), port))
+        return parse_failure(error, error_size,
+                             "'%s': the port must be a number from 0 to 65535",
+                             text);
+    memcpy(host, host_start, host_length);
+    host[host_length] = '\0';
+    return 0;
+}
+
+/* Parses "HOST:PORT"; see whatsapp_proxy.h. */
+int host_port_parse(const char *text, char *host, size_t host_size,
+                    uint16_t *port, char *error, size_t error_size)
+{
+    if (address_port_split(text, host, host_size, port, error, error_size) < 0)
+        return -1;
+    if (host[0] == '\0')
+        return parse_failure(error, error_size, "'%s': the host is missing",
+                             text);
+    if (*port == 0)
+        return parse_failure(error, error_size, "'%s': port 0 cannot be "
+                             "dialled", text);
+    return 0;
+}
+
+/* Parses one --listen value; see whatsapp_proxy.h. */
+int listener_spec_parse(const char *text, struct listener_spec *out,
+                        char *error, size_t error_size)
+{
+    struct listener_spec spec = {0};
+    char head[128];
+    const char *options = strchr(text, '/');
+    size_t head_length = options ? (size_t)(options - text) : strlen(text);
+
+    if (head_length == 0 || head_length >= sizeof head)
+        return parse_failure(error, error_size,
+                             "bad --listen '%s': expected "
+                             "[ADDR:]PORT[/tls][/accept-proxy][/media]", text);
+    memcpy(head, text, head_length);
+    head[head_length] = '\0';
+
+    /* The address part: none, an IPv4 address, or an IPv6 one in []. */
+    if (strchr(head, ':') == NULL) {
+        if (!port_parse(head, head_length, &spec.port))
+            return parse_failure(error, error_size,
+                                 "bad --listen '%s': the port must be a number "
+                                 "from 0 to 65535", text);
+    } else {
+        char detail[160];
+        if (address_port_split(head, spec.address, sizeof spec.address,
+                               &spec.port, detail, sizeof detail) < 0)
+            return parse_failure(error, error_size, "bad --listen %s", detail);
+        struct in6_addr ignored;
+        int family = head[0] == '[' ? AF_INET6 : AF_INET;
+        if (inet_pton(family, spec.address, &ignored) != 1)
+            return parse_failure(error, error_size,
+                                 "bad --listen '%s': '%s' is not an IP "
+                                 "address of this machine", text,
+                                 spec.address);
+    }
+
+    /* The options: any of tls, accept-proxy, media, each after a '/'. */
+    while (options != NULL) {
+        const char *name = options + 1;
+        const char *next = strchr(name, '/');
+        size_t length = next ? (size_t)(next - name) : strlen(name);
+        if (length == 3 && strncmp(name, "tls", 3) == 0)
+            spec.tls = true;
+        else if (length == 12 && strncmp(name, "accept-proxy", 12) == 0)
+            spec.accept_proxy = true;
+        else if (length == 5 && strncmp(name, "media", 5) == 0)
+            spec.media = true;
+        else
+            return parse_failure(error, error_size,
+                                 "bad --listen '%s': unknown option '%.*s' "
+                                 "(known: tls, accept-proxy, media)", text,
+                                 (int)length, name);
+        options = next;
+    }
+    if (spec.tls && spec.media)
+        return parse_failure(error, error_size,
+                             "bad --listen '%s': a media port cannot be /tls: "
+                             "media clients speak TLS with WhatsApp itself, "
+                             "through the proxy", text);
+    *out = spec;
+    return 0;
+}
+
+/* Parses seconds with decimals into milliseconds; see whatsapp_proxy.h.
+ * Accepts more than 0 and less than 24 days (the largest int of ms). */
+int seconds_parse(const char *text, const char *flag_name, int *out_ms,
+                  char *error, size_t error_size)
+{
+    char *end = NULL;
+    errno = 0;
+    double seconds = strtod(text, &end);
+    if (text[0] == '\0' || *end != '\0' || errno != 0 || !(seconds > 0) ||
+        seconds >= INT_MAX / 1000.0)
+        return parse_failure(error, error_size,
+                             "bad %s '%s': expected seconds above 0, like 5 or "
+                             "0.5", flag_name, text);
+    *out_ms = (int)(seconds * 1000 + 0.5);
+    if (*out_ms == 0)
+        *out_ms = 1;
+    return 0;
+}
+
+/* Parses a whole number from 1 to max for flag_name into *out. */
+static int count_parse(const char *text, const char *flag_name, unsigned max,
+                       unsigned *out, char *error, size_t error_size)
+{
+    char *end = NULL;
+    errno = 0;
+    unsigned long value = strtoul(text, &end, 10);
+    if (!isdigit((unsigned char)text[0]) || *end != '\0' || errno != 0 ||
+        value < 1 || value > max)
+        return parse_failure(error, error_size,
+                             "bad %s '%s': expected a whole number from 1 to %u",
+                             flag_name, text, max);
+    *out = (unsigned)value;
+    return 0;
+}
+
+/* Returns the index in names[] of text, or -1 with one line in error. */
+static int choice_parse(const char *text, const char *flag_name,
+                        const char *const names[], size_t name_count,
+                        char *error, size_t error_size)
+{
+    for (size_t i = 0; i < name_count; i++)
+        if (strcmp(text, names[i]) == 0)
+            return (int)i;
+    return parse_failure(error, error_size, "bad %s '%s': see --help",
+                         flag_name, text);
+}
+
+/* Copies text into a fixed field, or fails naming the flag if it is too
+ * long. */
+static int text_copy(char *field, size_t field_size, const char *text,
+                     const char *flag_name, char *error, size_t error_size)
+{
+    if (strlen(text) >= field_size)
+        return parse_failure(error, error_size, "bad %s: too long", flag_name);
+    memcpy(field, text, strlen(text) + 1);
+    return 0;
+}
+
+/* Checks that every item of a comma list is an IPv4 or IPv6 address. */
+static int ip_list_check(const char *list, char *error, size_t error_size)
+{
+    char copy[1024];
+    snprintf(copy, sizeof copy, "%s", list);
+    char *rest = copy;
+    for (char *item = strsep(&rest, ","); item; item = strsep(&rest, ",")) {
+        struct in6_addr ignored;
+        if (item[0] != '\0' && inet_pton(AF_INET, item, &ignored) != 1 &&
+            inet_pton(AF_INET6, item, &ignored) != 1)
+            return parse_failure(error, error_size,
+                                 "bad --ssl-ip '%s': not an IP address", item);
+    }
+    return 0;
+}
+
+static void help_print(void)
+{
+    printf("Usage: " PROGRAM_NAME " [options]\n"
+           "A WhatsApp chat proxy. With no options it serves the reference's "
+           "ports\n(80 8080 443 8443 5222 8222 587 7777) and relays to "
+           "WhatsApp.\n\n");
+    for (size_t i = 0; i < ARRAY_LENGTH(OPTIONS); i++) {
+        char left[80];
+        snprintf(left, sizeof left, "%s%s%s", OPTIONS[i].name,
+                 OPTIONS[i].value_name ? " " : "",
+                 OPTIONS[i].value_name ? OPTIONS[i].value_name : "");
+        printf("  %-44s %s\n", left, OPTIONS[i].help);
+    }
+    printf("\nSignals: SIGTERM or SIGINT stops. Read tutorial.md to learn "
+           "more.\n");
+}
+
+/* Applies one flag with its value (NULL for switches) to settings. The two
+ * booleans say whether --listen and --upstream were already given once: the
+ * first use of a repeatable flag replaces the default list. */
+static int option_apply(struct settings *settings, const char *name,
+                        const char *value, bool *listen_seen,
+                        bool *upstream_seen, char *error, size_t error_size)
+{
+    static const char *const SEND_PROXY_NAMES[] = {"none", "v1", "v2"};
+    static const char *const KEY_NAMES[] = {"ec256", "rsa2048", "rsa4096"};
+    int choice;
+
+    if (strcmp(name, "--listen") == 0) {
+        if (!*listen_seen)
+            settings->listener_count = 0;
+        *listen_seen = true;
+        if (settings->listener_count == MAX_LISTENERS)
+            return parse_failure(error, error_size, "too many --listen (%d)",
+                                 MAX_LISTENERS);
+        return listener_spec_parse(
+            value, &settings->listeners[settings->listener_count++], error,
+            error_size);
+    }
+    if (strcmp(name, "--upstream") == 0 ||
+        strcmp(name, "--media-upstream") == 0) {
+        struct upstream_spec spec;
+        char detail[200];
+        if (host_port_parse(value, spec.host, sizeof spec.host, &spec.port,
+                            detail, sizeof detail) < 0)
+            return parse_failure(error, error_size, "bad %s %s", name, detail);
+        if (name[2] == 'm') {
+            settings->media_upstream = spec;
+            return 0;
+        }
+        if (!*upstream_seen)
+            settings->chat_upstream_count = 0;
+        *upstream_seen = true;
+        if (settings->chat_upstream_count == MAX_UPSTREAMS)
+            return parse_failure(error, error_size,
+                                 "too many --upstream (%d)", MAX_UPSTREAMS);
+        settings->chat_upstreams[settings->chat_upstream_count++] = spec;
+        return 0;
+    }
+    if (strcmp(name, "--send-proxy") == 0) {
+        choice = choice_parse(value, name, SEND_PROXY_NAMES, 3, error,
+                              error_size);
+        settings->send_proxy = (enum send_proxy)choice;
+        return choice < 0 ? -1 : 0;
+    }
+    if (strcmp(name, "--cert-key") == 0) {
+        choice = choice_parse(value, name, KEY_NAMES, 3, error, error_size);
+        settings->cert_key = (enum key_type)choice;
+        return choice < 0 ? -1 : 0;
+    }
+    if (strcmp(name, "--log-level") == 0) {
+        choice = choice_parse(value, name, LOG_LEVEL_NAMES, 4, error,
+                              error_size);
+        settings->log_level = (enum log_level)choice;
+        return choice < 0 ? -1 : 0;
+    }
+    if (strcmp(name, "--cert") == 0)
+        return text_copy(settings->cert_file, sizeof settings->cert_file,
+                         value, name, error, error_size);
+    if (strcmp(name, "--key") == 0)
+        return text_copy(settings->key_file, sizeof settings->key_file, value,
+                         name, error, error_size);
+    if (strcmp(name, "--cert-dir") == 0)
+        return text_copy(settings->cert_dir, sizeof settings->cert_dir, value,
+                         name, error, error_size);
+    if (strcmp(name, "--ssl-dns") == 0)
+        return text_copy(settings->ssl_dns, sizeof settings->ssl_dns, value,
+                         name, error, error_size);
+    if (strcmp(name, "--ssl-ip") == 0)
+        return text_copy(settings->ssl_ip, sizeof settings->ssl_ip, value,
+                         name, error, error_size);
+    if (strcmp(name, "--public-host") == 0)
+        return text_copy(settings->public_host, sizeof settings->public_host,
+                         value, name, error, error_size);
+    if (strcmp(name, "--maxconn") == 0)
+        return count_parse(value, name, 1000000, &settings->maxconn, error,
+                           error_size);
+    if (strcmp(name, "--threads") == 0)
+        return count_parse(value, name, 256, &settings->relay_threads, error,
+                           error_size);
+    if (strcmp(name, "--timeout-connect") == 0)
+        return seconds_parse(value, name, &settings->timeout_connect_ms,
+                             error, error_size);
+    if (strcmp(name, "--timeout-idle") == 0)
+        return seconds_parse(value, name, &settings->timeout_idle_ms, error,
+                             error_size);
+    if (strcmp(name, "--timeout-fin") == 0)
+        return seconds_parse(value, name, &settings->timeout_fin_ms, error,
+                             error_size);
+    if (strcmp(name, "--timeout-handshake") == 0)
+        return seconds_parse(value, name, &settings->timeout_handshake_ms,
+                             error, error_size);
+    if (strcmp(name, "--check") == 0) {
+        settings->check_only = true;
+        return 0;
+    }
+    /* Every name in OPTIONS is handled above. */
+    assert(!"option in OPTIONS without a handler");
+    return -1;
+}
+
+/* Reads argv into settings; see whatsapp_proxy.h. */
+enum parse_result settings_parse(struct settings *settings, int argc,
+                                 char **argv, char *error, size_t error_size)
+{
+    bool listen_seen = false;
+    bool upstream_seen = false;
+
+    for (int i = 1; i < argc; i++) {
+        /* Split "--flag=value" into name and inline value. */
+        char name[64];
+        const char *equals = strchr(argv[i], '=');
+        size_t name_length = equals ? (size_t)(equals - argv[i])
+                                    : strlen(argv[i]);
+        snprintf(name, sizeof name, "%.*s", (int)name_length, argv[i]);
+
+        const struct option *option = NULL;
+        for (size_t k = 0; k < ARRAY_LENGTH(OPTIONS); k++)
+            if (strcmp(name, OPTIONS[k].name) == 0)
+                option = &OPTIONS[k];
+        if (option == NULL) {
+            parse_failure(error, error_size,
+                          "unknown option '%s' (see --help)", argv[i]);
+            return PARSE_ERROR;
+        }
+
+        const char *value = NULL;
+        if (option->value_name != NULL) {
+            if (equals != NULL)
+                value = equals + 1;
+            else if (i + 1 < argc)
+                value = argv[++i];
+            else {
+                parse_failure(error, error_size, "%s needs a value: %s %s",
+                              name, name, option->value_name);
+                return PARSE_ERROR;
+            }
+        } else if (equals != NULL) {
+            parse_failure(error, error_size, "%s takes no value", name);
+            return PARSE_ERROR;
+        }
+
+        if (strcmp(name, "--help") == 0) {
+            help_print();
+            return PARSE_EXIT_OK;
+        }
+        if (strcmp(name, "--version") == 0) {
+            printf(PROGRAM_NAME " " PROGRAM_VERSION " (%s)\n",
+                   OpenSSL_version(OPENSSL_VERSION));
+            return PARSE_EXIT_OK;
+        }
+        if (option_apply(settings, name, value, &listen_seen, &upstream_seen,
+                         error, error_size) < 0)
+            return PARSE_ERROR;
+    }
+
+    /* Checks that need more than one flag. */
+    if ((settings->cert_file[0] == '\0') != (settings->key_file[0] == '\0')) {
+        parse_failure(error, error_size,
+                      "--cert and --key go together: give both or neither");
+        return PARSE_ERROR;
+    }
+    if (ip_list_check(settings->ssl_ip, error, error_size) < 0)
+        return PARSE_ERROR;
+    return PARSE_RUN;
+}
+
+/* ==== 4. PROXY protocol ==== */
+
+/*
+ * A relay hides the client: WhatsApp's server sees a connection from the
+ * proxy, not from the phone. The PROXY protocol (HAProxy's
+ * doc/proxy-protocol.txt) fixes that with a short header sent first on a new
+ * connection, before any payload, that says "this connection really comes
+ * from address S port s, and was made to address D port d".
+ *
+ * We meet it twice:
+ *   - On "accept-proxy" listeners a load balancer in front of us sends one.
+ *     We read it, and from then on the address it carries is the client's.
+ *   - Towards the chat servers we send one, as the reference does, so that
+ *     WhatsApp sees the client's address (media ports send none).
+ *
+ * Two versions exist:
+ *
+ *   v1, one text line of at most 107 bytes:
+ *       "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n"
+ *       "PROXY UNKNOWN\r\n"      (use the connection's own addresses)
+ *
+ *   v2, binary:
+ *       12 bytes  signature \r\n\r\n\0\r\nQUIT\n
+ *        1 byte   version (high 4 bits, always 2) and command (low 4 bits:
+ *                 0 LOCAL = use the connection's own addresses, 1 PROXY)
+ *        1 byte   family and protocol: 0x11 TCP/IPv4, 0x21 TCP/IPv6, 0 UNSPEC
+ *        2 bytes  length of what follows, big-endian
+ *       12 bytes  IPv4: source, destination, source port, destination port
+ *    or 36 bytes  IPv6: the same with 16-byte addresses
+ *       then optional TLVs (type, length, value) that a receiver may skip.
+ *
+ * The most important rule: a receiver reads exactly the header and not one
+ * byte more. The client's first payload bytes follow immediately and must
+ * reach the upstream intact. proxyhdr_decode() is a pure function (bytes in,
+ * verdict out, no socket) so it can be tested with every kind of broken
+ * input; section 9 shows how to read a socket without overshooting.
+ */
+
+static const uint8_t PROXYHDR_V2_SIGNATURE[12] = {
+    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A};
+
+/* v2 command and family bytes (doc/proxy-protocol.txt section 2.2). */
+#define PROXYHDR_V2_VERSION 0x20
+#define PROXYHDR_V2_COMMAND_LOCAL 0x00
+#define PROXYHDR_V2_COMMAND_PROXY 0x01
+#define PROXYHDR_V2_UNSPEC 0x00
+#define PROXYHDR_V2_TCP4 0x11
+#define PROXYHDR_V2_UDP4 0x12
+#define PROXYHDR_V2_TCP6 0x21
+#define PROXYHDR_V2_UDP6 0x22
+#define PROXYHDR_V2_UNIX_STREAM 0x31
+#define PROXYHDR_V2_UNIX_DGRAM 0x32
+#define PROXYHDR_V2_IPV4_BYTES 12
+#define PROXYHDR_V2_IPV6_BYTES 36
+
+/* Turns an IPv4 address written as IPv6 (::ffff:a.b.c.d, which a listener on
+ * "::" reports for IPv4 clients) back into plain IPv4, in place, so that the
+ * header we send says TCP4 as the client really used IPv4. */
+static void address_unmap_ipv4(struct sockaddr_storage *address)
+{
+    struct sockaddr_in6 *ipv6 = (struct sockaddr_in6 *)address;
+    if (address->ss_family != AF_INET6 || !IN6_IS_ADDR_V4MAPPED(&ipv6->sin6_addr))
+        return;
+    struct sockaddr_in ipv4 = {.sin_family = AF_INET, .sin_port = ipv6->sin6_port};
+    memcpy(&ipv4.sin_addr, &ipv6->sin6_addr.s6_addr[12], 4);
+    memset(address, 0, sizeof *address);
+    memcpy(address, &ipv4, sizeof ipv4);
+}
+
+/* Writes the IP address of *address as text into out (INET6_ADDRSTRLEN
+ * bytes) and returns its port, in host byte order. */
+static uint16_t address_to_text(const struct sockaddr_storage *address,
+                                char out[INET6_ADDRSTRLEN])
+{
+    if (address->ss_family == AF_INET) {
+        const struct sockaddr_in *ipv4 = (const struct sockaddr_in *)address;
+        inet_ntop(AF_INET, &ipv4->sin_addr, out, INET6_ADDRSTRLEN);
+        return ntohs(ipv4->sin_port);
+    }
+    const struct sockaddr_in6 *ipv6 = (const struct sockaddr_in6 *)address;
+    inet_ntop(AF_INET6, &ipv6->sin6_addr, out, INET6_ADDRSTRLEN);
+    return ntohs(ipv6->sin6_port);
+}
+
+/* Fills *address from a raw IP address (4 or 16 bytes, network order) and a
+ * port in network byte order, as they stand in a v2 header. */
+static void address_from_bytes(struct sockaddr_storage *address, int family,
+                               const uint8_t *ip, const uint8_t *port)
+{
+    memset(address, 0, sizeof *address);
+    if (family == AF_INET) {
+        struct sockaddr_in *ipv4 = (struct sockaddr_in *)address;
+        ipv4->sin_family = AF_INET;
+        memcpy(&ipv4->sin_addr, ip, 4);
+        memcpy(&ipv4->sin_port, port, 2);
+    } else {
+        struct sockaddr_in6 *ipv6 = (struct sockaddr_in6 *)address;
+        ipv6->sin6_family = AF_INET6;
+        memcpy(&ipv6->sin6_addr, ip, 16);
+        memcpy(&ipv6->sin6_port, port, 2);
+    }
+}
+
+/* Parses one v1 address and port pair ("203.0.113.7", "40000") of the given
+ * family into *address. Returns false if either is malformed. */
+static bool proxyhdr_v1_address(int family, const char *ip_text,
+                                const char *port_text,
+                                struct sockaddr_storage *address)
+{
+    uint8_t ip[16];
+    uint16_t port;
+    if (inet_pton(family, ip_text, ip) != 1 ||
+        !port_parse(port_text, strlen(port_text), &port))
+        return false;
+    uint16_t port_network = htons(port);
+    address_from_bytes(address, family, ip, (const uint8_t *)&port_network);
+    return true;
+}
+
+/* Decodes a complete v1 line (CRLF at line[length-2]). Returns length or -1.
+ * The line is a header, not payload, so it is safe to copy it into a C
+ * string for parsing. */
+static int proxyhdr_v1_decode(const uint8_t *line, size_t length,
+                              struct proxy_addresses *out)
+{
+    char text[PROXYHDR_V1_MAX_BYTES + 1];
+    memcpy(text, line, length - 2);
+    text[length - 2] = '\0';
+
+    /* Split at single spaces into at most six words. */
+    char *words[7];
+    size_t word_count = 0;
+    char *rest = text;
+    while (rest != NULL && word_count < ARRAY_LENGTH(words))
+        words[word_count++] = strsep(&rest, " ");
+
+    if (word_count >= 2 && strcmp(words[1], "UNKNOWN") == 0) {
+        /* Whatever follows UNKNOWN is ignored (the specification says so). */
+        out->known = false;
+        return (int)length;
+    }
+    if (word_count != 6)
+        return -1;
+    int family;
+    if (strcmp(words[1], "TCP4") == 0)
+        family = AF_INET;
+    else if (strcmp(words[1], "TCP6") == 0)
+        family = AF_INET6;
+    else
+        return -1;
+    if (!proxyhdr_v1_address(family, words[2], words[4], &out->source) ||
+        !proxyhdr_v1_address(family, words[3], words[5], &out->destination))
+        return -1;
+    out->known = true;
+    return (int)length;
+}
+
+/* Decodes v1 from data[0..length), which starts like "PROXY ". Returns the
+ * header length, 0 for "not complete yet" or -1 for malformed. */
+static int proxyhdr_v1_scan(const uint8_t *data, size_t length,
+                            struct proxy_addresses *out)
+{
+    size_t limit = length < PROXYHDR_V1_MAX_BYTES ? length
+                                                  : PROXYHDR_V1_MAX_BYTES;
+    for (size_t i = 0; i < limit; i++) {
+        if (data[i] == '\n')
+            return i > 0 && data[i - 1] == '\r'
+                       ? proxyhdr_v1_decode(data, i + 1, out)
+                       : -1;
+        /* Only printable ASCII and the final CR may appear in a v1 line; so
+         * garbage is refused at once instead of after 107 bytes. */
+        if (data[i] != '\r' && (data[i] < 0x20 || data[i] > 0x7E))
+            return -1;
+        if (data[i] == '\r' && i + 1 < length && data[i + 1] != '\n')
+            return -1;
+    }
+    return length >= PROXYHDR_V1_MAX_BYTES ? -1 : 0;
+}
+
+/* Decodes v2 from data[0..length), which starts with (part of) the v2
+ * signature. Returns the header length, 0 or -1 like proxyhdr_decode(). */
+static int proxyhdr_v2_decode(const uint8_t *data, size_t length,
+                              struct proxy_addresses *out)
+{
+    if (length < 16)
+        return 0;
+    uint8_t version = data[12] & 0xF0;
+    uint8_t command = data[12] & 0x0F;
+    uint8_t family = data[13];
+    size_t body_length = (size_t)data[14] << 8 | data[15];
+    size_t total_length = 16 + body_length;
+
+    if (version != PROXYHDR_V2_VERSION ||
+        (command != PROXYHDR_V2_COMMAND_LOCAL &&
+         command != PROXYHDR_V2_COMMAND_PROXY) ||
+        total_length > PROXYHDR_V2_MAX_BYTES)
+        return -1;
+
+    size_t needed;
+    switch (family) {
+    case PROXYHDR_V2_TCP4:
+    case PROXYHDR_V2_UDP4:
+        needed = PROXYHDR_V2_IPV4_BYTES;
+        break;
+    case PROXYHDR_V2_TCP6:
+    case PROXYHDR_V2_UDP6:
+        needed = PROXYHDR_V2_IPV6_BYTES;
+        break;
+    case PROXYHDR_V2_UNSPEC:
+    case PROXYHDR_V2_UNIX_STREAM:
+    case PROXYHDR_V2_UNIX_DGRAM:
+        needed = 0;
+        break;
+    default:
+        return -1; /* the specification says: reject other values */
+    }
+    if (command == PROXYHDR_V2_COMMAND_PROXY && body_length < needed)
+        return -1;
+    if (length < total_length)
+        return 0;
+
+    /* Only TCP addresses describe our client; LOCAL (a balancer's health
+     * check), UNSPEC, UDP and UNIX mean "use the connection's own". */
+    out->known = command == PROXYHDR_V2_COMMAND_PROXY &&
+                 (family == PROXYHDR_V2_TCP4 || family == PROXYHDR_V2_TCP6);
+    if (out->known && family == PROXYHDR_V2_TCP4) {
+        address_from_bytes(&out->source, AF_INET, data + 16, data + 24);
+        address_from_bytes(&out->destination, AF_INET, data + 20, data + 26);
+    } else if (out->known) {
+        address_from_bytes(&out->source, AF_INET6, data + 16, data + 48);
+        address_from_bytes(&out->destination, AF_INET6, data + 32, data + 50);
+    }
+    /* TLVs after the addresses are skipped: total_length covers them. */
+    return (int)total_length;
+}
+
+/* Decodes a PROXY header (v1 or v2); see whatsapp_proxy.h. */
+int proxyhdr_decode(const uint8_t *data, size_t length,
+                    struct proxy_addresses *out)
+{
+    static const char V1_PREFIX[] = "PROXY ";
+    size_t v1_prefix_length = sizeof V1_PREFIX - 1;
+
+    if (length == 0)
+        return 0;
+    size_t compared = length < 12 ? length : 12;
+    if (memcmp(data, PROXYHDR_V2_SIGNATURE, compared) == 0)
+        return proxyhdr_v2_decode(data, length, out);
+    compared = length < v1_prefix_length ? length : v1_prefix_length;
+    if (memcmp(data, V1_PREFIX, compared) == 0)
+        return length < v1_prefix_length ? 0
+                                         : proxyhdr_v1_scan(data, length, out);
+    return -1; /* neither: no PROXY header at all */
+}
+
+/* Writes a v1 header; see whatsapp_proxy.h. */
+size_t proxyhdr_encode_v1(const struct proxy_addresses *addresses,
+                          uint8_t *out, size_t out_size)
+{
+    int family = addresses->source.ss_family;
+    int written;
+    if (!addresses->known || family != addresses->destination.ss_family ||
+        (family != AF_INET && family != AF_INET6)) {
+        written = snprintf((char *)out, out_size, "PROXY UNKNOWN\r\n");
+    } else {
+        char source[INET6_ADDRSTRLEN];
+        char destination[INET6_ADDRSTRLEN];
+        uint16_t source_port = address_to_text(&addresses->source, source);
+        uint16_t destination_port =
+            address_to_text(&addresses->destination, destination);
+        written = snprintf((char *)out, out_size, "PROXY %s %s %s %u %u\r\n",
+                           family == AF_INET ? "TCP4" : "TCP6", source,
+                           destination, source_port, destination_port);
+    }
+    assert(written > 0 && (size_t)written < out_size);
+    return (size_t)written;
+}
+
+/* Writes a v2 header; see whatsapp_proxy.h. */
+size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
+                          uint8_t *out, size_t out_size)
+{
+    assert(out_size >= 16 + PROXYHDR_V2_IPV6_BYTES);
+    (void)out_size;
+    int family = addresses->source.ss_family;
+    bool usable = addresses->known &&
+                  family == addresses->destination.ss_family &&
+                  (family == AF_INET || family == AF_INET6);
+
+    memcpy(out, PROXYHDR_V2_SIGNATURE, 12);
+    size_t body_length = 0;
+    if (!usable) {
+        out[12] = PROXYHDR_V2_VERSION | PROXYHDR_V2_COMMAND_LOCAL;
+        out[13] = PROXYHDR_V2_UNSPEC;
+    } else if (family == AF_INET) {
+        const struct sockaddr_in *source =
+            (const struct sockaddr_in *)&addresses->source;
+        const struct sockaddr_in *destination =
+            (const struct sockaddr_in *)&addresses->destination;
+        out[12] = PROXYHDR_V2_VERSION | PROXYHDR_V2_COMMAND_PROXY;
+        out[13] = PROXYHDR_V2_TCP4;
+        memcpy(out + 16, &source->sin_addr, 4);
+        memcpy(out + 20, &destination->sin_addr, 4);
+        memcpy(out + 24, &source->sin_port, 2);
+        memcpy(out + 26, &destination->sin_port, 2);
+        body_length = PROXYHDR_V2_IPV4_BYTES;
+    } else {
+        const struct sockaddr_in6 *source =
+            (const struct sockaddr_in6 *)&addresses->source;
+        const struct sockaddr_in6 *destination =
+            (const struct sockaddr_in6 *)&addresses->destination;
+        out[12] = PROXYHDR_V2_VERSION | PROXYHDR_V2_COMMAND_PROXY;
+        out[13] = PROXYHDR_V2_TCP6;
+        memcpy(out + 16, &source->sin6_addr, 16);
+        memcpy(out + 32, &destination->sin6_addr, 16);
+        memcpy(out + 48, &source->sin6_port, 2);
+        memcpy(out + 50, &destination->sin6_port, 2);
+        body_length = PROXYHDR_V2_IPV6_BYTES;
+    }
+    out[14] = (uint8_t)(body_length >> 8);
+    out[15] = (uint8_t)(body_length & 0xFF);
+    return 16 + body_length;
+}
+
+/* What socket_wait() saw. */
+enum wait_result {
+    WAIT_READY,     /* the socket is ready (or has an error to report) */
+    WAIT_TIMED_OUT, /* the deadline passed first */
+    WAIT_STOPPING   /* the proxy is stopping: give up now */
+};
+
+/* Waits until fd is ready for events (POLLIN or POLLOUT), the deadline (a
+ * now_ms() value) passes, or the proxy stops. Every blocking step of a
+ * conversation goes through here, so a silent or slow client can hold a
+ * thread only until its deadline, and stopping never waits for one. */
+static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
+{
+    for (;;) {
+        long long left_ms = deadline_ms - now_ms();
+        if (left_ms <= 0)
+            return WAIT_TIMED_OUT;
+        struct pollfd watched[2] = {
+            {.fd = fd, .events = events},
+            {.fd = state.stop_fd, .events = POLLIN},
+        };
+        int ready = poll(watched, 2, (int)left_ms);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0 || watched[1].revents != 0)
+            return WAIT_STOPPING;
+        if (watched[0].revents != 0)
+            return WAIT_READY;
+    }
+}
+
+/* ==== 5. TLS termination ==== */
+
+/*
+ * On TLS listeners the client wraps its chat stream in TLS, and we unwrap it
+ * here ("terminate" it) before relaying. Inside is WhatsApp's own end-to-end
+ * encrypted stream, so TLS adds no secrecy for messages: it makes the
+ * connection look like any HTTPS visit to a censor watching the wire.
+ *
+ * The certificate. The app does not verify it, so by default, like the
+ * reference, we make a fresh one at every start, with the OpenSSL API: a
+ * certificate authority (CA) with a random name, and a "leaf" certificate
+ * for <random>.net signed by it, plus any --ssl-dns/--ssl-ip names. The files
+ * are written to --cert-dir for operators who want to look at them; the CA's
+ * key is never written, so nobody can sign anything else with it later.
+ * An operator with a domain name should give a real certificate with --cert
+ * and --key (Let's Encrypt): a real name with a real certificate is much
+ * harder for a censor to tell from an ordinary web site.
+ *
+ * The SSL_CTX ("context") holds the certificate and the rules; it is fully
+ * configured before any thread starts and then only read, which OpenSSL
+ * allows from many threads. Each client gets its own SSL object, used by one
+ * thread at a time: first its conversation thread, then its relay thread.
+ * Using one SSL from two threads at once corrupts it (openssl-threads(7)).
+ */
+
+/* The reference's lifetimes: 100 years for the CA, 10 for the leaf. */
+#define TLS_CA_DAYS 36500
+#define TLS_LEAF_DAYS 3650
+/* Length of the random names; the reference gets about 14 characters. */
+#define TLS_RANDOM_NAME_LENGTH 16
+
+/* Writes length random letters and digits, then a NUL, into out. */
+static void tls_random_name(char *out, size_t length)
+{
+    static const char ALPHABET[] =
+        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    uint8_t random_bytes[64];
+    assert(length < sizeof random_bytes);
+    if (RAND_bytes(random_bytes, (int)length) != 1)
+        abort(); /* no randomness means no safe keys either */
+    for (size_t i = 0; i < length; i++)
+        out[i] = ALPHABET[random_bytes[i] % (sizeof ALPHABET - 1)];
+    out[length] = '\0';
+}
+
+/* Makes a new private key of the chosen type. Returns NULL on failure (the
+ * OpenSSL error queue says why). The caller frees it with EVP_PKEY_free(). */
+static EVP_PKEY *tls_make_key(enum key_type type)
+{
+    switch (type) {
+    case KEY_RSA2048:
+        return EVP_RSA_gen(2048);
+    case KEY_RSA4096:
+        return EVP_RSA_gen(4096);
+    case KEY_EC256:
+        break;
+    }
+    return EVP_EC_gen("P-256");
+}
+
+/* Adds one X.509 v3 extension, written as in openssl.cnf ("CA:FALSE"), to
+ * certificate. Returns false on failure. */
+static bool tls_add_extension(X509 *certificate, X509 *issuer, int nid,
+                              const char *value)
+{
+    X509V3_CTX context;
+    X509V3_set_ctx_nodb(&context);
+    X509V3_set_ctx(&context, issuer, certificate, NULL, NULL, 0);
+    X509_EXTENSION *extension = X509V3_EXT_conf_nid(NULL, &context, nid, value);
+    if (extension == NULL)
+        return false;
+    bool added = X509_add_ext(certificate, extension, -1) == 1;
+    X509_EXTENSION_free(extension);
+    return added;
+}
+
+/* Makes a certificate for common_name and key, valid from now for days,
+ * signed by issuer_key (issuer NULL: self-signed). alt_names is a
+ * subjectAltName value ("DNS:a.net,IP:192.0.2.1") or NULL for a CA.
+ * Returns NULL on failure. The caller frees it with X509_free(). */
+static X509 *tls_make_certificate(const char *common_name, EVP_PKEY *key,
+                                  X509 *issuer, EVP_PKEY *issuer_key, int days,
+                                  const char *alt_names)
+{
+    X509 *certificate = X509_new();
+    bool is_ca = issuer == NULL;
+    uint8_t serial[16];
+    BIGNUM *serial_number = NULL;
+    bool made = false;
+
+    if (certificate == NULL || RAND_bytes(serial, sizeof serial) != 1)
+        goto out;
+    serial[0] &= 0x7F; /* a serial number must be positive */
+    serial_number = BN_bin2bn(serial, sizeof serial, NULL);
+    if (serial_number == NULL ||
+        BN_to_ASN1_INTEGER(serial_number, X509_get_serialNumber(certificate)) ==
+            NULL)
+        goto out;
+
+    X509_NAME *name = X509_get_subject_name(certificate);
+    if (X509_set_version(certificate, 2) != 1 || /* 2 means X.509 v3 */
+        X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
+                                   (const unsigned char *)common_name, -1, -1,
+                                   0) != 1 ||
+        X509_set_issuer_name(certificate, is_ca ? name
+                                                : X509_get_subject_name(issuer))
+            != 1 ||
+        X509_gmtime_adj(X509_getm_notBefore(certificate), 0) == NULL ||
+        X509_gmtime_adj(X509_getm_notAfter(certificate), 86400L * days) ==
+            NULL ||
+        X509_set_pubkey(certificate, key) != 1)
+        goto out;
+
+    X509 *signer = is_ca ? certificate : issuer;
+    if (is_ca) {
+        if (!tls_add_extension(certificate, signer, NID_basic_constraints,
+                               "critical,CA:TRUE") ||
+            !tls_add_extension(certificate, signer, NID_key_usage,
+                               "critical,keyCertSign,cRLSign"))
+            goto out;
+    } else {
+        if (!tls_add_extension(certificate, signer, NID_basic_constraints,
+                               "CA:FALSE") ||
+            !tls_add_extension(certificate, signer, NID_key_usage,
+                               "digitalSignature,keyEncipherment") ||
+            !tls_add_extension(certificate, signer, NID_ext_key_usage,
+                               "serverAuth,clientAuth") ||
+            !tls_add_extension(certificate, signer, NID_subject_alt_name,
+                               alt_names))
+            goto out;
+    }
+    if (!tls_add_extension(certificate, signer, NID_subject_key_identifier,
+                           "hash") ||
+        X509_sign(certificate, is_ca ? key : issuer_key, EVP_sha256()) == 0)
+        goto out;
+    made = true;
+out:
+    BN_free(serial_number);
+    if (!made) {
+        X509_free(certificate);
+        certificate = NULL;
+    }
+    return certificate;
+}
+
+/* Appends ",PREFIX:item" to out for each item of the comma list. */
+static void tls_append_names(char *out, size_t out_size, const char *prefix,
+                             const char *list)
+{
+    char copy[1024];
+    snprintf(copy, sizeof copy, "%s", list);
+    char *rest = copy;
+    for (char *item = strsep(&rest, ","); item; item = strsep(&rest, ","))
+        if (item[0] != '\0')
+            snprintf(out + strlen(out), out_size - strlen(out), ",%s:%s",
+                     prefix, item);
+}
+
+/* Writes certificates to path (and key, if not NULL, readable by the owner
+ * only: mode 0600 is set when the file is created, so there is no moment in
+ * which others could read it). Returns false on failure (errno says why). */
+static bool tls_write_pem(const char *path, X509 *first, X509 *second,
+                          EVP_PKEY *key)
+{
+    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return false;
+    FILE *file = fdopen(fd, "w");
+    if (file == NULL) {
+        close(fd);
+        return false;
+    }
+    bool written = fchmod(fd, key ? 0600 : 0644) == 0;
+    if (key != NULL)
+        written = written &&
+                  PEM_write_PrivateKey(file, key, NULL, NULL, 0, NULL, NULL);
+    if (first != NULL)
+        written = written && PEM_write_X509(file, first);
+    if (second != NULL)
+        written = written && PEM_write_X509(file, second);
+    return fclose(file) == 0 && written;
+}
+
+/* Makes the reference's chain (see the section comment) and puts it into
+ * context; writes ca.pem, cert.pem (leaf then CA) and key.pem to --cert-dir,
+ * where a failure to write only earns a warning: the proxy serves the chain
+ * from memory. Returns 0, or -1 with one line in error. */
+static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
+                          char *error, size_t error_size)
+{
+    char ca_name[TLS_RANDOM_NAME_LENGTH + 1];
+    char leaf_name[TLS_RANDOM_NAME_LENGTH + 5];
+    char alt_names[2400];
+    EVP_PKEY *ca_key = tls_make_key(settings->cert_key);
+    EVP_PKEY *leaf_key = tls_make_key(settings->cert_key);
+    X509 *ca = NULL;
+    X509 *leaf = NULL;
+    int result = -1;
+
+    tls_random_name(ca_name, TLS_RANDOM_NAME_LENGTH);
+    tls_random_name(leaf_name, TLS_RANDOM_NAME_LENGTH);
+    strcat(leaf_name, ".net");
+    snprintf(alt_names, sizeof alt_names, "DNS:%s", leaf_name);
+    tls_append_names(alt_names, sizeof alt_names, "DNS", settings->ssl_dns);
+    tls_append_names(alt_names, sizeof alt_names, "IP", settings->ssl_ip);
+
+    if (ca_key == NULL || leaf_key == NULL)
+        goto out;
+    ca = tls_make_certificate(ca_name, ca_key, NULL, NULL, TLS_CA_DAYS, NULL);
+    if (ca == NULL)
+        goto out;
+    leaf = tls_make_certificate(leaf_name, leaf_key, ca, ca_key, TLS_LEAF_DAYS,
+                                alt_names);
+    if (leaf == NULL || SSL_CTX_use_certificate(context, leaf) != 1 ||
+        SSL_CTX_use_PrivateKey(context, leaf_key) != 1 ||
+        SSL_CTX_add1_chain_cert(context, ca) != 1)
+        goto out;
+    result = 0;
+
+    char path[PATH_MAX + 16];
+    mkdir(settings->cert_dir, 0700); /* best effort: it may exist already */
+    snprintf(path, sizeof path, "%s/key.pem", settings->cert_dir);
+    bool written = tls_write_pem(path, NULL, NULL, leaf_key);
+    snprintf(path, sizeof path, "%s/cert.pem", settings->cert_dir);
+    written = written && tls_write_pem(path, leaf, ca, NULL);
+    snprintf(path, sizeof path, "%s/ca.pem", settings->cert_dir);
+    written = written && tls_write_pem(path, ca, NULL, NULL);
+    if (written)
+        log_line(LOG_INFO, "made a new certificate for %s (files in %s/)",
+                 leaf_name, settings->cert_dir);
+    else
+        log_line(LOG_WARN, "made a new certificate for %s but could not write "
+                 "it to %s/: %s (serving it anyway)", leaf_name,
+                 settings->cert_dir, strerror(errno));
+out:
+    if (result < 0) {
+        char reason[256];
+        tls_error_text(reason, sizeof reason);
+        parse_failure(error, error_size, "cannot make a certificate: %s",
+                      reason);
+    }
+    X509_free(leaf);
+    X509_free(ca);
+    EVP_PKEY_free(leaf_key);
+    EVP_PKEY_free(ca_key);
+    return result;
+}
+
+/* Loads --cert (a PEM chain, leaf first, as certbot's fullchain.pem) and
+ * --key into context. Returns 0, or -1 with one line naming the file. */
+static int tls_load_chain(SSL_CTX *context, const struct settings *settings,
+                          char *error, size_t error_size)
+{
+    char reason[256];
+    if (access(settings->cert_file, R_OK) != 0 ||
+        access(settings->key_file, R_OK) != 0) {
+        const char *file = access(settings->cert_file, R_OK) != 0
+                               ? settings->cert_file : settings->key_file;
+        return parse_failure(error, error_size, "cannot read %s: %s", file,
+                             strerror(errno));
+    }
+    if (SSL_CTX_use_certificate_chain_file(context, settings->cert_file) != 1) {
+        tls_error_text(reason, sizeof reason);
+        return parse_failure(error, error_size,
+                             "%s is not a PEM certificate chain: %s",
+                             settings->cert_file, reason);
+    }
+    if (SSL_CTX_use_PrivateKey_file(context, settings->key_file,
+                                    SSL_FILETYPE_PEM) != 1) {
+        tls_error_text(reason, sizeof reason);
+        return parse_failure(error, error_size, "%s is not a PEM key: %s",
+                             settings->key_file, reason);
+    }
+    if (SSL_CTX_check_private_key(context) != 1) {
+        ERR_clear_error();
+        return parse_failure(error, error_size,
+                             "key %s does not belong to certificate %s",
+                             settings->key_file, settings->cert_file);
+    }
+    return 0;
+}
+
+/* Makes the server TLS context with its certificate. Returns NULL with one
+ * line in error on failure. The caller frees it with SSL_CTX_free(). */
+static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
+                                size_t error_size)
+{
+    SSL_CTX *context = SSL_CTX_new(TLS_server_method());
+    if (context == NULL) {
+        parse_failure(error, error_size, "cannot start OpenSSL");
+        return NULL;
+    }
+
+    /* TLS 1.0 and 1.1 have known weaknesses (BEAST, weak MACs); every app
+     * that supports proxies speaks TLS 1.2 or 1.3. */
+    SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
+    SSL_CTX_set_options(context,
+                        /* Compression leaks secrets by length (CRIME). */
+                        SSL_OP_NO_COMPRESSION |
+                        /* A client asking to renegotiate again and again
+                         * makes us do costly handshakes: refuse. */
+                        SSL_OP_NO_RENEGOTIATION |
+                        /* A client that drops TCP without TLS's close
+                         * message is a normal end here, as for plain TCP:
+                         * the payload has its own integrity (WhatsApp's
+                         * encryption), so truncation attacks do not apply. */
+                        SSL_OP_IGNORE_UNEXPECTED_EOF |
+                        SSL_OP_CIPHER_SERVER_PREFERENCE);
+    SSL_CTX_set_mode(context,
+                     /* Free OpenSSL's 16 KiB+ read and write buffers while a
+                      * connection is idle: about 34 KiB saved per idle TLS
+                      * connection, which is nearly all of them. */
+                     SSL_MODE_RELEASE_BUFFERS |
+                     /* Let SSL_write_ex() send part of a buffer and say how
+                      * much, like write(); section 10 keeps the rest. */
+                     SSL_MODE_ENABLE_PARTIAL_WRITE |
+                     SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+
+    int loaded = settings->cert_file[0] != '\0'
+                     ? tls_load_chain(context, settings, error, error_size)
+                     : tls_make_chain(context, settings, error, error_size);
+    if (loaded < 0) {
+        SSL_CTX_free(context);
+        return NULL;
+    }
+    return context;
+}
+
+/* How a conversation step ended: done, or why not. */
+enum step_result {
+    STEP_DONE,
+    STEP_FAILED,    /* the peer broke the protocol or the network failed */
+    STEP_TIMED_OUT, /* the deadline passed */
+    STEP_STOPPING   /* the proxy is stopping */
+};
+
+/* Does the server side of the TLS handshake on the non-blocking socket fd
+ * before deadline_ms. On STEP_DONE *out is the new SSL object, which the
+ * caller frees with SSL_free(); otherwise *out is NULL. */
+static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
+{
+    *out = NULL;
+    ERR_clear_error(); /* errors of an earlier client must not be blamed */
+    SSL *tls = SSL_new(state.tls_context);
+    if (tls == NULL || SSL_set_fd(tls, fd) != 1) {
+        SSL_free(tls);
+        return STEP_FAILED;
+    }
+    for (;;) {
+        int returned = SSL_accept(tls);
+        if (returned == 1) {
+            *out = tls;
+            return STEP_DONE;
+        }
+        int reason = SSL_get_error(tls, returned);
+        short wanted = reason == SSL_ERROR_WANT_READ    ? POLLIN
+                       : reason == SSL_ERROR_WANT_WRITE ? POLLOUT
+                                                        : 0;
+        enum wait_result waited =
+            wanted != 0 ? socket_wait(fd, wanted, deadline_ms) : WAIT_READY;
+        if (wanted == 0 || waited != WAIT_READY) {
+            char why[256];
+            tls_error_text(why, sizeof why);
+            log_line(LOG_DEBUG, "TLS handshake failed: %s", why);
+            SSL_free(tls);
+            return wanted == 0                  ? STEP_FAILED
+                   : waited == WAIT_TIMED_OUT ? STEP_TIMED_OUT
+                                              : STEP_STOPPING;
+        }
+    }
+}
+
+/* ==== 6. Upstreams ==== */
+
+/*
+ * The upstreams are WhatsApp's servers: a pool of chat servers used in turn
+ * (round-robin), and one media server. Clients never choose where their bytes
+ * go: only these configured servers are ever dialled, so the proxy cannot be
+ * used as an open relay to reach anything else.
+ *
+ * Names are resolved with getaddrinfo() at startup, not for every client: a
+ * reconnect storm would otherwise send thousands of DNS queries. A name that
+ * does not resolve at startup (the DNS server is down for a moment, say) is
+ * tried again when a client needs it. IPv4 addresses are preferred, because
+ * many small servers have no working IPv6 route.
+ *
+ * A connect that is refused or takes longer than --timeout-connect tries the
+ * next server of the pool, at most UPSTREAM_TRIES_MAX servers per client.
+ */
+
+struct upstream {
+    struct upstream_spec spec;       /* name and port, from the settings */
+    /* Guarded by state.upstream_lock: */
+    struct sockaddr_storage address; /* where spec.host resolved to */
+    socklen_t address_length;        /* 0 while not resolved */
+};
+
+/* Resolves upstream's name and stores the address (taking upstream_lock).
+ * Returns 0, or -1 with one line in error. Blocks while DNS answers. */
+static int upstream_resolve(struct upstream *upstream, char *error,
+                            size_t error_size)
+{
+    struct addrinfo hints = {.ai_socktype = SOCK_STREAM,
+                             .ai_flags = AI_ADDRCONFIG};
+    struct addrinfo *results = NULL;
+    char port_text[8];
+    snprintf(port_text, sizeof port_text, "%u", upstream->spec.port);
+
+    int failure = getaddrinfo(upstream->spec.host, port_text, &hints, &results);
+    if (failure != 0)
+        return parse_failure(error, error_size, "cannot resolve %s: %s",
+                             upstream->spec.host, gai_strerror(failure));
+    const struct addrinfo *chosen = results;
+    for (const struct addrinfo *r = results; r != NULL; r = r->ai_next)
+        if (r->ai_family == AF_INET) {
+            chosen = r;
+            break;
+        }
+    pthread_mutex_lock(&state.upstream_lock);
+    memcpy(&upstream->address, chosen->ai_addr, chosen->ai_addrlen);
+    upstream->address_length = chosen->ai_addrlen;
+    pthread_mutex_unlock(&state.upstream_lock);
+    freeaddrinfo(results);
+    return 0;
+}
+
+/* Copies upstream's address into *address, resolving it first if that never
+ * worked. Returns its length, or 0 if the name does not resolve. */
+static socklen_t upstream_address(struct upstream *upstream,
+                                  struct sockaddr_storage *address)
+{
+    pthread_mutex_lock(&state.upstream_lock);
+    socklen_t length = upstream->address_length;
+    memcpy(address, &upstream->address, sizeof *address);
+    pthread_mutex_unlock(&state.upstream_lock);
+    if (length > 0)
+        return length;
+
+    char error[300];
+    if (upstream_resolve(upstream, error, sizeof error) < 0) {
+        log_line(LOG_WARN, "%s", error);
+        return 0;
+    }
+    return upstream_address(upstream, address);
+}
+
+/* Turns off Nagle's algorithm on fd: a relay must pass small chat messages
+ * on at once, not hold them back hoping to fill a packet. */
+static void socket_set_nodelay(int fd)
+{
+    int on = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+}
+
+/* Connects a new non-blocking TCP socket to address before deadline_ms.
+ * Returns the socket (the caller closes it) or -1 with errno set. */
+static int socket_connect(const struct sockaddr_storage *address,
+                          socklen_t length, long long deadline_ms)
+{
+    int fd = socket(address->ss_family,
+                    SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (const struct sockaddr *)address, length) < 0 &&
+        errno != EINPROGRESS)
+        goto failed;
+
+    enum wait_result waited = socket_wait(fd, POLLOUT, deadline_ms);
+    if (waited != WAIT_READY) {
+        errno = waited == WAIT_TIMED_OUT ? ETIMEDOUT : ECANCELED;
+        goto failed;
+    }
+    int connect_error = 0;
+    socklen_t error_length = sizeof connect_error;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &connect_error, &error_length);
+    if (connect_error != 0) {
+        errno = connect_error;
+        goto failed;
+    }
+    socket_set_nodelay(fd);
+    return fd;
+failed:;
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return -1;
+}
+
+/* Connects to the media upstream, or to the chat pool in round-robin order
+ * trying up to UPSTREAM_TRIES_MAX servers. Returns the connected socket or
+ * -1 (each failed try is counted as COUNTER_UPSTREAM_CONNECT_FAILED). */
+static int upstream_connect(bool media)
+{
+    size_t pool_size = media ? 1 : state.settings->chat_upstream_count;
+    size_t tries = pool_size < UPSTREAM_TRIES_MAX ? pool_size
+                                                  : UPSTREAM_TRIES_MAX;
+    unsigned first = media ? 0 : atomic_fetch_add(&state.next_chat_upstream, 1);
+
+    for (size_t i = 0; i < tries; i++) {
+        struct upstream *upstream =
+            media ? state.media_upstream
+                  : &state.chat_upstreams[(first + i) % pool_size];
+        struct sockaddr_storage address;
+        socklen_t length = upstream_address(upstream, &address);
+        int fd = -1;
+        if (length > 0)
+            fd = socket_connect(&address, length,
+                                now_ms() + state.settings->timeout_connect_ms);
+        if (fd >= 0)
+            return fd;
+        if (stop_requested)
+            return -1;
+        counter_add(COUNTER_UPSTREAM_CONNECT_FAILED, 1);
+        log_line(LOG_WARN, "cannot connect to %s port %u: %s",
+                 upstream->spec.host, upstream->spec.port,
+                 length > 0 ? strerror(errno) : "name does not resolve");
+    }
+    return -1;
+}
+
+/* ==== 7. Listeners ==== */
+
+/*
+ * A listener is one port that clients connect to, with its kind: plain or
+ * TLS, with or without a PROXY header first, chat or media. Without an
+ * address in --listen, a listener takes every IPv4 and IPv6 address of the
+ * machine through one IPv6 socket with IPV6_V6ONLY off: IPv4 clients then
+ * appear as ::ffff:a.b.c.d, which section 4 turns back into IPv4.
+ *
+ * Binding fails in two ways a volunteer meets on day one: the port is taken
+ * (a web server on 80 or 443) or it is below 1024 and we are not root. The
+ * message names the port and the fix.
+ */
+
+struct listener {
+    struct listener_spec spec;
+    int fd;                          /* the listening socket, or -1 */
+    uint16_t port;                   /* the port really bound (spec.port 0) */
+    atomic_uint connections_now;     /* its clients open right now */
+    atomic_ullong connections_total; /* its clients since the start */
+};
+
+/* Writes the message for a failed bind() of port into error and returns -1. */
+static int listener_bind_failure(const struct listener_spec *spec,
+                                 int error_number, char *error,
+                                 size_t error_size)
+{
+    switch (error_number) {
+    case EADDRINUSE:
+        return parse_failure(error, error_size,
+                             "cannot listen on port %u: it is already in use "
+                             "by another program (see which with: sudo ss "
+                             "-ltnp 'sport = :%u'). Stop that program, or "
+                             "choose another port with --listen",
+                             spec->port, spec->port);
+    case EACCES:
+        return parse_failure(error, error_size,
+                             "cannot listen on port %u: permission denied. "
+                             "Ports below 1024 need root: run with sudo, or "
+                             "allow this program once with: sudo setcap "
+                             "cap_net_bind_service=+ep ./" PROGRAM_NAME
+                             " (or choose a port above 1023 with --listen)",
+                             spec->port);
+    case EADDRNOTAVAIL:
+        return parse_failure(error, error_size,
+                             "cannot listen on %s port %u: this machine has "
+                             "no such address (leave the address out to use "
+                             "all of them)", spec->address, spec->port);
+    default:
+        return parse_failure(error, error_size, "cannot listen on port %u: %s",
+                             spec->port, strerror(error_number));
+    }
+}
+
+/* Opens, binds and listens on listener->spec; fills listener->fd and
+ * listener->port. Returns 0, or -1 with one line in error. */
+static int listener_open(struct listener *listener, char *error,
+                         size_t error_size)
+{
+    const struct listener_spec *spec = &listener->spec;
+    struct sockaddr_storage address = {0};
+    struct sockaddr_in *ipv4 = (struct sockaddr_in *)&address;
+    struct sockaddr_in6 *ipv6 = (struct sockaddr_in6 *)&address;
+    int on = 1;
+    int off = 0;
+
+    if (spec->address[0] == '\0' || strchr(spec->address, ':') != NULL) {
+        ipv6->sin6_family = AF_INET6;
+        ipv6->sin6_port = htons(spec->port);
+        if (spec->address[0] == '\0')
+            ipv6->sin6_addr = in6addr_any;
+        else
+            inet_pton(AF_INET6, spec->address, &ipv6->sin6_addr);
+    } else {
+        ipv4->sin_family = AF_INET;
+        ipv4->sin_port = htons(spec->port);
+        inet_pton(AF_INET, spec->address, &ipv4->sin_addr);
+    }
+
+    int fd = socket(address.ss_family,
+                    SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0 && spec->address[0] == '\0' && errno == EAFNOSUPPORT) {
+        /* A machine with IPv6 switched off: take every IPv4 address. */
+        memset(&address, 0, sizeof address);
+        ipv4->sin_family = AF_INET;
+        ipv4->sin_port = htons(spec->port);
+        ipv4->sin_addr.s_addr = htonl(INADDR_ANY);
+        fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    }
+    if (fd < 0)
+        return parse_failure(error, error_size, "cannot make a socket: %s",
+                             strerror(errno));
+
+    /* SO_REUSEADDR: restarting the proxy must not wait for the old
+     * connections' TIME_WAIT to expire before it can bind again. */
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    if (address.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY,
+                   spec->address[0] == '\0' ? &off : &on, sizeof on);
+
+    socklen_t length = address.ss_family == AF_INET6 ? sizeof *ipv6
+                                                     : sizeof *ipv4;
+    if (bind(fd, (struct sockaddr *)&address, length) < 0 ||
+        listen(fd, LISTEN_BACKLOG) < 0) {
+        int saved = errno;
+        close(fd);
+        return listener_bind_failure(spec, saved, error, error_size);
+    }
+    length = sizeof address;
+    getsockname(fd, (struct sockaddr *)&address, &length);
+    listener->port = ntohs(address.ss_family == AF_INET6 ? ipv6->sin6_port
+                                                         : ipv4->sin_port);
+    listener->fd = fd;
+    return 0;
+}
+
+/* Writes a short description such as "port 443 (chat, TLS, PROXY header
+ * in)" into out, for logs and the --check summary. */
+static void listener_describe(const struct listener_spec *spec, uint16_t port,
+                              char *out, size_t out_size)
+{
+    const char *kind = spec->media ? "media, passthrough"
+                       : spec->tls ? "chat, TLS"
+                                   : "chat, plain";
+    snprintf(out, out_size, "port %u%s%s (%s%s)", port,
+             spec->address[0] != '\0' ? " on " : "", spec->address, kind,
+             spec->accept_proxy ? ", PROXY header in" : "");
+}
+
+/* ==== 8. Admission ==== */
+
+/*
+ * Two limits decide whether a new client is taken in:
+ *
+ *   - --maxconn (27,500 as in the reference): client connections at once,
+ *     from accept() until the connection ends. Over it, a new client is
+ *     closed at once, so that its app tries another proxy quickly, and every
+ *     existing connection carries on untouched.
+ *
+ *   - CONVERSATIONS_AT_ONCE (1,024): conversation threads at once. When all
+ *     are busy the acceptor simply stops accepting (section 12). New clients
+ *     then wait in the kernel's listen backlog, which costs no thread, until
+ *     a conversation ends and frees its slot.
+ */
+
+/* Takes a conversation slot if one is free. Returns false if all are busy.
+ * Takes conversation_lock. */
+static bool conversation_slot_take(void)
+{
+    pthread_mutex_lock(&state.conversation_lock);
+    bool free_slot = state.conversations_now < CONVERSATIONS_AT_ONCE;
+    if (free_slot)
+        state.conversations_now++;
+    pthread_mutex_unlock(&state.conversation_lock);
+    return free_slot;
+}
+
+/* Returns true if a conversation slot is free now. Takes conversation_lock. */
+static bool conversation_slot_free(void)
+{
+    pthread_mutex_lock(&state.conversation_lock);
+    bool free_slot = state.conversations_now < CONVERSATIONS_AT_ONCE;
+    pthread_mutex_unlock(&state.conversation_lock);
+    return free_slot;
+}
+
+/* Gives a conversation slot back. If the acceptor had stopped for lack of
+ * slots it is woken; if this was the last conversation, a stopping
+ * proxy_run() is woken. Takes conversation_lock. */
+static void conversation_slot_release(void)
+{
+    pthread_mutex_lock(&state.conversation_lock);
+    bool was_full = state.conversations_now == CONVERSATIONS_AT_ONCE;
+    state.conversations_now--;
+    if (state.conversations_now == 0)
+        pthread_cond_broadcast(&state.conversations_ended);
+    pthread_mutex_unlock(&state.conversation_lock);
+    if (was_full)
+        eventfd_write(state.acceptor_wake_fd, 1);
+}
+
+/* Counts a newly accepted client of listener. Returns false, after counting
+ * the rejection, when it is over --maxconn: the caller then closes it. */
+static bool connection_admit(struct listener *listener)
+{
+    counter_add(COUNTER_CONNECTIONS_ACCEPTED, 1);
+    atomic_fetch_add(&listener->connections_total, 1);
+    unsigned before = atomic_fetch_add(&state.connections_now, 1);
+    if (before >= state.settings->maxconn) {
+        atomic_fetch_sub(&state.connections_now, 1);
+        counter_add(COUNTER_REJECTED_MAXCONN, 1);
+        log_line(LOG_DEBUG, "over --maxconn %u: closing a new client",
+                 state.settings->maxconn);
+        return false;
+    }
+    atomic_fetch_add(&listener->connections_now, 1);
+    return true;
+}
+
+/* Counts the end of an admitted client's connection, wherever it ends. */
+static void connection_ended(struct listener *listener)
+{
+    atomic_fetch_sub(&listener->connections_now, 1);
+    atomic_fetch_sub(&state.connections_now, 1);
+    counter_add(COUNTER_CONNECTIONS_CLOSED, 1);
+}
+
+/* ==== 9. Conversation ==== */
+
+/*
+ * Everything that happens once per client, before the relaying, runs in a
+ * short-lived thread of its own as plain blocking code, in this order:
+ *
+ *   1. read the PROXY header, if the listener expects one;
+ *   2. do the TLS handshake, if the listener is TLS;
+ *   3. connect to an upstream (chat pool or media server);
+ *   4. send our PROXY header to it (chat listeners only);
+ *   5. hand both sockets to a relay thread, and end.
+ *
+ * Steps 1 and 2 together must finish within --timeout-handshake, so a client
+ * that connects and says nothing (a scanner, or a "slowloris" attack that
+ * sends one byte a second) holds a thread for a few seconds at most. Each
+ * wait goes through socket_wait(), which also returns at once when the
+ * proxy stops.
+ *
+ * Reading the PROXY header without reading too far: the kernel lets us look
+ * at received bytes without taking them (recv() with MSG_PEEK). We look,
+ * ask proxyhdr_decode() how long the header is, and then take exactly that
+ * many bytes. If the header is not complete yet, every byte we saw belongs to
+ * it, so we take them all and wait for more. The client's first payload
+ * bytes stay in the socket for the relay.
+ */
+
+/* One client between accept() and the relay. Owned by its thread. */
+struct conversation {
+    int client_fd;
+    struct listener *listener;
+    struct proxy_addresses addresses; /* the client and what it dialled */
+};
+
+/* Hands a connected client and upstream to a relay thread (section 10). The
+ * relay thread owns both sockets and tls from then on. Defined in section 10,
+ * declared here so that this section can be read in the order a connection
+ * lives it. */
+static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
+                        int upstream_fd);
+
+/* Reads exactly one PROXY header from fd (see the section comment) before
+ * deadline_ms. On STEP_DONE, if the header carried addresses, they replace
+ * *addresses; otherwise (UNKNOWN, LOCAL) *addresses is left alone. */
+static enum step_result proxyhdr_read(int fd, long long deadline_ms,
+                                      struct proxy_addresses *addresses)
+{
+    uint8_t header[PROXYHDR_V2_MAX_BYTES];
+    size_t have = 0;
+
+    for (;;) {
+        enum wait_result waited = socket_wait(fd, POLLIN, deadline_ms);
+        if (waited != WAIT_READY)
+            return waited == WAIT_TIMED_OUT ? STEP_TIMED_OUT : STEP_STOPPING;
+
+        ssize_t seen = recv(fd, header + have, sizeof header - have, MSG_PEEK);
+        if (seen < 0 && (errno == EAGAIN || errno == EINTR))
+            continue;
+        if (seen <= 0)
+            return STEP_FAILED; /* closed or reset before the header ended */
+
+        struct proxy_addresses decoded;
+        int header_length = proxyhdr_decode(header, have + (size_t)seen,
+                                            &decoded);
+        if (header_length < 0)
+            return STEP_FAILED;
+        size_t take = header_length > 0 ? (size_t)header_length - have
+                                        : (size_t)seen;
+        if (recv(fd, header + have, take, 0) != (ssize_t)take)
+            return STEP_FAILED; /* cannot happen: these bytes were there */
+        have += take;
+        assert(have < sizeof header || header_length > 0);
+
+        if (header_length > 0) {
+            if (decoded.known)
+                *addresses = decoded;
+            return STEP_DONE;
+        }
+    }
+}
+
+/* Sends our PROXY header for addresses to the upstream, in the version of
+ * --send-proxy. Returns false if it could not be sent whole. */
+static bool proxyhdr_send(int upstream_fd,
+                          const struct proxy_addresses *addresses)
+{
+    uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+    size_t length = state.settings->send_proxy == SEND_PROXY_V1
+                        ? proxyhdr_encode_v1(addresses, header, sizeof header)
+                        : proxyhdr_encode_v2(addresses, header, sizeof header);
+    /* A new connection's send buffer is empty, so these few bytes go out in
+     * one call; a short count means the connection is already broken. */
+    return send(upstream_fd, header, length, MSG_NOSIGNAL) == (ssize_t)length;
+}
+
+/* Counts why a conversation step did not finish. STEP_STOPPING is not a
+ * fault of the client and is not counted. */
+static void conversation_count_failure(enum step_result step,
+                                       enum counter failed_counter)
+{
+    if (step == STEP_FAILED)
+        counter_add(failed_counter, 1);
+    else if (step == STEP_TIMED_OUT)
+        counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
+}
+
+/* The body of a conversation thread: steps 1 to 5 of the section comment.
+ * Frees the conversation and gives its slot back when done. */
+static void *conversation_run(void *argument)
+{
+    struct conversation *conversation = argument;
+    const struct listener_spec *spec = &conversation->listener->spec;
+    int client_fd = conversation->client_fd;
+    long long deadline_ms = now_ms() + state.settings->timeout_handshake_ms;
+    enum step_result step = STEP_DONE;
+    SSL *tls = NULL;
+    int upstream_fd = -1;
+
+    if (spec->accept_proxy) {
+        step = proxyhdr_read(client_fd, deadline_ms, &conversation->addresses);
+        conversation_count_failure(step, COUNTER_BAD_PROXY_HEADER);
+    }
+    if (step == STEP_DONE && spec->tls) {
+        step = tls_accept(client_fd, deadline_ms, &tls);
+        conversation_count_failure(step, COUNTER_TLS_HANDSHAKE_FAILED);
+    }
+    if (step != STEP_DONE)
+        goto out;
+
+    upstream_fd = upstream_connect(spec->media);
+    if (upstream_fd < 0) {
+        if (!stop_requested)
+            counter_add(COUNTER_UPSTREAM_UNREACHABLE, 1);
+        goto out;
+    }
+    if (!spec->media && state.settings->send_proxy != SEND_PROXY_NONE &&
+        !proxyhdr_send(upstream_fd, &conversation->addresses)) {
+        counter_add(COUNTER_RELAY_ERROR, 1);
+        goto out;
+    }
+
+    counter_add(COUNTER_CONNECTIONS_RELAYED, 1);
+    relay_adopt(conversation->listener, client_fd, tls, upstream_fd);
+    client_fd = upstream_fd = -1; /* the relay thread owns them now */
+    tls = NULL;
+out:
+    if (client_fd >= 0) {
+        SSL_free(tls);
+        close(client_fd);
+        connection_ended(conversation->listener);
+    }
+    if (upstream_fd >= 0)
+        close(upstream_fd);
+    free(conversation);
+    conversation_slot_release();
+    return NULL;
+}
+
+/* Starts a conversation thread for an admitted client (the caller holds a
+ * conversation slot for it, which the thread gives back). If no thread can
+ * be made, closes the client and gives the slot back itself. */
+static void conversation_start(struct listener *listener, int client_fd,
+                               const struct sockaddr_storage *peer)
+{
+    struct conversation *conversation = xcalloc(1, sizeof *conversation);
+    conversation->client_fd = client_fd;
+    conversation->listener = listener;
+    conversation->addresses.known = true;
+    conversation->addresses.source = *peer;
+    socklen_t length = sizeof conversation->addresses.destination;
+    getsockname(client_fd,
+                (struct sockaddr *)&conversation->addresses.destination,
+                &length);
+    address_unmap_ipv4(&conversation->addresses.source);
+    address_unmap_ipv4(&conversation->addresses.destination);
+    socket_set_nodelay(client_fd);
+
+    pthread_attr_t attributes;
+    pthread_t thread;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    pthread_attr_setstacksize(&attributes, CONVERSATION_STACK_BYTES);
+    int failure = pthread_create(&thread, &attributes, conversation_run,
+                                 conversation);
+    pthread_attr_destroy(&attributes);
+    if (failure != 0) {
+        log_line(LOG_WARN, "cannot start a thread: %s", strerror(failure));
+        close(client_fd);
+        connection_ended(listener);
+        free(conversation);
+        conversation_slot_release();
+    }
+}
+
+/* ==== 10. Relay ==== */
+
+/*
+ * A relay thread moves bytes for thousands of connections at once. It never
+ * blocks on one of them: its sockets are non-blocking, and one epoll loop
+ * tells it which sockets are ready. A connection here is a "pair": the
+ * client's side and the upstream's side, and two "flows" of bytes between
+ * them, one each way.
+ *
+ *        client side                          upstream side
+ *       +-----------+  to_upstream flow  +-------------+
+ *       | fd, [TLS] | -----------------> | fd          |
+ *       |           | <----------------- |             |
+ *       +-----------+   to_client flow   +-------------+
+ *
+ * Moving bytes. A flow reads into the thread's one scratch buffer and writes
+ * straight on. Only when the other side cannot take everything (its socket
+ * buffer is full: a slow phone network) are the remaining bytes copied into
+ * a "pending" buffer of exactly their size, and the flow stops reading until
+ * they are gone: this is backpressure, and it means an idle connection holds
+ * no buffer at all. Reading and writing in turn inside one flow, never
+ * waiting on one direction while the other is stuck, is what keeps the relay
+ * from the deadlock of a naive blocking loop (both sides writing, nobody
+ * reading).
+ *
+ * Waiting. Each flow remembers the one thing it waits for: "the client side
+ * readable", "the upstream side writable", and so on. A side asks epoll for
+ * exactly what its flows wait for. TLS makes this subtle: reading TLS may
+ * need to write (a key update), and writing may need to read, so the wait
+ * comes from OpenSSL's answer (SSL_ERROR_WANT_READ or WANT_WRITE), not from
+ * the direction of the flow. And OpenSSL may already hold decrypted bytes
+ * that no socket event will announce (SSL_has_pending()), so a flow keeps
+ * reading while they are there.
+ *
+ * Ending. When a side ends its sending (TCP FIN, or TLS close_notify), the
+ * flow passes the end on to the other side once its pending bytes are sent
+ * (shutdown() of the write half; on TLS close_notify first): this is a
+ * half-close, and the other flow carries on. When both flows have ended,
+ * the pair is closed. An error or reset on either side closes it at once.
+ *
+ * Timeouts. Each relay thread keeps its pairs in two lists ordered by last
+ * activity, most recent first: open pairs (--timeout-idle) and half-closed
+ * pairs (--timeout-fin). Any activity moves a pair to the front, so the
+ * oldest pair is always at the back, and finding the expired ones never
+ * means walking through the live ones.
+ *
+ * Ownership: a pair belongs to exactly one relay thread, and only that
+ * thread touches it or its SSL object. New pairs arrive through the thread's
+ * inbox (a list under a mutex) and an eventfd that wakes its epoll_wait().
+ */
+
+/* What a flow is doing. */
+enum flow_state {
+    FLOW_OPEN,   /* bytes may come */
+    FLOW_ENDING, /* the source has ended; send what is pending, then end */
+    FLOW_ENDED   /* the end has been passed on; nothing more goes this way */
+};
+
+/* What one read or write on a side did. */
+enum io_status {
+    IO_DONE,    /* some or all bytes moved */
+    IO_BLOCKED, /* nothing more now; wait for the events it names */
+    IO_END,     /* (read only) the peer has ended its sending */
+    IO_ERROR    /* the connection is broken */
+};
+
+struct relay_pair;
+
+/* One socket of a pair. */
+struct relay_side {
+    int fd;
+    SSL *tls;                /* TLS on the client side, or NULL */
+    struct relay_pair *pair; /* the pair this side belongs to */
+    uint32_t watched_events; /* what epoll watches on fd now */
+    bool in_epoll;           /* false after a hang-up (see relay_on_event) */
+};
+
+/* Bytes moving one way, from one side to the other. */
+struct relay_flow {
+    struct relay_side *from;
+    struct relay_side *to;
+    enum flow_state state;
+    uint8_t *pending;              /* bytes `to` could not take yet, or NULL */
+    size_t pending_offset;         /* the first of them not yet sent */
+    size_t pending_length;         /* how many are left */
+    struct relay_side *waiting_on; /* the side whose readiness we wait for */
+    uint32_t waiting_events;       /* EPOLLIN or EPOLLOUT on waiting_on */
+    enum counter byte_counter;     /* where the moved bytes are counted */
+};
+
+/* One client connection in a relay thread: about 200 bytes while idle. */
+struct relay_pair {
+    struct relay_side client;
+    struct relay_side upstream;
+    struct relay_flow to_upstream;
+    struct relay_flow to_client;
+    struct listener *listener;
+    long long last_active_ms;   /* now_ms() of the last byte moved */
+    struct pair_list *list;     /* the list it is in (open or closing) */
+    struct relay_pair *newer;   /* neighbours in that list */
+    struct relay_pair *older;
+    bool closed;                /* closed, to be freed after this batch */
+};
+
+/* A doubly linked list of pairs, most recently active first. */
+struct pair_list {
+    struct relay_pair *newest;
+    struct relay_pair *oldest;
+};
+
+struct relay_thread {
+    pthread_t thread;
+    int epoll_fd;
+    int wake_fd;                  /* eventfd: the inbox has pairs, or stop */
+    uint8_t *scratch;             /* RELAY_SCRATCH_BYTES, for every flow */
+
+    pthread_mutex_t inbox_lock;   /* guards the two fields below */
+    struct relay_pair *inbox;     /* adopted pairs, linked by `older` */
+    bool stop;                    /* close everything and end */
+
+    /* Owned by the thread alone: */
+    struct pair_list open_pairs;    /* timed by --timeout-idle */
+    struct pair_list closing_pairs; /* half-closed, timed by --timeout-fin */
+    struct relay_pair *closed_pairs; /* to free after this epoll batch */
+};
+
+/* Links pair in front of list (it must not be in a list). */
+static void pair_list_push(struct pair_list *list, struct relay_pair *pair)
+{
+    pair->list = list;
+    pair->newer = NULL;
+    pair->older = list->newest;
+    if (list->newest != NULL)
+        list->newest->newer = pair;
+    list->newest = pair;
+    if (list->oldest == NULL)
+        list->oldest = pair;
+}
+
+/* Unlinks pair from the list it is in. */
+static void pair_list_remove(struct relay_pair *pair)
+{
+    struct pair_list *list = pair->list;
+    if (pair->newer != NULL)
+        pair->newer->older = pair->older;
+    else
+        list->newest = pair->older;
+    if (pair->older != NULL)
+        pair->older->newer = pair->newer;
+    else
+        list->oldest = pair->newer;
+    pair->list = NULL;
+    pair->newer = pair->older = NULL;
+}
+
+/* Reads up to capacity bytes from side into buffer. On IO_DONE *got is the
+ * count; on IO_BLOCKED *wait is the epoll event to wait for. */
+static enum io_status side_read(struct relay_side *side, uint8_t *buffer,
+                                size_t capacity, size_t *got, uint32_t *wait)
+{
+    *wait = EPOLLIN;
+    if (side->tls == NULL) {
+        ssize_t count = recv(side->fd, buffer, capacity, 0);
+        if (count > 0) {
+            *got = (size_t)count;
+            return IO_DONE;
+        }
+        if (count == 0)
+            return IO_END;
+        return errno == EAGAIN || errno == EINTR ? IO_BLOCKED : IO_ERROR;
+    }
+
+    ERR_clear_error(); /* SSL_get_error() reads this thread's queue */
+    if (SSL_read_ex(side->tls, buffer, capacity, got) == 1)
+        return IO_DONE;
+    switch (SSL_get_error(side->tls, 0)) {
+    case SSL_ERROR_WANT_READ:
+        return IO_BLOCKED;
+    case SSL_ERROR_WANT_WRITE:
+        *wait = EPOLLOUT;
+        return IO_BLOCKED;
+    case SSL_ERROR_ZERO_RETURN: /* close_notify, or TCP FIN (see section 5) */
+        return IO_END;
+    default:
+        return IO_ERROR;
+    }
+}
+
+/* Writes buffer[0..length) to side. *sent says how many bytes went; on
+ * IO_BLOCKED the rest must be written again later (the same bytes, which
+ * OpenSSL requires after a WANT_WRITE), when *wait is ready. */
+static enum io_status side_write(struct relay_side *side, const uint8_t *buffer,
+                                 size_t length, size_t *sent, uint32_t *wait)
+{
+    *sent = 0;
+    *wait = EPOLLOUT;
+    while (*sent < length) {
+        size_t count = 0;
+        if (side->tls == NULL) {
+            ssize_t written = send(side->fd, buffer + *sent, length - *sent,
+                                   MSG_NOSIGNAL);
+            if (written < 0 && (errno == EAGAIN || errno == EINTR))
+                return IO_BLOCKED;
+            if (written < 0)
+                return IO_ERROR;
+            count = (size_t)written;
+        } else {
+            ERR_clear_error();
+            if (SSL_write_ex(side->tls, buffer + *sent, length - *sent,
+                             &count) != 1) {
+                int reason = SSL_get_error(side->tls, 0);
+                if (reason == SSL_ERROR_WANT_READ)
+                    *wait = EPOLLIN;
+                return reason == SSL_ERROR_WANT_WRITE ||
+                               reason == SSL_ERROR_WANT_READ
+                           ? IO_BLOCKED
+                           : IO_ERROR;
+            }
+        }
+        *sent += count;
+    }
+    return IO_DONE;
+}
+
+/* Ends the sending half of side: TLS close_notify (if TLS), then TCP FIN.
+ * The reading half stays open. */
+static enum io_status side_end_sending(struct relay_side *side, uint32_t *wait)
+{
+    if (side->tls != NULL) {
+        ERR_clear_error();
+        int returned = SSL_shutdown(side->tls);
+        if (returned < 0 &&
+            SSL_get_error(side->tls, returned) == SSL_ERROR_WANT_WRITE) {
+            *wait = EPOLLOUT;
+            return IO_BLOCKED;
+        }
+        /* Other failures: the peer is gone, and the FIN below tells the
+         * same story. */
+    }
+    shutdown(side->fd, SHUT_WR);
+    return IO_DONE;
+}
+
+/* Records what flow waits for before it can go on. */
+static void flow_wait(struct relay_flow *flow, struct relay_side *side,
+                      uint32_t events)
+{
+    flow->waiting_on = side;
+    flow->waiting_events = events;
+}
+
+/* Moves bytes along flow until one side would block, using scratch as the
+ * read buffer. Sets *moved if any byte moved. Returns false when the pair
+ * is broken and must be closed. */
+static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
+{
+    size_t moved_this_turn = 0;
+    uint32_t wait = 0;
+    flow_wait(flow, NULL, 0);
+
+    for (;;) {
+        /* 1. Bytes left over from last time go first, in order. */
+        if (flow->pending != NULL) {
+            size_t sent;
+            enum io_status status = side_write(
+                flow->to, flow->pending + flow->pending_offset,
+                flow->pending_length, &sent, &wait);
+            flow->pending_offset += sent;
+            flow->pending_length -= sent;
+            *moved |= sent > 0;
+            if (status == IO_ERROR)
+                return false;
+            if (status == IO_BLOCKED) {
+                flow_wait(flow, flow->to, wait);
+                return true;
+            }
+            free(flow->pending);
+            flow->pending = NULL;
+        }
+
+        /* 2. The source has ended and all is sent: pass the end on. */
+        if (flow->state == FLOW_ENDING) {
+            if (side_end_sending(flow->to, &wait) == IO_BLOCKED) {
+                flow_wait(flow, flow->to, wait);
+                return true;
+            }
+            flow->state = FLOW_ENDED;
+        }
+        if (flow->state == FLOW_ENDED)
+            return true;
+
+        /* 3. Fair share: after RELAY_TURN_BYTES let other pairs move. Bytes
+         * already decrypted by OpenSSL must be read now, though: no socket
+         * event would ever announce them. */
+        bool tls_holds_bytes =
+            flow->from->tls != NULL && SSL_has_pending(flow->from->tls);
+        if (moved_this_turn >= RELAY_TURN_BYTES && !tls_holds_bytes) {
+            flow_wait(flow, flow->from, EPOLLIN);
+            return true;
+        }
+
+        /* 4. Read fresh bytes and write them straight on. */
+        size_t got;
+        enum io_status status =
+            side_read(flow->from, scratch, RELAY_SCRATCH_BYTES, &got, &wait);
+        if (status == IO_ERROR)
+            return false;
+        if (status == IO_BLOCKED) {
+            flow_wait(flow, flow->from, wait);
+            return true;
+        }
+        if (status == IO_END) {
+            flow->state = FLOW_ENDING;
+            continue;
+        }
+        counter_add(flow->byte_counter, got);
+        moved_this_turn += got;
+        *moved = true;
+
+        size_t sent;
+        status = side_write(flow->to, scratch, got, &sent, &wait);
+        if (status == IO_ERROR)
+            return false;
+        if (status == IO_BLOCKED) {
+            /* Keep the rest and stop reading until it is gone. */
+            flow->pending_length = got - sent;
+            flow->pending_offset = 0;
+            flow->pending = xmalloc(flow->pending_length);
+            memcpy(flow->pending, scratch + sent, flow->pending_length);
+            flow_wait(flow, flow->to, wait);
+            return true;
+        }
+    }
+}
+
+/* Asks epoll to watch on each side of pair exactly what its flows wait for.
+ * Calls epoll_ctl() only when that changes. */
+static void relay_watch(struct relay_thread *thread, struct relay_pair *pair)
+{
+    struct relay_side *sides[2] = {&pair->client, &pair->upstream};
+    for (size_t i = 0; i < 2; i++) {
+        struct relay_side *side = sides[i];
+        uint32_t wanted = 0;
+        if (pair->to_upstream.waiting_on == side)
+            wanted |= pair->to_upstream.waiting_events;
+        if (pair->to_client.waiting_on == side)
+            wanted |= pair->to_client.waiting_events;
+        if (!side->in_epoll || wanted == side->watched_events)
+            continue;
+        struct epoll_event event = {.events = wanted, .data.ptr = side};
+        epoll_ctl(thread->epoll_fd, EPOLL_CTL_MOD, side->fd, &event);
+        side->watched_events = wanted;
+    }
+}
+
+/* Closes both sockets of pair and counts its end. The memory is freed after
+ * the current epoll batch, which may still hold events that point to it. */
+static void relay_close(struct relay_thread *thread, struct relay_pair *pair)
+{
+    struct relay_side *sides[2] = {&pair->client, &pair->upstream};
+    pair_list_remove(pair);
+    for (size_t i = 0; i < 2; i++) {
+        SSL_free(sides[i]->tls); /* before close(): SSL_free may still write */
+        close(sides[i]->fd);     /* close() also removes fd from epoll */
+    }
+    free(pair->to_upstream.pending);
+    free(pair->to_client.pending);
+    connection_ended(pair->listener);
+    pair->closed = true;
+    pair->older = thread->closed_pairs;
+    thread->closed_pairs = pair;
+}
+
+/* Moves what can be moved both ways on pair, then decides its fate: closed
+ * (error, or both flows ended), moved to the front of its list (activity),
+ * or moved to the half-closed list. Updates what epoll watches. */
+static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
+                          long long now)
+{
+    bool moved = false;
+    if (!flow_pump(&pair->to_upstream, thread->scratch, &moved) ||
+        !flow_pump(&pair->to_client, thread->scratch, &moved)) {
+        counter_add(COUNTER_RELAY_ERROR, 1);
+        relay_close(thread, pair);
+        return;
+    }
+    bool upstream_ended = pair->to_upstream.state == FLOW_ENDED;
+    bool client_ended = pair->to_client.state == FLOW_ENDED;
+    if (upstream_ended && client_ended) {
+        relay_close(thread, pair);
+        return;
+    }
+    bool half_closed = upstream_ended || client_ended;
+    bool moves_to_closing = half_closed && pair->list != &thread->closing_pairs;
+    if (moved || moves_to_closing) {
+        pair->last_active_ms = now;
+        pair_list_remove(pair);
+        pair_list_push(half_closed ? &thread->closing_pairs
+                                   : &thread->open_pairs,
+                       pair);
+    }
+    relay_watch(thread, pair);
+}
+
+/* Handles epoll's report of events on side. */
+static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
+                           uint32_t events, long long now)
+{
+    struct relay_pair *pair = side->pair;
+    if (pair->closed)
+        return; /* closed earlier in this batch */
+    if (events & EPOLLERR) {
+        counter_add(COUNTER_RELAY_ERROR, 1);
+        relay_close(thread, pair);
+        return;
+    }
+    relay_service(thread, pair, now);
+    /* EPOLLHUP (both directions of that socket are shut) is reported even
+     * when we watch nothing, so a pair waiting for its other side would be
+     * woken again and again. Every read on such a socket returns at once
+     * from now on, so it needs no more watching: take it out of epoll. */
+    if ((events & EPOLLHUP) && !pair->closed && side->in_epoll) {
+        epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, side->fd, NULL);
+        side->in_epoll = false;
+    }
+}
+
+/* Closes the pairs of list whose last activity is timeout_ms or more ago,
+ * counting each in which. Returns the milliseconds until the next one
+ * expires, or -1 if the list is empty. */
+static int relay_expire_list(struct relay_thread *thread,
+                             struct pair_list *list, int timeout_ms,
+                             enum counter which, long long now)
+{
+    while (list->oldest != NULL &&
+           list->oldest->last_active_ms + timeout_ms <= now) {
+        counter_add(which, 1);
+        relay_close(thread, list->oldest);
+    }
+    if (list->oldest == NULL)
+        return -1;
+    return (int)(list->oldest->last_active_ms + timeout_ms - now);
+}
+
+/* Closes expired pairs; returns how long epoll_wait() may sleep. */
+static int relay_expire(struct relay_thread *thread, long long now)
+{
+    int idle = relay_expire_list(thread, &thread->open_pairs,
+                                 state.settings->timeout_idle_ms,
+                                 COUNTER_IDLE_TIMEOUT, now);
+    int fin = relay_expire_list(thread, &thread->closing_pairs,
+                                state.settings->timeout_fin_ms,
+                                COUNTER_FIN_TIMEOUT, now);
+    if (idle < 0 || (fin >= 0 && fin < idle))
+        return fin;
+    return idle;
+}
+
+/* Takes the pairs waiting in the inbox into the epoll loop and serves each
+ * once (a TLS client may have sent bytes already). Returns true if the
+ * thread was asked to stop. */
+static bool relay_take_inbox(struct relay_thread *thread, long long now)
+{
+    eventfd_t ignored;
+    eventfd_read(thread->wake_fd, &ignored);
+
+    pthread_mutex_lock(&thread->inbox_lock);
+    struct relay_pair *arrived = thread->inbox;
+    thread->inbox = NULL;
+    bool stop = thread->stop;
+    pthread_mutex_unlock(&thread->inbox_lock);
+
+    while (arrived != NULL) {
+        struct relay_pair *pair = arrived;
+        arrived = pair->older;
+        struct relay_side *sides[2] = {&pair->client, &pair->upstream};
+        for (size_t i = 0; i < 2; i++) {
+            struct epoll_event event = {.events = EPOLLIN,
+                                        .data.ptr = sides[i]};
+            epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, sides[i]->fd, &event);
+            sides[i]->watched_events = EPOLLIN;
+            sides[i]->in_epoll = true;
+        }
+        pair->last_active_ms = now;
+        pair_list_push(&thread->open_pairs, pair);
+        relay_service(thread, pair, now);
+    }
+    return stop;
+}
+
+/* Frees the pairs closed during the last batch of events. */
+static void relay_free_closed(struct relay_thread *thread)
+{
+    while (thread->closed_pairs != NULL) {
+        struct relay_pair *pair = thread->closed_pairs;
+        thread->closed_pairs = pair->older;
+        free(pair);
+    }
+}
+
+/* The body of a relay thread: wait for events, serve them, expire idle
+ * pairs; at stop, close every pair. */
+static void *relay_thread_run(void *argument)
+{
+    struct relay_thread *thread = argument;
+    struct epoll_event events[64];
+    bool stop = false;
+
+    while (!stop) {
+        int sleep_ms = relay_expire(thread, now_ms());
+        int ready = epoll_wait(thread->epoll_fd, events, ARRAY_LENGTH(events),
+                               sleep_ms);
+        long long now = now_ms();
+        for (int i = 0; i < ready; i++) {
+            if (events[i].data.ptr == NULL)
+                stop = relay_take_inbox(thread, now);
+            else
+                relay_on_event(thread, events[i].data.ptr, events[i].events,
+                               now);
+        }
+        relay_free_closed(thread);
+    }
+
+    while (thread->open_pairs.oldest != NULL)
+        relay_close(thread, thread->open_pairs.oldest);
+    while (thread->closing_pairs.oldest != NULL)
+        relay_close(thread, thread->closing_pairs.oldest);
+    relay_free_closed(thread);
+    return NULL;
+}
+
+/* Hands a pair to the next relay thread; see the declaration in section 9.
+ * Takes that thread's inbox_lock. */
+static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
+                        int upstream_fd)
+{
+    struct relay_pair *pair = xcalloc(1, sizeof *pair);
+    pair->listener = listener;
+    pair->client = (struct relay_side){.fd = client_fd, .tls = tls,
+                                       .pair = pair};
+    pair->upstream = (struct relay_side){.fd = upstream_fd, .pair = pair};
+    pair->to_upstream = (struct relay_flow){
+        .from = &pair->client, .to = &pair->upstream,
+        .byte_counter = COUNTER_BYTES_FROM_CLIENTS};
+    pair->to_client = (struct relay_flow){
+        .from = &pair->upstream, .to = &pair->client,
+        .byte_counter = COUNTER_BYTES_TO_CLIENTS};
+
+    unsigned which = atomic_fetch_add(&state.next_relay_thread, 1) %
+                     state.relay_thread_count;
+    struct relay_thread *thread = &state.relay_threads[which];
+    pthread_mutex_lock(&thread->inbox_lock);
+    pair->older = thread->inbox;
+    thread->inbox = pair;
+    pthread_mutex_unlock(&thread->inbox_lock);
+    eventfd_write(thread->wake_fd, 1);
+}
+
+/* ==== 11. Check summary ==== */
+
+/*
+ * `whatsapp_proxy --check` answers a volunteer's two questions before going
+ * live: "are my settings right?" and "what do I tell my users?". It parses
+ * everything, makes or loads the certificate, resolves every upstream, and
+ * prints the fields to type into the app (Settings > Storage and data >
+ * Proxy) and a share link. It binds no port, so it can run beside a live
+ * proxy. Exit status 0 means everything is ready.
+ */
+
+/* Writes the share link; see whatsapp_proxy.h. The parameter names are the
+ * ones seen in use; WhatsApp publishes no grammar for them. */
+int share_link_format(const char *host, uint16_t chat_port,
+                      uint16_t media_port, bool chat_tls, char *out,
+                      size_t out_size)
+{
+    return snprintf(out, out_size,
+                    "https://wa.me/proxy?host=%s&chatPort=%u&mediaPort=%u"
+                    "&chatTLS=%s",
+                    host, chat_port, media_port, chat_tls ? "true" : "false");
+}
+
+/* Returns the listener users should be told about: the first of the wanted
+ * kind (media or chat) that takes clients directly (no PROXY header), with
+ * TLS chat ports first, as the app's default is TLS on 443. NULL if none. */
+static const struct listener_spec *check_user_listener(
+    const struct settings *settings, bool media)
+{
+    const struct listener_spec *best = NULL;
+    for (size_t i = 0; i < settings->listener_count; i++) {
+        const struct listener_spec *spec = &settings->listeners[i];
+        if (spec->media != media || spec->accept_proxy)
+            continue;
+        if (best == NULL || (spec->tls && !best->tls))
+            best = spec;
+    }
+    return best;
+}
+
+/* Resolves one upstream and prints a line about it. Returns false if its
+ * name does not resolve. */
+static bool check_upstream(struct upstream *upstream)
+{
+    char error[300];
+    if (upstream_resolve(upstream, error, sizeof error) < 0) {
+        printf("  %s:%u  PROBLEM: %s\n", upstream->spec.host,
+               upstream->spec.port, error);
+        return false;
+    }
+    char address[INET6_ADDRSTRLEN];
+    address_to_text(&upstream->address, address);
+    printf("  %s:%u  (%s)\n", upstream->spec.host, upstream->spec.port,
+           address);
+    return true;
+}
+
+/* Prints the whole --check summary to stdout. Returns the exit status: 0 if
+ * everything is ready, 1 if an upstream does not resolve or the certificate
+ * cannot be made or loaded. */
+static int check_summary_print(const struct settings *settings)
+{
+    static const char *const HEADER_NAMES[] = {"none", "PROXY v1",
+                                               "PROXY v2"};
+    bool ready = true;
+    bool any_tls = false;
+    char line[200];
+
+    printf(PROGRAM_NAME " " PROGRAM_VERSION ": checking the settings\n\n");
+    printf("Listeners:\n");
+    for (size_t i = 0; i < settings->listener_count; i++) {
+        listener_describe(&settings->listeners[i],
+                          settings->listeners[i].port, line, sizeof line);
+        printf("  %s\n", line);
+        any_tls |= settings->listeners[i].tls;
+    }
+
+    printf("\nChat servers, in turn (header sent: %s):\n",
+           HEADER_NAMES[settings->send_proxy]);
+    for (size_t i = 0; i < settings->chat_upstream_count; i++) {
+        struct upstream upstream = {.spec = settings->chat_upstreams[i]};
+        ready &= check_upstream(&upstream);
+    }
+    printf("\nMedia server:\n");
+    struct upstream media = {.spec = settings->media_upstream};
+    ready &= check_upstream(&media);
+
+    printf("\nLimits: --maxconn %u; timeouts in seconds: connect %.1f, idle "
+           "%.1f, fin %.1f, handshake %.1f\n", settings->maxconn,
+           settings->timeout_connect_ms / 1000.0,
+           settings->timeout_idle_ms / 1000.0,
+           settings->timeout_fin_ms / 1000.0,
+           settings->timeout_handshake_ms / 1000.0);
+
+    if (any_tls) {
+        char error[512];
+        SSL_CTX *context = tls_context_new(settings, error, sizeof error);
+        printf("Certificate: %s\n", context == NULL ? error
+                                    : settings->cert_file[0] != '\0'
+                                        ? settings->cert_file
+                                        : "made now (a new one at every start)");
+        ready &= context != NULL;
+        SSL_CTX_free(context);
+    }
+
+    const struct listener_spec *chat = check_user_listener(settings, false);
+    const struct listener_spec *media_port = check_user_listener(settings, true);
+    char host[HOST_NAME_BYTES];
+    snprintf(host, sizeof host, "%s", settings->public_host);
+    if (host[0] == '\0') {
+        /* The first --ssl-dns name is the best guess; else a placeholder. */
+        snprintf(host, sizeof host, "%.*s",
+                 (int)strcspn(settings->ssl_dns, ","), settings->ssl_dns);
+    }
+    if (host[0] == '\0')
+        snprintf(host, sizeof host, "YOUR.SERVER.NAME");
+
+    printf("\nWhat to tell WhatsApp users (Settings > Storage and data > "
+           "Proxy):\n");
+    printf("  Proxy host:  %s%s\n", host,
+           settings->public_host[0] == '\0'
+               ? "   (give your server's name with --public-host)" : "");
+    if (chat != NULL)
+        printf("  Chat port:   %u, TLS %s\n", chat->port, chat->tls ? "on"
+                                                                     : "off");
+    if (media_port != NULL)
+        printf("  Media port:  %u\n", media_port->port);
+    if (chat != NULL && media_port != NULL) {
+        share_link_format(host, chat->port, media_port->port, chat->tls, line,
+                          sizeof line);
+        printf("  Share link:  %s\n", line);
+    } else {
+        printf("  (no chat or media port without accept-proxy: users reach "
+               "this proxy through a load balancer)\n");
+    }
+    printf("\n%s\n", ready ? "Ready." : "NOT ready: see PROBLEM above.");
+    return ready ? 0 : 1;
+}
+
+/* ==== 12. Starting and stopping ==== */
+
+/*
+ * proxy_open() makes everything ready in dependency order and fails with one
+ * line before any client is served; proxy_run() is the acceptor loop, which
+ * the main thread runs until a stop is requested, and then the orderly end:
+ *
+ *   1. stop accepting and close the listening sockets (new clients are
+ *      refused at once, so their apps move on to another proxy);
+ *   2. wake every conversation thread (they watch stop_fd) and wait until
+ *      all have ended;
+ *   3. tell every relay thread to close its connections, and join them;
+ *   4. free everything, so that proxy_open() can run again (the tests do).
+ *
+ * The acceptor watches the listeners, stop_fd and acceptor_wake_fd with one
+ * epoll. It stops watching the listeners (and so stops accepting) while no
+ * conversation slot is free, or for a moment when the process runs out of
+ * file descriptors: otherwise a listener with waiting clients would wake it
+ * again and again in a busy loop.
+ */
+
+/* How long the acceptor rests when accept() fails for lack of descriptors
+ * or memory: long enough not to spin, short enough to resume quickly. */
+#define ACCEPT_PAUSE_MS 100
+
+/* Accepts at most this many clients per listener per wake-up, so that one
+ * busy listener cannot starve the others. */
+#define ACCEPT_BATCH 64
+
+/* Raises the soft open-file limit to the hard one: every connection needs
+ * two descriptors (client and upstream). Warns if that is below maxconn. */
+static void descriptor_limit_raise(unsigned maxconn)
+{
+    struct rlimit limit;
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0)
+        return;
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+    rlim_t needed = (rlim_t)maxconn * 2 + 100;
+    if (limit.rlim_cur < needed)
+        log_line(LOG_WARN, "the open-file limit (%llu) allows about %llu "
+                 "connections, fewer than --maxconn %u: raise it with "
+                 "LimitNOFILE= in the systemd unit or ulimit -n",
+                 (unsigned long long)limit.rlim_cur,
+                 (unsigned long long)(limit.rlim_cur - 100) / 2, maxconn);
+}
+
+/* Starts the relay threads. Returns 0, or -1 with one line in error. */
+static int relay_threads_start(unsigned count, char *error, size_t error_size)
+{
+    state.relay_threads = xcalloc(count, sizeof *state.relay_threads);
+    for (unsigned i = 0; i < count; i++) {
+        struct relay_thread *thread = &state.relay_threads[i];
+        thread->epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+        thread->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+        thread->scratch = xmalloc(RELAY_SCRATCH_BYTES);
+        pthread_mutex_init(&thread->inbox_lock, NULL);
+        struct epoll_event wake = {.events = EPOLLIN, .data.ptr = NULL};
+        if (thread->epoll_fd < 0 || thread->wake_fd < 0 ||
+            epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, thread->wake_fd,
+                      &wake) < 0 ||
+            pthread_create(&thread->thread, NULL, relay_thread_run,
+                           thread) != 0)
+            return parse_failure(error, error_size,
+                                 "cannot start relay thread %u: %s", i,
+                                 strerror(errno));
+        state.relay_thread_count = i + 1;
+    }
+    return 0;
+}
+
+/* Asks every relay thread to close its pairs and end, joins them, and frees
+ * them with their descriptors. */
+static void relay_threads_stop(void)
+{
+    for (unsigned i = 0; i < state.relay_thread_count; i++) {
+        struct relay_thread *thread = &state.relay_threads[i];
+        pthread_mutex_lock(&thread->inbox_lock);
+        thread->stop = true;
+        pthread_mutex_unlock(&thread->inbox_lock);
+        eventfd_write(thread->wake_fd, 1);
+    }
+    for (unsigned i = 0; i < state.relay_thread_count; i++)
+        pthread_join(state.relay_threads[i].thread, NULL);
+    for (unsigned i = 0; i < state.relay_thread_count; i++) {
+        struct relay_thread *thread = &state.relay_threads[i];
+        close(thread->epoll_fd);
+        close(thread->wake_fd);
+        free(thread->scratch);
+        pthread_mutex_destroy(&thread->inbox_lock);
+    }
+    free(state.relay_threads);
+    state.relay_threads = NULL;
+    state.relay_thread_count = 0;
+}
+
+/* Frees what proxy_open() made, in reverse order; safe on a half-made state
+ * (everything starts as NULL or -1). Relay threads must be stopped first. */
+static void proxy_free(void)
+{
+    for (size_t i = 0; i < state.listener_count; i++)
+        if (state.listeners[i].fd >= 0)
+            close(state.listeners[i].fd);
+    free(state.listeners);
+    state.listeners = NULL;
+    state.listener_count = 0;
+    free(state.chat_upstreams);
+    free(state.media_upstream);
+    state.chat_upstreams = state.media_upstream = NULL;
+    SSL_CTX_free(state.tls_context);
+    state.tls_context = NULL;
+    if (state.stop_fd >= 0)
+        close(state.stop_fd);
+    if (state.acceptor_wake_fd >= 0)
+        close(state.acceptor_wake_fd);
+    state.stop_fd = state.acceptor_wake_fd = -1;
+}
+
+/* Makes everything ready to serve; see whatsapp_proxy.h. */
+int proxy_open(struct settings *settings, char *error, size_t error_size)
+{
+    state.settings = settings;
+    atomic_store(&state.log_level, settings->log_level);
+    for (size_t i = 0; i < COUNTER_COUNT; i++)
+        atomic_store(&state.counters[i], 0);
+    stop_requested = 0;
+    /* Writing to a socket whose peer is gone must fail with EPIPE, not
+     * kill the whole process with SIGPIPE (OpenSSL writes with write()). */
+    signal(SIGPIPE, SIG_IGN);
+    descriptor_limit_raise(settings->maxconn);
+
+    state.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    state.acceptor_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (state.stop_fd < 0 || state.acceptor_wake_fd < 0) {
+        parse_failure(error, error_size, "cannot make an eventfd: %s",
+                      strerror(errno));
+        goto failed;
+    }
+
+    bool any_tls = false;
+    for (size_t i = 0; i < settings->listener_count; i++)
+        any_tls |= settings->listeners[i].tls;
+    if (any_tls) {
+        state.tls_context = tls_context_new(settings, error, error_size);
+        if (state.tls_context == NULL)
+            goto failed;
+    }
+
+    /* Upstreams: a name that does not resolve now is tried again later. */
+    state.chat_upstreams = xcalloc(settings->chat_upstream_count,
+                                   sizeof *state.chat_upstreams);
+    state.media_upstream = xcalloc(1, sizeof *state.media_upstream);
+    state.media_upstream->spec = settings->media_upstream;
+    char warning[300];
+    for (size_t i = 0; i <= settings->chat_upstream_count; i++) {
+        struct upstream *upstream = i < settings->chat_upstream_count
+                                        ? &state.chat_upstreams[i]
+                                        : state.media_upstream;
+        if (i < settings->chat_upstream_count)
+            upstream->spec = settings->chat_upstreams[i];
+        if (upstream_resolve(upstream, warning, sizeof warning) < 0)
+            log_line(LOG_WARN, "%s (will try again when a client needs it)",
+                     warning);
+    }
+
+    state.listeners = xcalloc(settings->listener_count,
+                              sizeof *state.listeners);
+    for (size_t i = 0; i < settings->listener_count; i++)
+        state.listeners[i].fd = -1;
+    state.listener_count = settings->listener_count;
+    for (size_t i = 0; i < settings->listener_count; i++) {
+        state.listeners[i].spec = settings->listeners[i];
+        if (listener_open(&state.listeners[i], error, error_size) < 0)
+            goto failed;
+    }
+
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    unsigned threads = settings->relay_threads
+                           ? settings->relay_threads
+                           : (unsigned)(cpus > 0 ? cpus : 1);
+    if (relay_threads_start(threads, error, error_size) < 0) {
+        relay_threads_stop();
+        goto failed;
+    }
+    return 0;
+failed:
+    proxy_free();
+    return -1;
+}
+
+/* Watches (events EPOLLIN) or stops watching (0) every listener. */
+static void acceptor_watch_listeners(int epoll_fd, uint32_t events)
+{
+    for (size_t i = 0; i < state.listener_count; i++) {
+        struct epoll_event event = {.events = events, .data.u64 = i};
+        epoll_ctl(epoll_fd, EPOLL_CTL_MOD, state.listeners[i].fd, &event);
+    }
+}
+
+/* Accepts up to ACCEPT_BATCH waiting clients of listener, each into its own
+ * conversation. Returns false when accept() ran out of descriptors or
+ * memory, so the caller pauses. */
+static bool acceptor_accept(struct listener *listener)
+{
+    for (int i = 0; i < ACCEPT_BATCH && conversation_slot_take(); i++) {
+        struct sockaddr_storage peer;
+        socklen_t length = sizeof peer;
+        int fd = accept4(listener->fd, (struct sockaddr *)&peer, &length,
+                         SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd < 0) {
+            int failure = errno;
+            conversation_slot_release();
+            if (failure == EMFILE || failure == ENFILE ||
+                failure == ENOBUFS || failure == ENOMEM) {
+                log_line(LOG_WARN, "cannot accept: %s (pausing %d ms)",
+                         strerror(failure), ACCEPT_PAUSE_MS);
+                return false;
+            }
+            if (failure == EAGAIN || failure == EINTR)
+                return true;
+            continue; /* ECONNABORTED and the like: that client is gone */
+        }
+        if (!connection_admit(listener)) {
+            close(fd);
+            conversation_slot_release();
+            continue;
+        }
+        conversation_start(listener, fd, &peer);
+    }
+    return true;
+}
+
+/* The acceptor loop, then the orderly end; see whatsapp_proxy.h. */
+void proxy_run(void)
+{
+    int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    assert(epoll_fd >= 0);
+    struct epoll_event stop = {.events = EPOLLIN, .data.u64 = SIZE_MAX};
+    struct epoll_event wake = {.events = EPOLLIN, .data.u64 = SIZE_MAX - 1};
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.stop_fd, &stop);
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.acceptor_wake_fd, &wake);
+    for (size_t i = 0; i < state.listener_count; i++) {
+        struct epoll_event event = {.events = EPOLLIN, .data.u64 = i};
+        epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.listeners[i].fd, &event);
+    }
+
+    bool watching = true;
+    long long paused_until_ms = 0;
+    while (!stop_requested) {
+        bool slot_free = conversation_slot_free();
+        bool rested = now_ms() >= paused_until_ms;
+        if (watching != (slot_free && rested)) {
+            watching = slot_free && rested;
+            acceptor_watch_listeners(epoll_fd, watching ? EPOLLIN : 0);
+        }
+        int sleep_ms = rested ? -1 : (int)(paused_until_ms - now_ms());
+        struct epoll_event events[16];
+        int ready = epoll_wait(epoll_fd, events, ARRAY_LENGTH(events),
+                               sleep_ms);
+        for (int i = 0; i < ready; i++) {
+            uint64_t which = events[i].data.u64;
+            if (which == SIZE_MAX - 1) {
+                eventfd_t ignored;
+                eventfd_read(state.acceptor_wake_fd, &ignored);
+            } else if (which < state.listener_count &&
+                       !acceptor_accept(&state.listeners[which])) {
+                paused_until_ms = now_ms() + ACCEPT_PAUSE_MS;
+            }
+        }
+    }
+    close(epoll_fd);
+
+    /* The orderly end (see the section comment). */
+    for (size_t i = 0; i < state.listener_count; i++) {
+        close(state.listeners[i].fd);
+        state.listeners[i].fd = -1;
+    }
+    pthread_mutex_lock(&state.conversation_lock);
+    while (state.conversations_now > 0)
+        pthread_cond_wait(&state.conversations_ended, &state.conversation_lock);
+    pthread_mutex_unlock(&state.conversation_lock);
+    relay_threads_stop();
+    proxy_free();
+}
+
+/* Asks proxy_run() to end; see whatsapp_proxy.h. Only async-signal-safe
+ * calls here: a flag and a write(). */
+void proxy_request_stop(void)
+{
+    stop_requested = 1;
+    if (state.stop_fd >= 0)
+        eventfd_write(state.stop_fd, 1);
+}
+
+uint16_t proxy_listener_port(size_t index)
+{
+    return index < state.listener_count ? state.listeners[index].port : 0;
+}
+
+unsigned long long proxy_counter(enum counter which)
+{
+    return atomic_load(&state.counters[which]);
+}
+
+unsigned proxy_connections_now(void)
+{
+    return atomic_load(&state.connections_now);
+}
+
+static void on_stop_signal(int signal_number)
+{
+    (void)signal_number;
+    proxy_request_stop();
+}
+
+/* SIGTERM (systemd, docker stop) and SIGINT (Ctrl-C) stop the proxy. */
+static void signals_install(void)
+{
+    struct sigaction action = {.sa_handler = on_stop_signal};
+    sigemptyset(&action.sa_mask);
+    sigaction(SIGTERM, &action, NULL);
+    sigaction(SIGINT, &action, NULL);
+}
+
+int main(int argc, char **argv)
+{
+    char error[512];
+    struct settings *settings = settings_new(); /* the reference's defaults */
+    int status = 0;
+
+    switch (settings_parse(settings, argc, argv, error, sizeof error)) {
+    case PARSE_RUN:
+        break;
+    case PARSE_EXIT_OK:
+        goto out;
+    case PARSE_ERROR:
+        fprintf(stderr, PROGRAM_NAME ": %s\n", error);
+        status = 2;
+        goto out;
+    }
+    atomic_store(&state.log_level, settings->log_level);
+
+    if (settings->check_only) {                 /* --check: report and exit */
+        status = check_summary_print(settings);
+        goto out;
+    }
+    if (proxy_open(settings, error, sizeof error) < 0) { /* bind, certs, ... */
+        fprintf(stderr, PROGRAM_NAME ": %s\n", error);
+        status = 2;
+        goto out;
+    }
+    signals_install();                          /* SIGTERM, SIGINT: stop */
+    for (size_t i = 0; i < state.listener_count; i++) {
+        char line[160];
+        listener_describe(&state.listeners[i].spec, state.listeners[i].port,
+                          line, sizeof line);
+        log_line(LOG_INFO, "listening on %s", line);
+    }
+    log_line(LOG_INFO, PROGRAM_NAME " " PROGRAM_VERSION " ready; %u relay "
+             "threads; --maxconn %u", state.relay_thread_count,
+             settings->maxconn);
+    proxy_run();                                /* until a stop signal */
+    log_line(LOG_INFO, "stopped");
+out:
+    settings_free(settings);
+    return status;
+}
