@@ -2853,8 +2853,9 @@ static int check_summary_print(const struct settings *settings)
                           sizeof line);
         printf("  Share link:  %s\n", line);
     } else {
-        printf("  (no chat or media port without accept-proxy: users reach "
-               "this proxy through a load balancer)\n");
+        printf("  (no share link: no %s port takes clients directly; they "
+               "come through a load balancer)\n", chat == NULL ? "chat"
+                                                                : "media");
     }
     printf("\n%s\n", ready ? "Ready." : "NOT ready: see PROBLEM above.");
     return ready ? 0 : 1;
