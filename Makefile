@@ -34,6 +34,12 @@ run: deps whatsapp_proxy
 test: deps whatsapp_proxy test_proxy
 	./test_proxy
 
+# Measures whatsapp_proxy beside HAProxy on loopback (bench/README.md).
+bench: whatsapp_proxy
+	$(MAKE) -C bench run
+bench-quick: whatsapp_proxy
+	$(MAKE) -C bench quick
+
 # Writes a self-signed chain into certs/, like the reference's generate-certs.sh.
 certs:
 	sh certs/generate-certs.sh certs
@@ -41,4 +47,4 @@ certs:
 clean:
 	rm -f whatsapp_proxy test_proxy *.o
 
-.PHONY: all deps run test certs clean
+.PHONY: all deps run test bench bench-quick certs clean
