@@ -248,7 +248,7 @@ static const struct listener_spec DEFAULT_LISTENERS[] = {
 /*
  * The shared state: everything more than one thread touches, in one struct,
  * grouped by how it is protected. The only other mutable global is the
- * stop_requested flag, which a signal handler writes.
+ * stop_requested flag below it, which a signal handler writes.
  *
  * Which thread owns what:
  *   - the acceptor (main thread) owns the listening sockets;
@@ -296,8 +296,10 @@ static struct proxy_state {
     .conversations_ended = PTHREAD_COND_INITIALIZER,
 };
 
-/* Set by proxy_request_stop(), which a signal handler may call. */
-static volatile sig_atomic_t stop_requested;
+/* Set by proxy_request_stop(), which a signal handler may call, and read by
+ * every thread. A lock-free C11 atomic is safe in a signal handler and,
+ * unlike volatile sig_atomic_t, also safe between threads. */
+static atomic_int stop_requested;
 
 /* Adds amount to one of the counters listed in whatsapp_proxy.h. Relaxed
  * order: a counter orders nothing else, it is only read for statistics. */
