@@ -94,6 +94,7 @@
 #include <arpa/inet.h>
 #include <assert.h>
 #include <ctype.h>
+#include <grp.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -101,6 +102,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <pwd.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -219,8 +221,15 @@ struct settings {
     int timeout_handshake_ms;       /* PROXY header plus TLS handshake */
     unsigned relay_threads;         /* 0 means one per CPU */
 
+    struct listener_spec stats;     /* where the statistics page is */
+    bool stats_enabled;             /* false after --stats off */
+    int check_interval_ms;          /* between health checks of a server */
+    int grace_ms;                   /* for connections to end at a stop */
+    char user[64];                  /* drop to this user after binding */
+
     char public_host[HOST_NAME_BYTES]; /* the name users type, for --check */
     enum log_level log_level;
+    bool log_clients;               /* write client addresses in logs */
     bool check_only;                /* --check: validate, summarise, exit */
 };
 
@@ -263,16 +272,25 @@ struct relay_thread; /* section 10 */
 static struct proxy_state {
     /* Written by proxy_open() before any thread starts; read-only after. */
     const struct settings *settings;
-    SSL_CTX *tls_context;            /* NULL when no listener is TLS */
     struct listener *listeners;      /* settings->listener_count of them */
     size_t listener_count;
+    struct listener *stats_listener; /* NULL with --stats off */
     struct relay_thread *relay_threads;
     unsigned relay_thread_count;
-    int stop_fd;          /* eventfd, readable from the moment we stop */
-    int acceptor_wake_fd; /* eventfd, written when a conversation slot frees */
+    pthread_t health_thread;         /* section 6 */
+    pthread_t stats_thread;          /* section 12 */
+    bool helper_threads_started;     /* both of the above are running */
+    time_t started_at;               /* wall-clock time of proxy_open() */
+    int abort_fd;         /* eventfd, readable once every wait must end */
+    int acceptor_wake_fd; /* eventfd: a slot freed, a stop or a reload */
+
+    /* Guarded by tls_lock: replaced by a certificate reload (SIGHUP). */
+    pthread_mutex_t tls_lock;
+    SSL_CTX *tls_context;            /* NULL when no listener is TLS */
 
     /* Atomics: any thread may change them without a lock. */
     atomic_int log_level;            /* an enum log_level */
+    atomic_int reload_requested;     /* set by SIGHUP, cleared by acceptor */
     atomic_ullong counters[COUNTER_COUNT];
     atomic_uint connections_now;     /* compared with settings->maxconn */
     atomic_uint next_relay_thread;   /* round-robin over relay threads */
@@ -285,15 +303,16 @@ static struct proxy_state {
 
     /* Guarded by conversation_lock: how many conversation threads run. */
     pthread_mutex_t conversation_lock;
-    pthread_cond_t conversations_ended; /* signalled when it reaches 0 */
+    pthread_cond_t ended; /* signalled when the conversations, or (while
+                             stopping) the connections, reach 0 */
     unsigned conversations_now;
 } state = {
-    .stop_fd = -1,
+    .abort_fd = -1,
     .acceptor_wake_fd = -1,
     .log_level = LOG_INFO,
+    .tls_lock = PTHREAD_MUTEX_INITIALIZER,
     .upstream_lock = PTHREAD_MUTEX_INITIALIZER,
     .conversation_lock = PTHREAD_MUTEX_INITIALIZER,
-    .conversations_ended = PTHREAD_COND_INITIALIZER,
 };
 
 /* Set by proxy_request_stop(), which a signal handler may call, and read by
@@ -338,6 +357,13 @@ struct settings *settings_new(void)
     settings->timeout_fin_ms = 1000;        /* timeout client-fin 1s */
     settings->timeout_handshake_ms = 5000;  /* slow-client protection */
     settings->relay_threads = 0;
+    /* Statistics on loopback only: the reference serves them on every
+     * address, which lets a scanner recognise a proxy by its port 8199. */
+    settings->stats = (struct listener_spec){.address = "127.0.0.1",
+                                             .port = 8199};
+    settings->stats_enabled = true;
+    settings->check_interval_ms = 60000;    /* check inter 60000 */
+    settings->grace_ms = 30000;
     settings->log_level = LOG_INFO;
     return settings;
 }
@@ -353,8 +379,9 @@ void settings_free(struct settings *settings)
 /*
  * One line per notable event on stderr, with the time and the level, so that
  * systemd's journal or a terminal shows it as it happens. Client addresses are
- * never written: the reference turns logging off so that nobody can learn
- * from a seized server who used it, and we keep that promise.
+ * not written unless the operator asks with --log-clients: the reference
+ * turns logging off so that nobody can learn from a seized server who used
+ * it, and we keep that promise by default.
  *
  * Memory allocation failure is not handled per call: on Linux it practically
  * means the machine is out of memory, and carrying on with half-built state
@@ -472,8 +499,14 @@ static const struct option OPTIONS[] = {
     {"--timeout-fin", "S", "seconds for the other side after a close (1)"},
     {"--timeout-handshake", "S", "seconds for PROXY header and TLS (5)"},
     {"--threads", "N", "relay threads (one per CPU)"},
+    {"--stats", "[ADDR:]PORT|off", "statistics page (127.0.0.1:8199)"},
+    {"--check-interval", "S", "seconds between health checks (60)"},
+    {"--grace", "S", "seconds for connections to end at a stop (30)"},
+    {"--user", "NAME", "run as this user after opening ports and keys"},
     {"--public-host", "NAME", "the name users type in the app, for --check"},
     {"--log-level", "error|warn|info|debug", "how much to log (info)"},
+    {"--log-clients", NULL, "write client addresses in logs (never do by "
+     "default)"},
     {"--check", NULL, "check the settings, print what to tell users, exit"},
     {"--help", NULL, "show this help and exit"},
     {"--version", NULL, "show the version and exit"},
@@ -703,6 +736,23 @@ static int ip_list_check(const char *list, char *error, size_t error_size)
     return 0;
 }
 
+/* Parses --stats "[ADDR:]PORT" or "off" into settings. The statistics port
+ * takes no listener options. */
+static int stats_spec_parse(struct settings *settings, const char *value,
+                            char *error, size_t error_size)
+{
+    settings->stats_enabled = strcmp(value, "off") != 0;
+    if (!settings->stats_enabled)
+        return 0;
+    char ignored[200];
+    if (listener_spec_parse(value, &settings->stats, ignored,
+                            sizeof ignored) < 0 || strchr(value, '/') != NULL)
+        return parse_failure(error, error_size,
+                             "bad --stats '%s': expected [ADDR:]PORT or off",
+                             value);
+    return 0;
+}
+
 static void help_print(void)
 {
     printf("Usage: " PROGRAM_NAME " [options]\n"
@@ -716,8 +766,8 @@ static void help_print(void)
                  OPTIONS[i].value_name ? OPTIONS[i].value_name : "");
         printf("  %-44s %s\n", left, OPTIONS[i].help);
     }
-    printf("\nSignals: SIGTERM or SIGINT stops. Read tutorial.md to learn "
-           "more.\n");
+    printf("\nSignals: SIGTERM or SIGINT stops (after --grace); SIGHUP reloads "
+           "the certificate.\nRead tutorial.md to learn more.\n");
 }
 
 /* Applies one flag with its value (NULL for switches) to settings. The two
@@ -815,6 +865,21 @@ static int option_apply(struct settings *settings, const char *name,
     if (strcmp(name, "--timeout-handshake") == 0)
         return seconds_parse(value, name, &settings->timeout_handshake_ms,
                              error, error_size);
+    if (strcmp(name, "--check-interval") == 0)
+        return seconds_parse(value, name, &settings->check_interval_ms, error,
+                             error_size);
+    if (strcmp(name, "--grace") == 0)
+        return seconds_parse(value, name, &settings->grace_ms, error,
+                             error_size);
+    if (strcmp(name, "--user") == 0)
+        return text_copy(settings->user, sizeof settings->user, value, name,
+                         error, error_size);
+    if (strcmp(name, "--stats") == 0)
+        return stats_spec_parse(settings, value, error, error_size);
+    if (strcmp(name, "--log-clients") == 0) {
+        settings->log_clients = true;
+        return 0;
+    }
     if (strcmp(name, "--check") == 0) {
         settings->check_only = true;
         return 0;
@@ -1218,13 +1283,14 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
 enum wait_result {
     WAIT_READY,     /* the socket is ready (or has an error to report) */
     WAIT_TIMED_OUT, /* the deadline passed first */
-    WAIT_STOPPING   /* the proxy is stopping: give up now */
+    WAIT_STOPPING   /* the proxy's grace period is over: give up now */
 };
 
 /* Waits until fd is ready for events (POLLIN or POLLOUT), the deadline (a
- * now_ms() value) passes, or the proxy stops. Every blocking step of a
- * conversation goes through here, so a silent or slow client can hold a
- * thread only until its deadline, and stopping never waits for one. */
+ * now_ms() value) passes, or the proxy's grace period ends (abort_fd).
+ * Every blocking step of a conversation goes through here, so a silent or
+ * slow client can hold a thread only until its deadline, and a stopping
+ * proxy never waits longer than its grace period for one. */
 static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
 {
     for (;;) {
@@ -1233,7 +1299,7 @@ static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
             return WAIT_TIMED_OUT;
         struct pollfd watched[2] = {
             {.fd = fd, .events = events},
-            {.fd = state.stop_fd, .events = POLLIN},
+            {.fd = state.abort_fd, .events = POLLIN},
         };
         int ready = poll(watched, 2, (int)left_ms);
         if (ready < 0 && errno == EINTR)
@@ -1573,6 +1639,30 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
     return context;
 }
 
+/* Replaces the certificate (SIGHUP): makes a new context from the same
+ * settings (reading --cert and --key again, or making a new chain) and
+ * swaps it in under tls_lock. Connections already open keep the context
+ * they started with (each SSL holds a reference), so none is dropped. If
+ * the new files are bad, the old certificate stays and the log says why. */
+static void tls_reload(void)
+{
+    if (state.tls_context == NULL)
+        return; /* no TLS listener */
+    char error[512];
+    SSL_CTX *fresh = tls_context_new(state.settings, error, sizeof error);
+    if (fresh == NULL) {
+        log_line(LOG_ERROR, "certificate reload failed, keeping the old "
+                 "one: %s", error);
+        return;
+    }
+    pthread_mutex_lock(&state.tls_lock);
+    SSL_CTX *old = state.tls_context;
+    state.tls_context = fresh;
+    pthread_mutex_unlock(&state.tls_lock);
+    SSL_CTX_free(old);
+    log_line(LOG_INFO, "certificate reloaded");
+}
+
 /* How a conversation step ended: done, or why not. */
 enum step_result {
     STEP_DONE,
@@ -1588,7 +1678,11 @@ static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
 {
     *out = NULL;
     ERR_clear_error(); /* errors of an earlier client must not be blamed */
+    /* The SSL takes its own reference to the context, so a reload that
+     * replaces the context later does not pull it from under this client. */
+    pthread_mutex_lock(&state.tls_lock);
     SSL *tls = SSL_new(state.tls_context);
+    pthread_mutex_unlock(&state.tls_lock);
     if (tls == NULL || SSL_set_fd(tls, fd) != 1) {
         SSL_free(tls);
         return STEP_FAILED;
@@ -1625,21 +1719,41 @@ static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
  * go: only these configured servers are ever dialled, so the proxy cannot be
  * used as an open relay to reach anything else.
  *
- * Names are resolved with getaddrinfo() at startup, not for every client: a
- * reconnect storm would otherwise send thousands of DNS queries. A name that
- * does not resolve at startup (the DNS server is down for a moment, say) is
- * tried again when a client needs it. IPv4 addresses are preferred, because
- * many small servers have no working IPv6 route.
+ * Names are resolved with getaddrinfo() at startup and again at every health
+ * check, not for every client: a reconnect storm would otherwise send
+ * thousands of DNS queries. IPv4 addresses are preferred, because many small
+ * servers have no working IPv6 route.
+ *
+ * Health. A health thread connects to every server every --check-interval
+ * seconds (60, as the reference), and every few seconds while one is down.
+ * As in HAProxy: a server is taken out of rotation after 3 failures in a
+ * row ("fall") and put back after 2 successes ("rise"); failed connects of
+ * real clients count as failures too ("observe layer4"). The picker skips
+ * servers that are down, but when all are down it still tries them: a wrong
+ * verdict must not refuse everyone.
  *
  * A connect that is refused or takes longer than --timeout-connect tries the
  * next server of the pool, at most UPSTREAM_TRIES_MAX servers per client.
  */
 
+/* HAProxy's defaults: fall 3, rise 2. */
+#define UPSTREAM_FALL 3
+#define UPSTREAM_RISE 2
+/* Between checks of a server that is down (HAProxy's "downinter 3s"). */
+#define UPSTREAM_DOWN_CHECK_MS 3000
+
 struct upstream {
     struct upstream_spec spec;       /* name and port, from the settings */
+    long long next_check_ms;         /* health thread only: when to check */
     /* Guarded by state.upstream_lock: */
     struct sockaddr_storage address; /* where spec.host resolved to */
     socklen_t address_length;        /* 0 while not resolved */
+    bool up;                         /* in rotation */
+    unsigned failures_in_row;
+    unsigned successes_in_row;
+    unsigned long long failures_total; /* failed checks and client connects */
+    time_t last_check;               /* wall-clock time, 0 before the first */
+    char last_result[64];            /* "ok", or why the check failed */
 };
 
 /* Resolves upstream's name and stores the address (taking upstream_lock).
@@ -1691,6 +1805,51 @@ static socklen_t upstream_address(struct upstream *upstream,
     return upstream_address(upstream, address);
 }
 
+/* Records one connect to upstream that worked (ok) or failed (with reason),
+ * by the health thread (from_check) or for a client, and moves the server
+ * in or out of rotation by the fall and rise rules. Takes upstream_lock. */
+static void upstream_record(struct upstream *upstream, bool ok,
+                            const char *reason, bool from_check)
+{
+    pthread_mutex_lock(&state.upstream_lock);
+    bool was_up = upstream->up;
+    if (ok) {
+        upstream->failures_in_row = 0;
+        upstream->successes_in_row++;
+        if (!upstream->up && upstream->successes_in_row >= UPSTREAM_RISE)
+            upstream->up = true;
+    } else {
+        upstream->successes_in_row = 0;
+        upstream->failures_in_row++;
+        upstream->failures_total++;
+        if (upstream->up && upstream->failures_in_row >= UPSTREAM_FALL)
+            upstream->up = false;
+    }
+    if (from_check) {
+        upstream->last_check = time(NULL);
+        snprintf(upstream->last_result, sizeof upstream->last_result, "%s",
+                 ok ? "ok" : reason);
+    }
+    bool is_up = upstream->up;
+    pthread_mutex_unlock(&state.upstream_lock);
+
+    if (!was_up && is_up)
+        log_line(LOG_INFO, "server %s port %u is up again",
+                 upstream->spec.host, upstream->spec.port);
+    if (was_up && !is_up)
+        log_line(LOG_WARN, "server %s port %u is down (%s); skipping it",
+                 upstream->spec.host, upstream->spec.port, reason);
+}
+
+/* Returns whether upstream is in rotation. Takes upstream_lock. */
+static bool upstream_is_up(struct upstream *upstream)
+{
+    pthread_mutex_lock(&state.upstream_lock);
+    bool up = upstream->up;
+    pthread_mutex_unlock(&state.upstream_lock);
+    return up;
+}
+
 /* Turns off Nagle's algorithm on fd: a relay must pass small chat messages
  * on at once, not hold them back hoping to fill a packet. */
 static void socket_set_nodelay(int fd)
@@ -1734,35 +1893,100 @@ failed:;
 }
 
 /* Connects to the media upstream, or to the chat pool in round-robin order
- * trying up to UPSTREAM_TRIES_MAX servers. Returns the connected socket or
- * -1 (each failed try is counted as COUNTER_UPSTREAM_CONNECT_FAILED). */
+ * trying up to UPSTREAM_TRIES_MAX servers that are up (all of them when
+ * none is). Returns the connected socket or -1. Each failed try is counted
+ * (COUNTER_UPSTREAM_CONNECT_FAILED) and recorded against its server. */
 static int upstream_connect(bool media)
 {
     size_t pool_size = media ? 1 : state.settings->chat_upstream_count;
-    size_t tries = pool_size < UPSTREAM_TRIES_MAX ? pool_size
-                                                  : UPSTREAM_TRIES_MAX;
+    struct upstream *pool = media ? state.media_upstream : state.chat_upstreams;
     unsigned first = media ? 0 : atomic_fetch_add(&state.next_chat_upstream, 1);
+    bool any_up = false;
+    for (size_t i = 0; i < pool_size; i++)
+        any_up |= upstream_is_up(&pool[i]);
 
-    for (size_t i = 0; i < tries; i++) {
-        struct upstream *upstream =
-            media ? state.media_upstream
-                  : &state.chat_upstreams[(first + i) % pool_size];
+    size_t tries = 0;
+    for (size_t i = 0; i < pool_size && tries < UPSTREAM_TRIES_MAX; i++) {
+        struct upstream *upstream = &pool[(first + i) % pool_size];
+        if (any_up && !upstream_is_up(upstream))
+            continue;
+        tries++;
         struct sockaddr_storage address;
         socklen_t length = upstream_address(upstream, &address);
         int fd = -1;
         if (length > 0)
             fd = socket_connect(&address, length,
                                 now_ms() + state.settings->timeout_connect_ms);
-        if (fd >= 0)
+        if (fd >= 0) {
+            upstream_record(upstream, true, NULL, false);
             return fd;
-        if (stop_requested)
-            return -1;
+        }
+        if (errno == ECANCELED)
+            return -1; /* the proxy is stopping: not the server's fault */
+        const char *reason = length > 0 ? strerror(errno)
+                                        : "name does not resolve";
         counter_add(COUNTER_UPSTREAM_CONNECT_FAILED, 1);
+        upstream_record(upstream, false, reason, false);
         log_line(LOG_WARN, "cannot connect to %s port %u: %s",
-                 upstream->spec.host, upstream->spec.port,
-                 length > 0 ? strerror(errno) : "name does not resolve");
+                 upstream->spec.host, upstream->spec.port, reason);
     }
+    errno = EHOSTUNREACH; /* tells the caller: not ECANCELED */
     return -1;
+}
+
+/* Checks one server: resolve its name again (so a changed address is
+ * followed), then a TCP connect within --timeout-connect, closed at once. */
+static void upstream_check(struct upstream *upstream)
+{
+    char error[300];
+    if (upstream_resolve(upstream, error, sizeof error) < 0) {
+        upstream_record(upstream, false, "name does not resolve", true);
+        return;
+    }
+    struct sockaddr_storage address;
+    socklen_t length = upstream_address(upstream, &address);
+    int fd = socket_connect(&address, length,
+                            now_ms() + state.settings->timeout_connect_ms);
+    if (fd < 0 && errno == ECANCELED)
+        return;
+    upstream_record(upstream, fd >= 0, fd >= 0 ? NULL : strerror(errno),
+                    true);
+    if (fd >= 0)
+        close(fd);
+}
+
+/* The health thread: checks each server when it is due (see the section
+ * comment) until abort_fd says the proxy is going away. The first checks
+ * come one interval after the start: servers begin in rotation, as in
+ * HAProxy, and a restart does not hit every server at once. */
+static void *upstream_health_run(void *unused)
+{
+    (void)unused;
+    size_t count = state.settings->chat_upstream_count + 1;
+    for (;;) {
+        long long now = now_ms();
+        long long next = now + state.settings->check_interval_ms;
+        for (size_t i = 0; i < count; i++) {
+            struct upstream *upstream = i + 1 < count
+                                            ? &state.chat_upstreams[i]
+                                            : state.media_upstream;
+            if (upstream->next_check_ms <= now) {
+                upstream_check(upstream);
+                int pause_ms = upstream_is_up(upstream)
+                                   ? state.settings->check_interval_ms
+                                   : UPSTREAM_DOWN_CHECK_MS;
+                if (pause_ms > state.settings->check_interval_ms)
+                    pause_ms = state.settings->check_interval_ms;
+                upstream->next_check_ms = now_ms() + pause_ms;
+            }
+            if (upstream->next_check_ms < next)
+                next = upstream->next_check_ms;
+        }
+        struct pollfd abort_watch = {.fd = state.abort_fd, .events = POLLIN};
+        long long sleep_ms = next - now_ms();
+        if (poll(&abort_watch, 1, sleep_ms > 0 ? (int)sleep_ms : 0) > 0)
+            return NULL;
+    }
 }
 
 /* ==== 7. Listeners ==== */
@@ -1940,7 +2164,7 @@ static void conversation_slot_release(void)
     bool was_full = state.conversations_now == CONVERSATIONS_AT_ONCE;
     state.conversations_now--;
     if (state.conversations_now == 0)
-        pthread_cond_broadcast(&state.conversations_ended);
+        pthread_cond_broadcast(&state.ended);
     pthread_mutex_unlock(&state.conversation_lock);
     if (was_full)
         eventfd_write(state.acceptor_wake_fd, 1);
@@ -1964,12 +2188,17 @@ static bool connection_admit(struct listener *listener)
     return true;
 }
 
-/* Counts the end of an admitted client's connection, wherever it ends. */
+/* Counts the end of an admitted client's connection, wherever it ends.
+ * The last one to end while the proxy stops wakes proxy_run(). */
 static void connection_ended(struct listener *listener)
 {
     atomic_fetch_sub(&listener->connections_now, 1);
-    atomic_fetch_sub(&state.connections_now, 1);
     counter_add(COUNTER_CONNECTIONS_CLOSED, 1);
+    if (atomic_fetch_sub(&state.connections_now, 1) == 1 && stop_requested) {
+        pthread_mutex_lock(&state.conversation_lock);
+        pthread_cond_broadcast(&state.ended);
+        pthread_mutex_unlock(&state.conversation_lock);
+    }
 }
 
 /* ==== 9. Conversation ==== */
@@ -2066,15 +2295,37 @@ static bool proxyhdr_send(int upstream_fd,
     return send(upstream_fd, header, length, MSG_NOSIGNAL) == (ssize_t)length;
 }
 
-/* Counts why a conversation step did not finish. STEP_STOPPING is not a
- * fault of the client and is not counted. */
-static void conversation_count_failure(enum step_result step,
-                                       enum counter failed_counter)
+/* Logs what happened to one client at the given level. The client's
+ * address is written only with --log-clients (see section 2). */
+static void conversation_log(const struct conversation *conversation,
+                             enum log_level level, const char *what)
 {
-    if (step == STEP_FAILED)
+    uint16_t port = conversation->listener->port;
+    if (!state.settings->log_clients) {
+        log_line(level, "a client of port %u: %s", port, what);
+        return;
+    }
+    char address[INET6_ADDRSTRLEN];
+    uint16_t client_port =
+        address_to_text(&conversation->addresses.source, address);
+    log_line(level, "client %s port %u of port %u: %s", address, client_port,
+             port, what);
+}
+
+/* Counts and logs why a conversation step did not finish. STEP_STOPPING is
+ * not a fault of the client and is not counted. */
+static void conversation_count_failure(const struct conversation *conversation,
+                                       enum step_result step,
+                                       enum counter failed_counter,
+                                       const char *failed_text)
+{
+    if (step == STEP_FAILED) {
         counter_add(failed_counter, 1);
-    else if (step == STEP_TIMED_OUT)
+        conversation_log(conversation, LOG_DEBUG, failed_text);
+    } else if (step == STEP_TIMED_OUT) {
         counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
+        conversation_log(conversation, LOG_DEBUG, "too slow to start");
+    }
 }
 
 /* The body of a conversation thread: steps 1 to 5 of the section comment.
@@ -2091,19 +2342,26 @@ static void *conversation_run(void *argument)
 
     if (spec->accept_proxy) {
         step = proxyhdr_read(client_fd, deadline_ms, &conversation->addresses);
-        conversation_count_failure(step, COUNTER_BAD_PROXY_HEADER);
+        conversation_count_failure(conversation, step,
+                                   COUNTER_BAD_PROXY_HEADER,
+                                   "bad PROXY header");
     }
     if (step == STEP_DONE && spec->tls) {
         step = tls_accept(client_fd, deadline_ms, &tls);
-        conversation_count_failure(step, COUNTER_TLS_HANDSHAKE_FAILED);
+        conversation_count_failure(conversation, step,
+                                   COUNTER_TLS_HANDSHAKE_FAILED,
+                                   "TLS handshake failed");
     }
     if (step != STEP_DONE)
         goto out;
 
     upstream_fd = upstream_connect(spec->media);
     if (upstream_fd < 0) {
-        if (!stop_requested)
+        if (errno != ECANCELED) {
             counter_add(COUNTER_UPSTREAM_UNREACHABLE, 1);
+            conversation_log(conversation, LOG_WARN,
+                             "no server reachable; closing it");
+        }
         goto out;
     }
     if (!spec->media && state.settings->send_proxy != SEND_PROXY_NONE &&
@@ -2863,25 +3121,527 @@ static int check_summary_print(const struct settings *settings)
     return ready ? 0 : 1;
 }
 
-/* ==== 12. Starting and stopping ==== */
+/* ==== 12. Statistics ==== */
+
+/*
+ * A volunteer wants to see at a glance that the proxy works and who is
+ * waiting on what; a monitoring system wants numbers. A small HTTP server
+ * on --stats (127.0.0.1:8199 by default: reach it through an SSH tunnel,
+ * `ssh -L 8199:localhost:8199 server`) answers:
+ *
+ *   GET /          an HTML page that refreshes itself: uptime, connections
+ *                  per listener, bytes, problems by kind, each server's state;
+ *   GET /metrics   the same numbers in Prometheus' text format;
+ *   GET /healthz   200 while at least one chat server is up, else 503 (the
+ *                  reference's container health check);
+ *   anything else  404.
+ *
+ * It runs in its own thread with non-blocking sockets and one poll() loop,
+ * so a slow or malicious statistics client can hold nothing but its own
+ * slot for STATS_TIMEOUT_MS, and never touches the relay. Numbers are read
+ * from the atomics and, under upstream_lock, from the server list.
+ */
+
+#define STATS_CLIENTS_MAX 16      /* more at once are closed at once */
+#define STATS_REQUEST_BYTES 2048  /* longer requests are refused */
+#define STATS_TIMEOUT_MS 5000     /* to send a request and read the answer */
+#define STATS_REFRESH_SECONDS 10  /* how often the HTML page reloads */
+
+/* The name (after "whatsapp_proxy_") and help line of every counter. */
+static const struct {
+    const char *name;
+    const char *help;
+} COUNTER_INFO[COUNTER_COUNT] = {
+    [COUNTER_CONNECTIONS_ACCEPTED] = {"connections_accepted_total",
+        "Client connections accepted, including those over maxconn."},
+    [COUNTER_CONNECTIONS_RELAYED] = {"connections_relayed_total",
+        "Client connections that reached a server."},
+    [COUNTER_CONNECTIONS_CLOSED] = {"connections_closed_total",
+        "Client connections that have ended."},
+    [COUNTER_REJECTED_MAXCONN] = {"rejected_maxconn_total",
+        "Client connections closed at once because maxconn was reached."},
+    [COUNTER_BAD_PROXY_HEADER] = {"bad_proxy_header_total",
+        "Connections closed for a malformed or missing PROXY header."},
+    [COUNTER_TLS_HANDSHAKE_FAILED] = {"tls_handshake_failed_total",
+        "Connections whose TLS handshake failed."},
+    [COUNTER_HANDSHAKE_TIMEOUT] = {"handshake_timeout_total",
+        "Connections closed because the PROXY header or TLS took too long."},
+    [COUNTER_UPSTREAM_UNREACHABLE] = {"upstream_unreachable_total",
+        "Connections closed because no server could be reached."},
+    [COUNTER_UPSTREAM_CONNECT_FAILED] = {"upstream_connect_failed_total",
+        "Failed connects to a server for a client (each try)."},
+    [COUNTER_IDLE_TIMEOUT] = {"idle_timeout_total",
+        "Connections closed after timeout-idle without a byte."},
+    [COUNTER_FIN_TIMEOUT] = {"fin_timeout_total",
+        "Half-closed connections closed after timeout-fin."},
+    [COUNTER_RELAY_ERROR] = {"relay_error_total",
+        "Connections ended by a reset or another error while relaying."},
+    [COUNTER_BYTES_FROM_CLIENTS] = {"bytes_from_clients_total",
+        "Bytes relayed from clients to servers."},
+    [COUNTER_BYTES_TO_CLIENTS] = {"bytes_to_clients_total",
+        "Bytes relayed from servers to clients."},
+};
+
+/* The counters shown as "problems" on the HTML page, with plain names. */
+static const struct {
+    enum counter which;
+    const char *label;
+} STATS_PROBLEMS[] = {
+    {COUNTER_BAD_PROXY_HEADER, "bad PROXY header"},
+    {COUNTER_TLS_HANDSHAKE_FAILED, "TLS handshake failed"},
+    {COUNTER_HANDSHAKE_TIMEOUT, "handshake too slow"},
+    {COUNTER_UPSTREAM_UNREACHABLE, "no server reachable"},
+    {COUNTER_UPSTREAM_CONNECT_FAILED, "failed server connects"},
+    {COUNTER_REJECTED_MAXCONN, "over maxconn"},
+    {COUNTER_IDLE_TIMEOUT, "idle timeouts"},
+    {COUNTER_FIN_TIMEOUT, "fin timeouts"},
+    {COUNTER_RELAY_ERROR, "resets while relaying"},
+};
+
+/* A text that grows as it is written, for building answers. */
+struct text {
+    char *data;      /* NUL-terminated, owned; NULL while empty */
+    size_t length;
+    size_t capacity;
+};
+
+/* Appends printf-style text, growing the buffer as needed. */
+__attribute__((format(printf, 2, 3)))
+static void text_printf(struct text *text, const char *format, ...)
+{
+    for (;;) {
+        size_t room = text->capacity - text->length;
+        va_list arguments;
+        va_start(arguments, format);
+        int needed = vsnprintf(text->data ? text->data + text->length : NULL,
+                               room, format, arguments);
+        va_end(arguments);
+        if (needed >= 0 && (size_t)needed < room) {
+            text->length += (size_t)needed;
+            return;
+        }
+        size_t capacity = text->capacity * 2 + (size_t)needed + 256;
+        char *grown = realloc(text->data, capacity);
+        if (grown == NULL)
+            out_of_memory(capacity);
+        text->data = grown;
+        text->capacity = capacity;
+    }
+}
+
+static void text_free(struct text *text)
+{
+    free(text->data);
+    *text = (struct text){0};
+}
+
+/* Parses an HTTP request at data[0..length): see whatsapp_proxy.h. */
+int stats_request_parse(const uint8_t *data, size_t length, char *path,
+                        size_t path_size)
+{
+    /* The request is complete at the blank line that ends the headers. */
+    const uint8_t *end = memmem(data, length, "\r\n\r\n", 4);
+    if (end == NULL)
+        return length >= STATS_REQUEST_BYTES ? STATS_REQUEST_BAD : 0;
+
+    const uint8_t *line_end = memchr(data, '\r', (size_t)(end - data) + 1);
+    const uint8_t *first_space = memchr(data, ' ', (size_t)(line_end - data));
+    if (first_space == NULL)
+        return STATS_REQUEST_BAD;
+    const uint8_t *target = first_space + 1;
+    const uint8_t *second_space =
+        memchr(target, ' ', (size_t)(line_end - target));
+    if (second_space == NULL || target[0] != '/' ||
+        (size_t)(line_end - second_space) < 9 ||
+        memcmp(second_space + 1, "HTTP/1.", 7) != 0)
+        return STATS_REQUEST_BAD;
+
+    size_t method_length = (size_t)(first_space - data);
+    bool get = method_length == 3 && memcmp(data, "GET", 3) == 0;
+    bool head = method_length == 4 && memcmp(data, "HEAD", 4) == 0;
+    if (!get && !head)
+        return STATS_REQUEST_METHOD_NOT_ALLOWED;
+
+    /* The path without "?query"; only printable ASCII. */
+    size_t path_length = 0;
+    for (const uint8_t *p = target; p < second_space && *p != '?'; p++) {
+        if (*p <= 0x20 || *p >= 0x7F || path_length + 1 >= path_size)
+            return STATS_REQUEST_BAD;
+        path[path_length++] = (char)*p;
+    }
+    path[path_length] = '\0';
+    return get ? STATS_REQUEST_GET : STATS_REQUEST_HEAD;
+}
+
+/* Writes a listener's label, "[ADDR:]PORT[/tls][/accept-proxy][/media]",
+ * as --listen would take it. */
+static void listener_label(const struct listener *listener, char *out,
+                           size_t out_size)
+{
+    const struct listener_spec *spec = &listener->spec;
+    bool ipv6 = strchr(spec->address, ':') != NULL;
+    snprintf(out, out_size, "%s%s%s%s%u%s%s%s", ipv6 ? "[" : "",
+             spec->address, ipv6 ? "]" : "", spec->address[0] ? ":" : "",
+             listener->port, spec->tls ? "/tls" : "",
+             spec->accept_proxy ? "/accept-proxy" : "",
+             spec->media ? "/media" : "");
+}
+
+/* A copy of one server's state, taken under upstream_lock. */
+struct upstream_view {
+    const char *pool; /* "chat" or "media" */
+    struct upstream_spec spec;
+    bool up;
+    unsigned long long failures_total;
+    time_t last_check;
+    char last_result[64];
+};
+
+/* Copies the state of every server into views (room for chat pool + 1).
+ * Returns how many. Takes upstream_lock. */
+static size_t upstream_views(struct upstream_view *views)
+{
+    size_t count = state.settings->chat_upstream_count + 1;
+    pthread_mutex_lock(&state.upstream_lock);
+    for (size_t i = 0; i < count; i++) {
+        const struct upstream *upstream = i + 1 < count
+                                              ? &state.chat_upstreams[i]
+                                              : state.media_upstream;
+        views[i] = (struct upstream_view){
+            .pool = i + 1 < count ? "chat" : "media",
+            .spec = upstream->spec,
+            .up = upstream->up,
+            .failures_total = upstream->failures_total,
+            .last_check = upstream->last_check,
+        };
+        memcpy(views[i].last_result, upstream->last_result,
+               sizeof views[i].last_result);
+    }
+    pthread_mutex_unlock(&state.upstream_lock);
+    return count;
+}
+
+/* Returns true while at least one chat server is up. */
+static bool stats_healthy(void)
+{
+    for (size_t i = 0; i < state.settings->chat_upstream_count; i++)
+        if (upstream_is_up(&state.chat_upstreams[i]))
+            return true;
+    return false;
+}
+
+/* Writes the Prometheus text format: for every metric a HELP and a TYPE
+ * line, then its samples, names prefixed "whatsapp_proxy_". */
+static void stats_render_metrics(struct text *out)
+{
+    text_printf(out, "# HELP whatsapp_proxy_uptime_seconds Seconds since "
+                "the proxy started.\n# TYPE whatsapp_proxy_uptime_seconds "
+                "gauge\nwhatsapp_proxy_uptime_seconds %lld\n",
+                (long long)(time(NULL) - state.started_at));
+    text_printf(out, "# HELP whatsapp_proxy_connections Client connections "
+                "open now.\n# TYPE whatsapp_proxy_connections gauge\n"
+                "whatsapp_proxy_connections %u\n", proxy_connections_now());
+    text_printf(out, "# HELP whatsapp_proxy_maxconn The --maxconn limit.\n"
+                "# TYPE whatsapp_proxy_maxconn gauge\n"
+                "whatsapp_proxy_maxconn %u\n", state.settings->maxconn);
+    for (size_t i = 0; i < COUNTER_COUNT; i++)
+        text_printf(out, "# HELP whatsapp_proxy_%s %s\n# TYPE "
+                    "whatsapp_proxy_%s counter\nwhatsapp_proxy_%s %llu\n",
+                    COUNTER_INFO[i].name, COUNTER_INFO[i].help,
+                    COUNTER_INFO[i].name, COUNTER_INFO[i].name,
+                    proxy_counter((enum counter)i));
+
+    text_printf(out, "# HELP whatsapp_proxy_listener_connections Client "
+                "connections open now, by listener.\n# TYPE "
+                "whatsapp_proxy_listener_connections gauge\n");
+    char label[96];
+    for (size_t i = 0; i < state.listener_count; i++) {
+        listener_label(&state.listeners[i], label, sizeof label);
+        text_printf(out, "whatsapp_proxy_listener_connections{listener=\"%s\"}"
+                    " %u\n", label,
+                    atomic_load(&state.listeners[i].connections_now));
+    }
+    text_printf(out, "# HELP whatsapp_proxy_listener_connections_total Client "
+                "connections accepted, by listener.\n# TYPE "
+                "whatsapp_proxy_listener_connections_total counter\n");
+    for (size_t i = 0; i < state.listener_count; i++) {
+        listener_label(&state.listeners[i], label, sizeof label);
+        text_printf(out, "whatsapp_proxy_listener_connections_total{listener="
+                    "\"%s\"} %llu\n", label,
+                    atomic_load(&state.listeners[i].connections_total));
+    }
+
+    struct upstream_view views[MAX_UPSTREAMS + 1];
+    size_t count = upstream_views(views);
+    static const char *const UPSTREAM_METRICS[3][3] = {
+        {"upstream_up", "gauge", "1 while the server is in rotation."},
+        {"upstream_failures_total", "counter",
+         "Failed health checks and client connects, by server."},
+        {"upstream_last_check_timestamp_seconds", "gauge",
+         "Unix time of the last health check (0: none yet)."},
+    };
+    for (size_t m = 0; m < 3; m++) {
+        text_printf(out, "# HELP whatsapp_proxy_%s %s\n# TYPE "
+                    "whatsapp_proxy_%s %s\n", UPSTREAM_METRICS[m][0],
+                    UPSTREAM_METRICS[m][2], UPSTREAM_METRICS[m][0],
+                    UPSTREAM_METRICS[m][1]);
+        for (size_t i = 0; i < count; i++) {
+            unsigned long long value = m == 0   ? views[i].up
+                                       : m == 1 ? views[i].failures_total
+                                                : (unsigned long long)
+                                                      views[i].last_check;
+            /* Host names cannot hold '"', '\\' or newlines (section 3
+             * accepts only a name and a port), so no escaping is needed. */
+            text_printf(out, "whatsapp_proxy_%s{upstream=\"%s:%u\",pool=\"%s\"}"
+                        " %llu\n", UPSTREAM_METRICS[m][0], views[i].spec.host,
+                        views[i].spec.port, views[i].pool, value);
+        }
+    }
+}
+
+/* Writes the HTML page a person reads at a glance. Every string in it comes
+ * from the settings or from us, never from a client. */
+static void stats_render_page(struct text *out)
+{
+    long long uptime = (long long)(time(NULL) - state.started_at);
+    text_printf(out,
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        "<meta http-equiv=\"refresh\" content=\"%d\">"
+        "<title>" PROGRAM_NAME "</title><style>"
+        "body{font-family:sans-serif;margin:2em;color:#222}"
+        "table{border-collapse:collapse;margin-bottom:1.5em}"
+        "td,th{border:1px solid #ccc;padding:.3em .8em;text-align:left}"
+        "th{background:#eee}.up{color:#080}.down{color:#b00;font-weight:bold}"
+        "</style></head><body>\n<h1>" PROGRAM_NAME " " PROGRAM_VERSION
+        "</h1>\n<p>Up for %lld d %02lld:%02lld:%02lld. <b>%u</b> connections "
+        "now (limit %u). Relayed: %llu bytes to servers, %llu bytes to "
+        "clients.</p>\n", STATS_REFRESH_SECONDS, uptime / 86400,
+        uptime % 86400 / 3600, uptime % 3600 / 60, uptime % 60,
+        proxy_connections_now(), state.settings->maxconn,
+        proxy_counter(COUNTER_BYTES_FROM_CLIENTS),
+        proxy_counter(COUNTER_BYTES_TO_CLIENTS));
+
+    text_printf(out, "<h2>Listeners</h2>\n<table><tr><th>listener</th>"
+                "<th>open now</th><th>since start</th></tr>\n");
+    char label[96];
+    for (size_t i = 0; i < state.listener_count; i++) {
+        listener_label(&state.listeners[i], label, sizeof label);
+        text_printf(out, "<tr><td>%s</td><td>%u</td><td>%llu</td></tr>\n",
+                    label, atomic_load(&state.listeners[i].connections_now),
+                    atomic_load(&state.listeners[i].connections_total));
+    }
+
+    text_printf(out, "</table>\n<h2>Problems</h2>\n<table>"
+                "<tr><th>kind</th><th>since start</th></tr>\n");
+    for (size_t i = 0; i < ARRAY_LENGTH(STATS_PROBLEMS); i++)
+        text_printf(out, "<tr><td>%s</td><td>%llu</td></tr>\n",
+                    STATS_PROBLEMS[i].label,
+                    proxy_counter(STATS_PROBLEMS[i].which));
+
+    text_printf(out, "</table>\n<h2>Servers</h2>\n<table><tr><th>server</th>"
+                "<th>pool</th><th>state</th><th>last check</th>"
+                "<th>result</th><th>failures</th></tr>\n");
+    struct upstream_view views[MAX_UPSTREAMS + 1];
+    size_t count = upstream_views(views);
+    for (size_t i = 0; i < count; i++) {
+        char when[32] = "not yet";
+        if (views[i].last_check != 0) {
+            struct tm utc;
+            gmtime_r(&views[i].last_check, &utc);
+            strftime(when, sizeof when, "%Y-%m-%d %H:%M:%S UTC", &utc);
+        }
+        text_printf(out, "<tr><td>%s:%u</td><td>%s</td><td class=\"%s\">%s"
+                    "</td><td>%s</td><td>%s</td><td>%llu</td></tr>\n",
+                    views[i].spec.host, views[i].spec.port, views[i].pool,
+                    views[i].up ? "up" : "down", views[i].up ? "up" : "DOWN",
+                    when, views[i].last_result, views[i].failures_total);
+    }
+    text_printf(out, "</table>\n<p>Numbers for machines: <a href=\"/metrics\">"
+                "/metrics</a>. Health: <a href=\"/healthz\">/healthz</a>."
+                "</p>\n</body></html>\n");
+}
+
+/* Builds the whole HTTP answer to a request (the result of
+ * stats_request_parse() and the path) into out. */
+static void stats_answer(int request, const char *path, struct text *out)
+{
+    struct text body = {0};
+    int status = 200;
+    const char *type = "text/plain; charset=utf-8";
+
+    if (request == STATS_REQUEST_BAD) {
+        status = 400;
+        text_printf(&body, "bad request\n");
+    } else if (request == STATS_REQUEST_METHOD_NOT_ALLOWED) {
+        status = 405;
+        text_printf(&body, "only GET and HEAD\n");
+    } else if (strcmp(path, "/") == 0) {
+        type = "text/html; charset=utf-8";
+        stats_render_page(&body);
+    } else if (strcmp(path, "/metrics") == 0) {
+        type = "text/plain; version=0.0.4; charset=utf-8";
+        stats_render_metrics(&body);
+    } else if (strcmp(path, "/healthz") == 0) {
+        bool healthy = stats_healthy();
+        status = healthy ? 200 : 503;
+        text_printf(&body, "%s\n", healthy ? "ok" : "no chat server is up");
+    } else {
+        status = 404;
+        text_printf(&body, "not found\n");
+    }
+
+    const char *reason = status == 200   ? "OK"
+                         : status == 400 ? "Bad Request"
+                         : status == 404 ? "Not Found"
+                         : status == 405 ? "Method Not Allowed"
+                                         : "Service Unavailable";
+    text_printf(out, "HTTP/1.1 %d %s\r\nContent-Type: %s\r\n"
+                "Content-Length: %zu\r\nCache-Control: no-store\r\n"
+                "Connection: close\r\n\r\n", status, reason, type, body.length);
+    if (request != STATS_REQUEST_HEAD && body.length > 0)
+        text_printf(out, "%s", body.data);
+    text_free(&body);
+}
+
+/* One statistics client, in the statistics thread. */
+struct stats_client {
+    int fd;                               /* -1 while the slot is free */
+    uint8_t request[STATS_REQUEST_BYTES];
+    size_t request_length;
+    struct text answer;                   /* empty until the request ends */
+    size_t answer_sent;
+    long long deadline_ms;
+};
+
+static void stats_client_close(struct stats_client *client)
+{
+    close(client->fd);
+    client->fd = -1;
+    text_free(&client->answer);
+}
+
+/* Moves one client on: reads its request until complete, then writes the
+ * answer. Closes the client when done or broken. Never blocks. */
+static void stats_client_serve(struct stats_client *client)
+{
+    if (client->answer.length == 0) {
+        ssize_t got = recv(client->fd, client->request + client->request_length,
+                           sizeof client->request - client->request_length, 0);
+        if (got < 0 && (errno == EAGAIN || errno == EINTR))
+            return;
+        if (got <= 0) {
+            stats_client_close(client);
+            return;
+        }
+        client->request_length += (size_t)got;
+        char path[256];
+        int request = stats_request_parse(client->request,
+                                          client->request_length, path,
+                                          sizeof path);
+        if (request == 0)
+            return; /* not complete yet */
+        stats_answer(request, path, &client->answer);
+    }
+    ssize_t sent = send(client->fd, client->answer.data + client->answer_sent,
+                        client->answer.length - client->answer_sent,
+                        MSG_NOSIGNAL);
+    if (sent < 0 && (errno == EAGAIN || errno == EINTR))
+        return;
+    if (sent > 0)
+        client->answer_sent += (size_t)sent;
+    if (sent < 0 || client->answer_sent == client->answer.length)
+        stats_client_close(client);
+}
+
+/* The statistics thread: one poll() loop over its listener, its clients
+ * and abort_fd, until abort_fd says the proxy is going away. */
+static void *stats_run(void *unused)
+{
+    (void)unused;
+    struct stats_client clients[STATS_CLIENTS_MAX];
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+        clients[i] = (struct stats_client){.fd = -1};
+
+    for (;;) {
+        struct pollfd watched[2 + STATS_CLIENTS_MAX];
+        watched[0] = (struct pollfd){.fd = state.abort_fd, .events = POLLIN};
+        watched[1] = (struct pollfd){.fd = state.stats_listener->fd,
+                                     .events = POLLIN};
+        long long now = now_ms();
+        long long next_deadline = now + STATS_TIMEOUT_MS;
+        for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
+            struct stats_client *client = &clients[i];
+            if (client->fd >= 0 && client->deadline_ms <= now)
+                stats_client_close(client); /* too slow: its slot is freed */
+            watched[2 + i] = (struct pollfd){
+                .fd = client->fd,
+                .events = client->answer.length ? POLLOUT : POLLIN};
+            if (client->fd >= 0 && client->deadline_ms < next_deadline)
+                next_deadline = client->deadline_ms;
+        }
+        if (poll(watched, ARRAY_LENGTH(watched),
+                 (int)(next_deadline - now) + 1) < 0 && errno != EINTR)
+            break;
+        if (watched[0].revents != 0)
+            break;
+
+        for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+            if (clients[i].fd >= 0 && watched[2 + i].revents != 0)
+                stats_client_serve(&clients[i]);
+        if (watched[1].revents != 0) {
+            int fd = accept4(state.stats_listener->fd, NULL, NULL,
+                             SOCK_NONBLOCK | SOCK_CLOEXEC);
+            struct stats_client *slot = NULL;
+            for (size_t i = 0; i < STATS_CLIENTS_MAX && fd >= 0; i++)
+                if (clients[i].fd < 0 && slot == NULL)
+                    slot = &clients[i];
+            if (slot != NULL)
+                *slot = (struct stats_client){
+                    .fd = fd, .deadline_ms = now_ms() + STATS_TIMEOUT_MS};
+            else if (fd >= 0)
+                close(fd); /* every slot is busy: this one waits no longer */
+        }
+    }
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)
+        if (clients[i].fd >= 0)
+            stats_client_close(&clients[i]);
+    return NULL;
+}
+
+/* ==== 13. Starting and stopping ==== */
 
 /*
  * proxy_open() makes everything ready in dependency order and fails with one
  * line before any client is served; proxy_run() is the acceptor loop, which
  * the main thread runs until a stop is requested, and then the orderly end:
  *
- *   1. stop accepting and close the listening sockets (new clients are
- *      refused at once, so their apps move on to another proxy);
- *   2. wake every conversation thread (they watch stop_fd) and wait until
- *      all have ended;
- *   3. tell every relay thread to close its connections, and join them;
- *   4. free everything, so that proxy_open() can run again (the tests do).
+ *   1. stop accepting and close the listening sockets: new clients are
+ *      refused at once, so their apps move on to another proxy;
+ *   2. let the connections in flight end by themselves, for up to --grace
+ *      seconds (30): a chat connection usually lasts longer, but a transfer
+ *      under way gets to finish;
+ *   3. write abort_fd: every conversation, the health thread and the
+ *      statistics thread give up their waits and end; wait for them;
+ *   4. tell every relay thread to close what is left, and join them;
+ *   5. free everything, so that proxy_open() can run again (the tests do).
  *
- * The acceptor watches the listeners, stop_fd and acceptor_wake_fd with one
- * epoll. It stops watching the listeners (and so stops accepting) while no
+ * The acceptor watches the listeners and acceptor_wake_fd with one epoll.
+ * It stops watching the listeners (and so stops accepting) while no
  * conversation slot is free, or for a moment when the process runs out of
  * file descriptors: otherwise a listener with waiting clients would wake it
- * again and again in a busy loop.
+ * again and again in a busy loop. Signals only set a flag and write
+ * acceptor_wake_fd; the acceptor does the work (a stop, or a certificate
+ * reload) outside the signal handler, where anything may be called.
+ *
+ * Privileges. Ports below 1024 and the key files need root, so the proxy
+ * binds and reads first and then, with --user, becomes that user for good
+ * (groups, then group, then user: in the other order it could no longer
+ * change its groups), and checks that it cannot become root again. Without
+ * --user, a proxy started as root stays root and says so in a warning: it
+ * must keep working for a volunteer who typed `sudo make run`, and the
+ * systemd unit in contrib/ runs it as an unprivileged user with only the
+ * right to bind low ports. Note that after dropping privileges a SIGHUP can
+ * only reload certificate files that user may read.
  */
 
 /* How long the acceptor rests when accept() fails for lack of descriptors
@@ -2910,6 +3670,27 @@ static void descriptor_limit_raise(unsigned maxconn)
                  (unsigned long long)(limit.rlim_cur - 100) / 2, maxconn);
 }
 
+/* Becomes user for good (see the section comment). Returns 0, or -1 with
+ * one line in error. */
+static int privileges_drop(const char *user, char *error, size_t error_size)
+{
+    struct passwd *account = getpwnam(user);
+    if (account == NULL)
+        return parse_failure(error, error_size, "bad --user '%s': no such "
+                             "user on this machine", user);
+    if (initgroups(user, account->pw_gid) != 0 ||
+        setgid(account->pw_gid) != 0 || setuid(account->pw_uid) != 0)
+        return parse_failure(error, error_size, "cannot become user %s: %s "
+                             "(only root can switch users)", user,
+                             strerror(errno));
+    if (account->pw_uid != 0 && setuid(0) == 0)
+        return parse_failure(error, error_size, "after becoming %s the "
+                             "proxy could become root again: refusing to "
+                             "run", user);
+    log_line(LOG_INFO, "now running as user %s", user);
+    return 0;
+}
+
 /* Starts the relay threads. Returns 0, or -1 with one line in error. */
 static int relay_threads_start(unsigned count, char *error, size_t error_size)
 {
@@ -2920,16 +3701,18 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
         thread->wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
         thread->scratch = xmalloc(RELAY_SCRATCH_BYTES);
         pthread_mutex_init(&thread->inbox_lock, NULL);
+        state.relay_thread_count = i + 1; /* so that a failure frees it */
         struct epoll_event wake = {.events = EPOLLIN, .data.ptr = NULL};
         if (thread->epoll_fd < 0 || thread->wake_fd < 0 ||
             epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, thread->wake_fd,
                       &wake) < 0 ||
             pthread_create(&thread->thread, NULL, relay_thread_run,
-                           thread) != 0)
+                           thread) != 0) {
+            thread->thread = 0;
             return parse_failure(error, error_size,
                                  "cannot start relay thread %u: %s", i,
                                  strerror(errno));
-        state.relay_thread_count = i + 1;
+        }
     }
     return 0;
 }
@@ -2945,10 +3728,10 @@ static void relay_threads_stop(void)
         pthread_mutex_unlock(&thread->inbox_lock);
         eventfd_write(thread->wake_fd, 1);
     }
-    for (unsigned i = 0; i < state.relay_thread_count; i++)
-        pthread_join(state.relay_threads[i].thread, NULL);
     for (unsigned i = 0; i < state.relay_thread_count; i++) {
         struct relay_thread *thread = &state.relay_threads[i];
+        if (thread->thread != 0)
+            pthread_join(thread->thread, NULL);
         close(thread->epoll_fd);
         close(thread->wake_fd);
         free(thread->scratch);
@@ -2960,7 +3743,7 @@ static void relay_threads_stop(void)
 }
 
 /* Frees what proxy_open() made, in reverse order; safe on a half-made state
- * (everything starts as NULL or -1). Relay threads must be stopped first. */
+ * (everything starts as NULL or -1). Threads must have ended first. */
 static void proxy_free(void)
 {
     for (size_t i = 0; i < state.listener_count; i++)
@@ -2969,16 +3752,74 @@ static void proxy_free(void)
     free(state.listeners);
     state.listeners = NULL;
     state.listener_count = 0;
+    if (state.stats_listener != NULL && state.stats_listener->fd >= 0)
+        close(state.stats_listener->fd);
+    free(state.stats_listener);
+    state.stats_listener = NULL;
     free(state.chat_upstreams);
     free(state.media_upstream);
     state.chat_upstreams = state.media_upstream = NULL;
     SSL_CTX_free(state.tls_context);
     state.tls_context = NULL;
-    if (state.stop_fd >= 0)
-        close(state.stop_fd);
+    if (state.abort_fd >= 0)
+        close(state.abort_fd);
     if (state.acceptor_wake_fd >= 0)
         close(state.acceptor_wake_fd);
-    state.stop_fd = state.acceptor_wake_fd = -1;
+    state.abort_fd = state.acceptor_wake_fd = -1;
+    pthread_cond_destroy(&state.ended);
+}
+
+/* Makes the upstream list from the settings; every server starts in
+ * rotation, its first health check one interval from now. A name that does
+ * not resolve now is tried again later. */
+static void upstreams_prepare(const struct settings *settings)
+{
+    size_t count = settings->chat_upstream_count;
+    state.chat_upstreams = xcalloc(count, sizeof *state.chat_upstreams);
+    state.media_upstream = xcalloc(1, sizeof *state.media_upstream);
+    for (size_t i = 0; i <= count; i++) {
+        struct upstream *upstream = i < count ? &state.chat_upstreams[i]
+                                              : state.media_upstream;
+        upstream->spec = i < count ? settings->chat_upstreams[i]
+                                   : settings->media_upstream;
+        upstream->up = true;
+        upstream->next_check_ms = now_ms() + settings->check_interval_ms;
+        snprintf(upstream->last_result, sizeof upstream->last_result,
+                 "not checked yet");
+        char warning[300];
+        if (upstream_resolve(upstream, warning, sizeof warning) < 0)
+            log_line(LOG_WARN, "%s (will try again when a client needs it)",
+                     warning);
+    }
+}
+
+/* Binds every listener and the statistics port. Returns 0 or -1 with one
+ * line in error. */
+static int listeners_open(const struct settings *settings, char *error,
+                          size_t error_size)
+{
+    state.listeners = xcalloc(settings->listener_count,
+                              sizeof *state.listeners);
+    state.listener_count = settings->listener_count;
+    for (size_t i = 0; i < settings->listener_count; i++)
+        state.listeners[i].fd = -1;
+    for (size_t i = 0; i < settings->listener_count; i++) {
+        state.listeners[i].spec = settings->listeners[i];
+        if (listener_open(&state.listeners[i], error, error_size) < 0)
+            return -1;
+    }
+    if (!settings->stats_enabled)
+        return 0;
+    state.stats_listener = xcalloc(1, sizeof *state.stats_listener);
+    state.stats_listener->fd = -1;
+    state.stats_listener->spec = settings->stats;
+    if (listener_open(state.stats_listener, error, error_size) < 0) {
+        size_t used = strlen(error);
+        snprintf(error + used, error_size - used, " (this is the statistics "
+                 "port: choose another with --stats, or --stats off)");
+        return -1;
+    }
+    return 0;
 }
 
 /* Makes everything ready to serve; see whatsapp_proxy.h. */
@@ -2989,14 +3830,23 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     for (size_t i = 0; i < COUNTER_COUNT; i++)
         atomic_store(&state.counters[i], 0);
     stop_requested = 0;
+    state.reload_requested = 0;
+    state.started_at = time(NULL);
     /* Writing to a socket whose peer is gone must fail with EPIPE, not
      * kill the whole process with SIGPIPE (OpenSSL writes with write()). */
     signal(SIGPIPE, SIG_IGN);
     descriptor_limit_raise(settings->maxconn);
 
-    state.stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    /* The grace wait in proxy_run() needs a monotonic clock. */
+    pthread_condattr_t attributes;
+    pthread_condattr_init(&attributes);
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
+    pthread_cond_init(&state.ended, &attributes);
+    pthread_condattr_destroy(&attributes);
+
+    state.abort_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     state.acceptor_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (state.stop_fd < 0 || state.acceptor_wake_fd < 0) {
+    if (state.abort_fd < 0 || state.acceptor_wake_fd < 0) {
         parse_failure(error, error_size, "cannot make an eventfd: %s",
                       strerror(errno));
         goto failed;
@@ -3010,33 +3860,16 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
         if (state.tls_context == NULL)
             goto failed;
     }
+    upstreams_prepare(settings);
+    if (listeners_open(settings, error, error_size) < 0)
+        goto failed;
 
-    /* Upstreams: a name that does not resolve now is tried again later. */
-    state.chat_upstreams = xcalloc(settings->chat_upstream_count,
-                                   sizeof *state.chat_upstreams);
-    state.media_upstream = xcalloc(1, sizeof *state.media_upstream);
-    state.media_upstream->spec = settings->media_upstream;
-    char warning[300];
-    for (size_t i = 0; i <= settings->chat_upstream_count; i++) {
-        struct upstream *upstream = i < settings->chat_upstream_count
-                                        ? &state.chat_upstreams[i]
-                                        : state.media_upstream;
-        if (i < settings->chat_upstream_count)
-            upstream->spec = settings->chat_upstreams[i];
-        if (upstream_resolve(upstream, warning, sizeof warning) < 0)
-            log_line(LOG_WARN, "%s (will try again when a client needs it)",
-                     warning);
-    }
-
-    state.listeners = xcalloc(settings->listener_count,
-                              sizeof *state.listeners);
-    for (size_t i = 0; i < settings->listener_count; i++)
-        state.listeners[i].fd = -1;
-    state.listener_count = settings->listener_count;
-    for (size_t i = 0; i < settings->listener_count; i++) {
-        state.listeners[i].spec = settings->listeners[i];
-        if (listener_open(&state.listeners[i], error, error_size) < 0)
+    if (settings->user[0] != '\0') {
+        if (privileges_drop(settings->user, error, error_size) < 0)
             goto failed;
+    } else if (geteuid() == 0) {
+        log_line(LOG_WARN, "running as root: give --user NAME (for example "
+                 "--user nobody) to drop privileges after binding");
     }
 
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -3045,6 +3878,22 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
                            : (unsigned)(cpus > 0 ? cpus : 1);
     if (relay_threads_start(threads, error, error_size) < 0) {
         relay_threads_stop();
+        goto failed;
+    }
+    bool health = pthread_create(&state.health_thread, NULL,
+                                 upstream_health_run, NULL) == 0;
+    bool stats = state.stats_listener == NULL ||
+                 pthread_create(&state.stats_thread, NULL, stats_run,
+                                NULL) == 0;
+    if (!health || !stats) {
+        /* The threads that did start end when abort_fd is written. */
+        eventfd_write(state.abort_fd, 1);
+        if (health)
+            pthread_join(state.health_thread, NULL);
+        if (stats && state.stats_listener != NULL)
+            pthread_join(state.stats_thread, NULL);
+        relay_threads_stop();
+        parse_failure(error, error_size, "cannot start a thread");
         goto failed;
     }
     return 0;
@@ -3095,14 +3944,13 @@ static bool acceptor_accept(struct listener *listener)
     return true;
 }
 
-/* The acceptor loop, then the orderly end; see whatsapp_proxy.h. */
-void proxy_run(void)
+/* The acceptor loop: accepts clients until a stop is requested, and
+ * reloads the certificate when asked. */
+static void acceptor_run(void)
 {
     int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
     assert(epoll_fd >= 0);
-    struct epoll_event stop = {.events = EPOLLIN, .data.u64 = SIZE_MAX};
-    struct epoll_event wake = {.events = EPOLLIN, .data.u64 = SIZE_MAX - 1};
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.stop_fd, &stop);
+    struct epoll_event wake = {.events = EPOLLIN, .data.u64 = SIZE_MAX};
     epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.acceptor_wake_fd, &wake);
     for (size_t i = 0; i < state.listener_count; i++) {
         struct epoll_event event = {.events = EPOLLIN, .data.u64 = i};
@@ -3112,54 +3960,109 @@ void proxy_run(void)
     bool watching = true;
     long long paused_until_ms = 0;
     while (!stop_requested) {
-        bool slot_free = conversation_slot_free();
+        if (atomic_exchange(&state.reload_requested, 0))
+            tls_reload();
         bool rested = now_ms() >= paused_until_ms;
-        if (watching != (slot_free && rested)) {
-            watching = slot_free && rested;
+        bool accepting = rested && conversation_slot_free();
+        if (watching != accepting) {
+            watching = accepting;
             acceptor_watch_listeners(epoll_fd, watching ? EPOLLIN : 0);
         }
-        int sleep_ms = rested ? -1 : (int)(paused_until_ms - now_ms());
+        int sleep_ms = rested ? -1 : (int)(paused_until_ms - now_ms()) + 1;
         struct epoll_event events[16];
         int ready = epoll_wait(epoll_fd, events, ARRAY_LENGTH(events),
                                sleep_ms);
         for (int i = 0; i < ready; i++) {
             uint64_t which = events[i].data.u64;
-            if (which == SIZE_MAX - 1) {
+            if (which == SIZE_MAX) {
                 eventfd_t ignored;
                 eventfd_read(state.acceptor_wake_fd, &ignored);
-            } else if (which < state.listener_count &&
-                       !acceptor_accept(&state.listeners[which])) {
+            } else if (!acceptor_accept(&state.listeners[which])) {
                 paused_until_ms = now_ms() + ACCEPT_PAUSE_MS;
             }
         }
     }
     close(epoll_fd);
+}
 
-    /* The orderly end (see the section comment). */
-    for (size_t i = 0; i < state.listener_count; i++) {
+/* Waits until no client connection is left or grace_ms have passed.
+ * Returns how many were still open. */
+static unsigned connections_drain(int grace_ms)
+{
+    struct timespec deadline;
+    clock_gettime(CLOCK_MONOTONIC, &deadline);
+    deadline.tv_sec += grace_ms / 1000;
+    deadline.tv_nsec += (long)(grace_ms % 1000) * 1000000;
+    if (deadline.tv_nsec >= 1000000000) {
+        deadline.tv_sec++;
+        deadline.tv_nsec -= 1000000000;
+    }
+    pthread_mutex_lock(&state.conversation_lock);
+    while (atomic_load(&state.connections_now) > 0 &&
+           pthread_cond_timedwait(&state.ended, &state.conversation_lock,
+                                  &deadline) == 0)
+        ;
+    pthread_mutex_unlock(&state.conversation_lock);
+    return atomic_load(&state.connections_now);
+}
+
+/* The acceptor loop, then the orderly end; see whatsapp_proxy.h and the
+ * section comment for the five steps. */
+void proxy_run(void)
+{
+    acceptor_run();
+
+    for (size_t i = 0; i < state.listener_count; i++) {      /* step 1 */
         close(state.listeners[i].fd);
         state.listeners[i].fd = -1;
     }
+    unsigned open_now = proxy_connections_now();
+    if (open_now > 0)
+        log_line(LOG_INFO, "stopping: no new clients; waiting up to %.0f s "
+                 "for %u connections to end", state.settings->grace_ms /
+                 1000.0, open_now);
+    unsigned left = connections_drain(state.settings->grace_ms); /* step 2 */
+    if (left > 0)
+        log_line(LOG_INFO, "grace period over: closing %u connections", left);
+
+    eventfd_write(state.abort_fd, 1);                         /* step 3 */
     pthread_mutex_lock(&state.conversation_lock);
     while (state.conversations_now > 0)
-        pthread_cond_wait(&state.conversations_ended, &state.conversation_lock);
+        pthread_cond_wait(&state.ended, &state.conversation_lock);
     pthread_mutex_unlock(&state.conversation_lock);
-    relay_threads_stop();
-    proxy_free();
+    pthread_join(state.health_thread, NULL);
+    if (state.stats_listener != NULL)
+        pthread_join(state.stats_thread, NULL);
+
+    relay_threads_stop();                                     /* step 4 */
+    proxy_free();                                             /* step 5 */
 }
 
 /* Asks proxy_run() to end; see whatsapp_proxy.h. Only async-signal-safe
- * calls here: a flag and a write(). */
+ * calls here: an atomic store and a write(). */
 void proxy_request_stop(void)
 {
     stop_requested = 1;
-    if (state.stop_fd >= 0)
-        eventfd_write(state.stop_fd, 1);
+    if (state.acceptor_wake_fd >= 0)
+        eventfd_write(state.acceptor_wake_fd, 1);
+}
+
+/* Asks for a certificate reload; see whatsapp_proxy.h. */
+void proxy_request_reload(void)
+{
+    state.reload_requested = 1;
+    if (state.acceptor_wake_fd >= 0)
+        eventfd_write(state.acceptor_wake_fd, 1);
 }
 
 uint16_t proxy_listener_port(size_t index)
 {
     return index < state.listener_count ? state.listeners[index].port : 0;
+}
+
+uint16_t proxy_stats_port(void)
+{
+    return state.stats_listener != NULL ? state.stats_listener->port : 0;
 }
 
 unsigned long long proxy_counter(enum counter which)
@@ -3172,19 +4075,23 @@ unsigned proxy_connections_now(void)
     return atomic_load(&state.connections_now);
 }
 
-static void on_stop_signal(int signal_number)
+static void on_signal(int signal_number)
 {
-    (void)signal_number;
-    proxy_request_stop();
+    if (signal_number == SIGHUP)
+        proxy_request_reload();
+    else
+        proxy_request_stop();
 }
 
-/* SIGTERM (systemd, docker stop) and SIGINT (Ctrl-C) stop the proxy. */
+/* SIGTERM (systemd, docker stop) and SIGINT (Ctrl-C) stop the proxy;
+ * SIGHUP (certbot's deploy hook) reloads the certificate. */
 static void signals_install(void)
 {
-    struct sigaction action = {.sa_handler = on_stop_signal};
+    struct sigaction action = {.sa_handler = on_signal};
     sigemptyset(&action.sa_mask);
     sigaction(SIGTERM, &action, NULL);
     sigaction(SIGINT, &action, NULL);
+    sigaction(SIGHUP, &action, NULL);
 }
 
 int main(int argc, char **argv)
@@ -3209,18 +4116,22 @@ int main(int argc, char **argv)
         status = check_summary_print(settings);
         goto out;
     }
+    signals_install();                          /* before any thread starts */
     if (proxy_open(settings, error, sizeof error) < 0) { /* bind, certs, ... */
         fprintf(stderr, PROGRAM_NAME ": %s\n", error);
         status = 2;
         goto out;
     }
-    signals_install();                          /* SIGTERM, SIGINT: stop */
     for (size_t i = 0; i < state.listener_count; i++) {
         char line[160];
         listener_describe(&state.listeners[i].spec, state.listeners[i].port,
                           line, sizeof line);
         log_line(LOG_INFO, "listening on %s", line);
     }
+    if (state.stats_listener != NULL)
+        log_line(LOG_INFO, "statistics on http://%s:%u/",
+                 state.stats_listener->spec.address,
+                 state.stats_listener->port);
     log_line(LOG_INFO, PROGRAM_NAME " " PROGRAM_VERSION " ready; %u relay "
              "threads; --maxconn %u", state.relay_thread_count,
              settings->maxconn);

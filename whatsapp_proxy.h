@@ -113,7 +113,24 @@ int share_link_format(const char *host, uint16_t chat_port,
                       uint16_t media_port, bool chat_tls, char *out,
                       size_t out_size);
 
-/* ==== 12. Starting and stopping ==== */
+/* ==== 12. Statistics ==== */
+
+/* What stats_request_parse() found. */
+enum stats_request {
+    STATS_REQUEST_METHOD_NOT_ALLOWED = -2, /* not GET or HEAD: answer 405 */
+    STATS_REQUEST_BAD = -1,                /* malformed or too long: 400 */
+    STATS_REQUEST_INCOMPLETE = 0,          /* read more, call again */
+    STATS_REQUEST_GET = 1,
+    STATS_REQUEST_HEAD = 2
+};
+
+/* Parses the HTTP request at data[0..length) sent to the statistics port.
+ * A request is complete at the blank line after its headers. On GET or HEAD
+ * the path, without any "?query", is written into path (path_size bytes). */
+int stats_request_parse(const uint8_t *data, size_t length, char *path,
+                        size_t path_size);
+
+/* ==== 13. Starting and stopping ==== */
 
 /* Counters every part of the proxy adds to. Read with proxy_counter(). */
 enum counter {
@@ -135,14 +152,16 @@ enum counter {
 };
 
 /* Makes everything ready to serve: raises the descriptor limit, makes or
- * loads the certificate, resolves upstreams, binds every listener, starts the
- * relay threads. Returns 0, or -1 with one line in error (the message a
+ * loads the certificate, resolves upstreams, binds every listener and the
+ * statistics port, drops to --user, starts the relay, health and statistics
+ * threads. Returns 0, or -1 with one line in error (the message a
  * volunteer sees, naming the port or file and the fix). The proxy keeps the
  * settings pointer until proxy_run() returns; the caller frees them after. */
 int proxy_open(struct settings *settings, char *error, size_t error_size);
 
 /* Accepts clients until proxy_request_stop(), then closes the listeners,
- * ends every connection and thread, and frees what proxy_open() made. */
+ * lets connections end by themselves for up to --grace seconds, closes the
+ * rest, ends every thread, and frees what proxy_open() made. */
 void proxy_run(void);
 
 /* Asks proxy_run() to return. Safe from a signal handler and any thread. */
@@ -151,6 +170,13 @@ void proxy_request_stop(void);
 /* The port listener number index (in --listen order) is bound to, or 0 when
  * there is no such listener. Useful with port 0. */
 uint16_t proxy_listener_port(size_t index);
+
+/* The port of the statistics server, or 0 with --stats off. */
+uint16_t proxy_stats_port(void);
+
+/* Asks for a certificate reload, as SIGHUP does. Safe from a signal handler
+ * and any thread; the acceptor does the work. */
+void proxy_request_reload(void);
 
 /* The current value of one counter, and the number of client connections
  * open right now (in the conversation or in a relay thread). */
