@@ -10,6 +10,10 @@ CFLAGS  += $(shell pkg-config --cflags openssl 2>/dev/null)
 LDLIBS   = $(shell pkg-config --libs openssl 2>/dev/null || echo -lssl -lcrypto) -pthread
 CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
 ARGS    ?=
+# `make install` puts files under $(DESTDIR)$(PREFIX); the unit goes to
+# $(DESTDIR)$(UNITDIR), the options file to $(DESTDIR)/etc/default.
+PREFIX  ?= /usr/local
+UNITDIR ?= /etc/systemd/system
 
 all: whatsapp_proxy
 
@@ -44,7 +48,14 @@ bench-quick: whatsapp_proxy
 certs:
 	sh certs/generate-certs.sh certs
 
+# Installs the binary, the systemd unit and (if absent) its options file.
+install: whatsapp_proxy
+	install -D -m 0755 whatsapp_proxy $(DESTDIR)$(PREFIX)/bin/whatsapp_proxy
+	install -d $(DESTDIR)$(UNITDIR)
+	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/whatsapp_proxy.service > $(DESTDIR)$(UNITDIR)/whatsapp_proxy.service
+	[ -e $(DESTDIR)/etc/default/whatsapp_proxy ] || install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)/etc/default/whatsapp_proxy
+
 clean:
 	rm -f whatsapp_proxy test_proxy *.o
 
-.PHONY: all deps run test bench bench-quick certs clean
+.PHONY: all deps run test bench bench-quick certs install clean
