@@ -3047,7 +3047,7 @@ static int check_summary_print(const struct settings *settings)
                                                "PROXY v2"};
     bool ready = true;
     bool any_tls = false;
-    char line[200];
+    char line[HOST_NAME_BYTES + 128];
 
     printf(PROGRAM_NAME " " PROGRAM_VERSION ": checking the settings\n\n");
     printf("Listeners:\n");
@@ -3835,7 +3835,6 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     /* Writing to a socket whose peer is gone must fail with EPIPE, not
      * kill the whole process with SIGPIPE (OpenSSL writes with write()). */
     signal(SIGPIPE, SIG_IGN);
-    descriptor_limit_raise(settings->maxconn);
 
     /* The grace wait in proxy_run() needs a monotonic clock. */
     pthread_condattr_t attributes;
@@ -3872,6 +3871,7 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
                  "--user nobody) to drop privileges after binding");
     }
 
+    descriptor_limit_raise(settings->maxconn);
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned threads = settings->relay_threads
                            ? settings->relay_threads

@@ -1,0 +1,2791 @@
+/*
+ * test_proxy.c - the tests of whatsapp_proxy, with the Check framework.
+ *
+ * The tests follow the sections of whatsapp_proxy.c in the same order: one
+ * test case (TCase) per section, with the section's name. Run them all with
+ * `make test`, one section with
+ *
+ *     CK_RUN_CASE="PROXY protocol" make test
+ *
+ * and debug a crash in gdb with CK_FORK=no (Check then runs every test in
+ * one process instead of forking one per test).
+ *
+ * Most tests start the real proxy inside this process (proxy_open() and
+ * proxy_run() in a thread), configured with command-line flags exactly as an
+ * operator would, on loopback ports the kernel picks (port 0). A "fake
+ * upstream" started by the test stands in for WhatsApp's servers: it reads
+ * the PROXY header the proxy sends, remembers it, and then echoes, or holds,
+ * or answers, as the test asks. Tests of error messages run the built
+ * binary ./whatsapp_proxy and read what it prints.
+ *
+ * Rules every test here keeps: it asserts something that fails when the
+ * feature is missing; it waits for conditions, never for a fixed time; every
+ * wait has a deadline; and it stops every thread and process it starts.
+ */
+
+#include "whatsapp_proxy.h"
+
+#include <arpa/inet.h>
+#include <check.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+
+/* ==== Helpers shared by every section ==== */
+
+/* How long a test waits for something that should happen at once. */
+#define PROMPTLY_MS 3000
+/* How long a test waits for something slow (a large transfer). */
+#define SLOWLY_MS 30000
+
+static long long clock_ms(void)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
+}
+
+/* Waits until counter reaches at least value, or timeout_ms pass. Returns
+ * true if it did. Polls every millisecond: counters have no event to wait on. */
+static bool counter_reaches(enum counter which, unsigned long long value,
+                            int timeout_ms)
+{
+    long long deadline = clock_ms() + timeout_ms;
+    while (proxy_counter(which) < value) {
+        if (clock_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+    return true;
+}
+
+/* Waits until the proxy holds exactly `count` client connections. */
+static bool connections_become(unsigned count, int timeout_ms)
+{
+    long long deadline = clock_ms() + timeout_ms;
+    while (proxy_connections_now() != count) {
+        if (clock_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+    return true;
+}
+
+/* ---- The proxy under test ---- */
+
+static struct {
+    struct settings *settings;
+    pthread_t thread;
+    bool running;
+    char cert_dir[64];
+} proxy;
+
+static void *proxy_thread_run(void *unused)
+{
+    (void)unused;
+    proxy_run();
+    return NULL;
+}
+
+/* Starts the proxy with the given flags (a NULL-terminated list), after
+ * quiet defaults for tests: errors-only logging, no statistics port, no
+ * health checks during the test, a fresh certificate folder. Fails the test
+ * if the proxy does not start. */
+static void proxy_start(const char *first_flag, ...)
+{
+    char *argv[64];
+    int argc = 0;
+    snprintf(proxy.cert_dir, sizeof proxy.cert_dir, "/tmp/wp_test_XXXXXX");
+    ck_assert_msg(mkdtemp(proxy.cert_dir) != NULL, "a temporary folder");
+    const char *defaults[] = {"whatsapp_proxy", "--log-level", "error",
+                              "--stats", "off", "--check-interval", "3600",
+                              "--grace", "5", "--cert-dir", proxy.cert_dir};
+    for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++)
+        argv[argc++] = (char *)defaults[i];
+    va_list flags;
+    va_start(flags, first_flag);
+    for (const char *flag = first_flag; flag != NULL;
+         flag = va_arg(flags, const char *)) {
+        ck_assert_int_lt(argc, 63);
+        argv[argc++] = (char *)flag;
+    }
+    va_end(flags);
+    argv[argc] = NULL;
+
+    char error[512] = "";
+    proxy.settings = settings_new();
+    ck_assert_msg(settings_parse(proxy.settings, argc, argv, error,
+                                 sizeof error) == PARSE_RUN,
+                  "the test's flags should parse, but: %s", error);
+    ck_assert_msg(proxy_open(proxy.settings, error, sizeof error) == 0,
+                  "the proxy should start, but: %s", error);
+    ck_assert_int_eq(pthread_create(&proxy.thread, NULL, proxy_thread_run,
+                                    NULL), 0);
+    proxy.running = true;
+}
+
+/* Stops the proxy started by proxy_start() and waits for it to end. */
+static void proxy_stop(void)
+{
+    if (!proxy.running)
+        return;
+    proxy_request_stop();
+    pthread_join(proxy.thread, NULL);
+    settings_free(proxy.settings);
+    proxy.running = false;
+    char command[128];
+    snprintf(command, sizeof command, "rm -rf %s", proxy.cert_dir);
+    ck_assert_int_eq(system(command), 0);
+}
+
+/* A "--listen"-style text for port on 127.0.0.1, in a static ring of
+ * buffers so that a few can be used in one call. */
+static const char *address_text(const char *format, uint16_t port)
+{
+    static char ring[8][64];
+    static unsigned next;
+    char *text = ring[next++ % 8];
+    snprintf(text, sizeof ring[0], format, port);
+    return text;
+}
+
+/* ---- Plain sockets ---- */
+
+/* Connects to host (an IPv4 or IPv6 literal) and port; fails the test if
+ * that does not work. Returns a blocking socket. */
+static int connect_to(const char *host, uint16_t port)
+{
+    struct sockaddr_storage address = {0};
+    socklen_t length;
+    if (strchr(host, ':') != NULL) {
+        struct sockaddr_in6 *ipv6 = (struct sockaddr_in6 *)&address;
+        ipv6->sin6_family = AF_INET6;
+        ipv6->sin6_port = htons(port);
+        inet_pton(AF_INET6, host, &ipv6->sin6_addr);
+        length = sizeof *ipv6;
+    } else {
+        struct sockaddr_in *ipv4 = (struct sockaddr_in *)&address;
+        ipv4->sin_family = AF_INET;
+        ipv4->sin_port = htons(port);
+        inet_pton(AF_INET, host, &ipv4->sin_addr);
+        length = sizeof *ipv4;
+    }
+    int fd = socket(address.ss_family, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    ck_assert_int_ge(fd, 0);
+    ck_assert_msg(connect(fd, (struct sockaddr *)&address, length) == 0,
+                  "connecting to %s port %u should work: %s", host, port,
+                  strerror(errno));
+    int on = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    return fd;
+}
+
+static int connect_local(uint16_t port)
+{
+    return connect_to("127.0.0.1", port);
+}
+
+/* Opens a listening socket on 127.0.0.1 and a free port; *port gets it. */
+static int listen_local(uint16_t *port, int backlog)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in address = {.sin_family = AF_INET,
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&address, sizeof address), 0);
+    ck_assert_int_eq(listen(fd, backlog), 0);
+    socklen_t length = sizeof address;
+    getsockname(fd, (struct sockaddr *)&address, &length);
+    *port = ntohs(address.sin_port);
+    return fd;
+}
+
+/* Returns a port on which nothing listens (bound once, then closed). */
+static uint16_t closed_port(void)
+{
+    uint16_t port;
+    close(listen_local(&port, 1));
+    return port;
+}
+
+/* Waits up to timeout_ms for fd to become readable. */
+static bool readable_within(int fd, int timeout_ms)
+{
+    struct pollfd watched = {.fd = fd, .events = POLLIN};
+    return poll(&watched, 1, timeout_ms) == 1;
+}
+
+/* Sends all of data, or fails the test. */
+static void send_all(int fd, const void *data, size_t length)
+{
+    const uint8_t *bytes = data;
+    while (length > 0) {
+        ssize_t sent = send(fd, bytes, length, MSG_NOSIGNAL);
+        ck_assert_msg(sent > 0, "sending should work: %s", strerror(errno));
+        bytes += sent;
+        length -= (size_t)sent;
+    }
+}
+
+/* Receives exactly length bytes within timeout_ms. Returns how many came
+ * (fewer if the peer closed or time ran out). */
+static size_t receive_exactly(int fd, void *buffer, size_t length,
+                              int timeout_ms)
+{
+    uint8_t *bytes = buffer;
+    size_t got = 0;
+    long long deadline = clock_ms() + timeout_ms;
+    while (got < length) {
+        long long left = deadline - clock_ms();
+        if (left <= 0 || !readable_within(fd, (int)left))
+            break;
+        ssize_t count = read(fd, bytes + got, length - got);
+        if (count <= 0)
+            break;
+        got += (size_t)count;
+    }
+    return got;
+}
+
+/* True if the peer ends the connection (EOF or reset) within timeout_ms,
+ * reading and ignoring anything before that. */
+static bool closed_within(int fd, int timeout_ms)
+{
+    long long deadline = clock_ms() + timeout_ms;
+    uint8_t sink[4096];
+    for (;;) {
+        long long left = deadline - clock_ms();
+        if (left <= 0 || !readable_within(fd, (int)left))
+            return false;
+        ssize_t count = recv(fd, sink, sizeof sink, 0);
+        if (count == 0 || (count < 0 && errno == ECONNRESET))
+            return true;
+    }
+}
+
+/* Sends text and checks that the same bytes come back. */
+static void expect_echo(int fd, const char *text)
+{
+    char back[256];
+    size_t length = strlen(text);
+    send_all(fd, text, length);
+    ck_assert_msg(receive_exactly(fd, back, length, PROMPTLY_MS) == length,
+                  "the %zu bytes sent should come back", length);
+    ck_assert_msg(memcmp(back, text, length) == 0,
+                  "the bytes should come back unchanged");
+}
+
+/* ---- TLS clients ---- */
+
+/* Does a TLS handshake as a client on fd (no certificate check, as the
+ * WhatsApp app does not check either). Returns the SSL or NULL on failure.
+ * max_version 0 means any. The caller frees with tls_client_close(). */
+static SSL *tls_client_start(int fd, int max_version)
+{
+    SSL_CTX *context = SSL_CTX_new(TLS_client_method());
+    if (max_version != 0) {
+        SSL_CTX_set_security_level(context, 0);
+        SSL_CTX_set_min_proto_version(context, 0);
+        SSL_CTX_set_max_proto_version(context, max_version);
+    }
+    SSL *tls = SSL_new(context);
+    SSL_CTX_free(context); /* the SSL keeps its own reference */
+    SSL_set_fd(tls, fd);
+    if (SSL_connect(tls) != 1) {
+        ERR_clear_error();
+        SSL_free(tls);
+        return NULL;
+    }
+    return tls;
+}
+
+static void tls_client_close(SSL *tls)
+{
+    SSL_free(tls);
+}
+
+/* Writes all of data over TLS, or fails the test. */
+static void tls_send_all(SSL *tls, const void *data, size_t length)
+{
+    size_t written = 0;
+    ck_assert_msg(SSL_write_ex(tls, data, length, &written) == 1 &&
+                      written == length, "writing over TLS should work");
+}
+
+/* Reads exactly length bytes over TLS (blocking socket). Returns the count
+ * read, fewer if the connection ended. */
+static size_t tls_receive_exactly(SSL *tls, void *buffer, size_t length)
+{
+    size_t got = 0;
+    while (got < length) {
+        size_t count = 0;
+        if (SSL_read_ex(tls, (uint8_t *)buffer + got, length - got, &count) != 1)
+            break;
+        got += count;
+    }
+    return got;
+}
+
+/* Returns the subject common name of the certificate the server sent. */
+static void tls_peer_common_name(SSL *tls, char *out, size_t out_size)
+{
+    X509 *certificate = SSL_get1_peer_certificate(tls);
+    ck_assert_ptr_nonnull(certificate);
+    X509_NAME_get_text_by_NID(X509_get_subject_name(certificate),
+                              NID_commonName, out, (int)out_size);
+    X509_free(certificate);
+}
+
+/* Sets a receive timeout on fd so that a blocking TLS read cannot hang a
+ * test forever. */
+static void socket_timeout(int fd, int timeout_ms)
+{
+    struct timeval limit = {.tv_sec = timeout_ms / 1000,
+                            .tv_usec = (timeout_ms % 1000) * 1000};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &limit, sizeof limit);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &limit, sizeof limit);
+}
+
+/* ---- The fake upstream ---- */
+
+/* What the fake upstream does with each connection after the header. */
+enum upstream_mode {
+    UPSTREAM_ECHO,        /* send back every byte until EOF, then close */
+    UPSTREAM_HOLD,        /* read nothing and send nothing until stopped */
+    UPSTREAM_REPLY_AT_EOF,/* read until EOF, then send "reply" and close */
+    UPSTREAM_HALF_CLOSE,  /* send "from upstream", shut its write side,
+                             then read until EOF */
+};
+
+#define UPSTREAM_CONNECTIONS_MAX 256
+
+/* A stand-in for a WhatsApp server, run by the test on loopback. */
+struct fake_upstream {
+    int listen_fd;
+    uint16_t port;
+    enum upstream_mode mode;
+    bool expects_header;          /* false for media: no PROXY header */
+    int stop_pipe[2];             /* written to stop every thread */
+    pthread_t acceptor;
+    pthread_mutex_t lock;         /* guards everything below */
+    pthread_t handlers[UPSTREAM_CONNECTIONS_MAX];
+    int handler_count;
+    int connections;              /* connections accepted */
+    struct proxy_addresses header; /* the last PROXY header decoded */
+    int header_length;            /* its length, 0 before any */
+    uint8_t header_bytes[PROXYHDR_V2_MAX_BYTES]; /* and its bytes */
+    size_t received_after_eof;    /* HALF_CLOSE: bytes read after our FIN */
+    uint8_t first_payload[64];    /* first bytes after the header */
+    size_t first_payload_length;
+};
+
+struct upstream_connection {
+    struct fake_upstream *upstream;
+    int fd;
+};
+
+/* Waits until fd is readable or the upstream is stopped. */
+static bool upstream_wait_readable(struct fake_upstream *upstream, int fd)
+{
+    struct pollfd watched[2] = {{.fd = fd, .events = POLLIN},
+                                {.fd = upstream->stop_pipe[0],
+                                 .events = POLLIN}};
+    return poll(watched, 2, SLOWLY_MS) > 0 && watched[1].revents == 0;
+}
+
+/* Reads the PROXY header one byte at a time (slow, but it can never read
+ * past the header) and records it. Returns false on a malformed one. */
+static bool upstream_read_header(struct fake_upstream *upstream, int fd)
+{
+    uint8_t header[PROXYHDR_V2_MAX_BYTES];
+    size_t have = 0;
+    struct proxy_addresses decoded = {0};
+    int length = 0;
+    while (length == 0 && have < sizeof header &&
+           upstream_wait_readable(upstream, fd)) {
+        if (recv(fd, header + have, 1, 0) != 1)
+            return false;
+        have++;
+        length = proxyhdr_decode(header, have, &decoded);
+    }
+    if (length <= 0)
+        return false;
+    pthread_mutex_lock(&upstream->lock);
+    upstream->header = decoded;
+    upstream->header_length = length;
+    memcpy(upstream->header_bytes, header, (size_t)length);
+    pthread_mutex_unlock(&upstream->lock);
+    return true;
+}
+
+static void *upstream_connection_run(void *argument)
+{
+    struct upstream_connection *connection = argument;
+    struct fake_upstream *upstream = connection->upstream;
+    int fd = connection->fd;
+    free(connection);
+    uint8_t buffer[65536];
+
+    if (upstream->expects_header && !upstream_read_header(upstream, fd))
+        goto out;
+    if (upstream->mode == UPSTREAM_HOLD) {
+        upstream_wait_readable(upstream, upstream->stop_pipe[0]);
+        goto out;
+    }
+    if (upstream->mode == UPSTREAM_HALF_CLOSE) {
+        send_all(fd, "from upstream", 13);
+        shutdown(fd, SHUT_WR);
+    }
+    bool first = true;
+    while (upstream_wait_readable(upstream, fd)) {
+        ssize_t count = recv(fd, buffer, sizeof buffer, 0);
+        if (count <= 0)
+            break;
+        if (first) {
+            pthread_mutex_lock(&upstream->lock);
+            upstream->first_payload_length =
+                (size_t)count < sizeof upstream->first_payload
+                    ? (size_t)count : sizeof upstream->first_payload;
+            memcpy(upstream->first_payload, buffer,
+                   upstream->first_payload_length);
+            pthread_mutex_unlock(&upstream->lock);
+            first = false;
+        }
+        if (upstream->mode == UPSTREAM_ECHO)
+            send_all(fd, buffer, (size_t)count);
+        if (upstream->mode == UPSTREAM_HALF_CLOSE) {
+            pthread_mutex_lock(&upstream->lock);
+            upstream->received_after_eof += (size_t)count;
+            pthread_mutex_unlock(&upstream->lock);
+        }
+    }
+    if (upstream->mode == UPSTREAM_REPLY_AT_EOF)
+        send_all(fd, "reply", 5);
+out:
+    close(fd);
+    return NULL;
+}
+
+static void *upstream_acceptor_run(void *argument)
+{
+    struct fake_upstream *upstream = argument;
+    while (upstream_wait_readable(upstream, upstream->listen_fd)) {
+        int fd = accept4(upstream->listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0)
+            continue;
+        pthread_mutex_lock(&upstream->lock);
+        upstream->connections++;
+        if (upstream->handler_count == UPSTREAM_CONNECTIONS_MAX) {
+            pthread_mutex_unlock(&upstream->lock);
+            close(fd);
+            continue;
+        }
+        struct upstream_connection *connection = malloc(sizeof *connection);
+        *connection = (struct upstream_connection){upstream, fd};
+        pthread_create(&upstream->handlers[upstream->handler_count++], NULL,
+                       upstream_connection_run, connection);
+        pthread_mutex_unlock(&upstream->lock);
+    }
+    return NULL;
+}
+
+/* Starts a fake upstream on a free loopback port. */
+static struct fake_upstream *fake_upstream_start(enum upstream_mode mode,
+                                                 bool expects_header)
+{
+    struct fake_upstream *upstream = calloc(1, sizeof *upstream);
+    upstream->mode = mode;
+    upstream->expects_header = expects_header;
+    upstream->listen_fd = listen_local(&upstream->port, 128);
+    ck_assert_int_eq(pipe(upstream->stop_pipe), 0);
+    pthread_mutex_init(&upstream->lock, NULL);
+    pthread_create(&upstream->acceptor, NULL, upstream_acceptor_run, upstream);
+    return upstream;
+}
+
+/* Stops a fake upstream and every thread it started. */
+static void fake_upstream_stop(struct fake_upstream *upstream)
+{
+    ck_assert_int_eq(write(upstream->stop_pipe[1], "x", 1), 1);
+    pthread_join(upstream->acceptor, NULL);
+    for (int i = 0; i < upstream->handler_count; i++)
+        pthread_join(upstream->handlers[i], NULL);
+    close(upstream->listen_fd);
+    close(upstream->stop_pipe[0]);
+    close(upstream->stop_pipe[1]);
+    pthread_mutex_destroy(&upstream->lock);
+    free(upstream);
+}
+
+static int upstream_connections(struct fake_upstream *upstream)
+{
+    pthread_mutex_lock(&upstream->lock);
+    int count = upstream->connections;
+    pthread_mutex_unlock(&upstream->lock);
+    return count;
+}
+
+/* Waits until the upstream has decoded a PROXY header; copies it out. */
+static bool upstream_header_within(struct fake_upstream *upstream,
+                                   struct proxy_addresses *out, int timeout_ms)
+{
+    long long deadline = clock_ms() + timeout_ms;
+    for (;;) {
+        pthread_mutex_lock(&upstream->lock);
+        bool seen = upstream->header_length > 0;
+        if (seen)
+            *out = upstream->header;
+        pthread_mutex_unlock(&upstream->lock);
+        if (seen)
+            return true;
+        if (clock_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+}
+
+/* Writes the IP address and port of a sockaddr as "1.2.3.4:5". */
+static void address_format(const struct sockaddr_storage *address, char *out,
+                           size_t out_size)
+{
+    char ip[INET6_ADDRSTRLEN] = "?";
+    uint16_t port = 0;
+    if (address->ss_family == AF_INET) {
+        const struct sockaddr_in *ipv4 = (const struct sockaddr_in *)address;
+        inet_ntop(AF_INET, &ipv4->sin_addr, ip, sizeof ip);
+        port = ntohs(ipv4->sin_port);
+    } else if (address->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *ipv6 = (const struct sockaddr_in6 *)address;
+        inet_ntop(AF_INET6, &ipv6->sin6_addr, ip, sizeof ip);
+        port = ntohs(ipv6->sin6_port);
+    }
+    snprintf(out, out_size, "%s:%u", ip, port);
+}
+
+/* ---- Running the built binary ---- */
+
+/* Runs ./whatsapp_proxy with arguments (NULL-terminated), waits at most 20
+ * seconds, and returns its exit status; its stdout and stderr are put in
+ * out and err (each out_size bytes, terminated). */
+static int binary_run(char *out, char *err, size_t out_size, ...)
+{
+    char *argv[32] = {"./whatsapp_proxy"};
+    int argc = 1;
+    va_list arguments;
+    va_start(arguments, out_size);
+    for (char *argument = va_arg(arguments, char *); argument != NULL;
+         argument = va_arg(arguments, char *))
+        argv[argc++] = argument;
+    va_end(arguments);
+    argv[argc] = NULL;
+
+    int out_pipe[2], err_pipe[2];
+    ck_assert_int_eq(pipe(out_pipe), 0);
+    ck_assert_int_eq(pipe(err_pipe), 0);
+    pid_t child = fork();
+    ck_assert_int_ge(child, 0);
+    if (child == 0) {
+        dup2(out_pipe[1], STDOUT_FILENO);
+        dup2(err_pipe[1], STDERR_FILENO);
+        execv(argv[0], argv);
+        _exit(127);
+    }
+    close(out_pipe[1]);
+    close(err_pipe[1]);
+    size_t out_length = receive_exactly(out_pipe[0], out, out_size - 1, 20000);
+    size_t err_length = receive_exactly(err_pipe[0], err, out_size - 1, 2000);
+    out[out_length] = err[err_length] = '\0';
+    close(out_pipe[0]);
+    close(err_pipe[0]);
+
+    int status = 0;
+    long long deadline = clock_ms() + 20000;
+    while (waitpid(child, &status, WNOHANG) == 0) {
+        if (clock_ms() > deadline) {
+            kill(child, SIGKILL);
+            waitpid(child, &status, 0);
+            ck_abort_msg("./whatsapp_proxy should exit by itself");
+        }
+        usleep(1000);
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+/* Counts the lines of text. */
+static int line_count(const char *text)
+{
+    int lines = 0;
+    for (; *text; text++)
+        lines += *text == '\n';
+    return lines;
+}
+
+/* ==== 1. Settings and limits ==== */
+
+/* The defaults are the reference's: its ports, servers, limits, timeouts.
+ * The --check summary shows them without binding anything. */
+START_TEST(test_defaults_are_the_reference_ones)
+{
+    char out[16384], err[16384];
+    binary_run(out, err, sizeof out, "--check", "--cert-dir", "/tmp", NULL);
+    const char *expected[] = {
+        "port 80 (chat, plain)", "port 8080 (chat, plain, PROXY header in)",
+        "port 443 (chat, TLS)", "port 8443 (chat, TLS, PROXY header in)",
+        "port 5222 (chat, plain)", "port 8222 (chat, plain, PROXY header in)",
+        "port 587 (media, passthrough)",
+        "port 7777 (media, passthrough, PROXY header in)",
+        "g.whatsapp.net:5222", "g.whatsapp.net:80", "g.whatsapp.net:443",
+        "g-fallback.whatsapp.net:5222", "g-fallback.whatsapp.net:80",
+        "g-fallback.whatsapp.net:443", "whatsapp.net:443",
+        "header sent: PROXY v2", "--maxconn 27500", "connect 5.0",
+        "idle 200.0", "fin 1.0"};
+    for (size_t i = 0; i < sizeof expected / sizeof expected[0]; i++)
+        ck_assert_msg(strstr(out, expected[i]) != NULL,
+                      "--check should show the default '%s'", expected[i]);
+}
+END_TEST
+
+/* ==== 2. Logging and errors ==== */
+
+/* Runs one client through an accept-proxy port whose header says it comes
+ * from 203.0.113.7, to an unreachable server (which logs a warning), and
+ * returns whether the log mentioned that address. */
+static bool log_mentions_client(bool log_clients)
+{
+    char log_path[] = "/tmp/wp_log_XXXXXX";
+    int log_fd = mkstemp(log_path);
+    int saved_stderr = dup(STDERR_FILENO);
+    dup2(log_fd, STDERR_FILENO);
+
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
+                address_text("127.0.0.1:%u", closed_port()),
+                "--log-level", "warn",
+                log_clients ? "--log-clients" : NULL, NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
+    ck_assert(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS));
+    close(client);
+    proxy_stop();
+
+    fflush(stderr);
+    dup2(saved_stderr, STDERR_FILENO);
+    close(saved_stderr);
+    char log[8192] = "";
+    ssize_t length = pread(log_fd, log, sizeof log - 1, 0);
+    log[length > 0 ? length : 0] = '\0';
+    close(log_fd);
+    unlink(log_path);
+    ck_assert_msg(strstr(log, "no server reachable") != NULL,
+                  "the failure should be logged");
+    return strstr(log, "203.0.113.7") != NULL;
+}
+
+START_TEST(test_client_addresses_stay_out_of_logs_by_default)
+{
+    ck_assert_msg(!log_mentions_client(false),
+                  "without --log-clients no client address is logged");
+}
+END_TEST
+
+START_TEST(test_log_clients_writes_client_addresses)
+{
+    ck_assert_msg(log_mentions_client(true),
+                  "with --log-clients the client address is logged");
+}
+END_TEST
+
+/* ==== 3. Command line ==== */
+
+START_TEST(test_listener_spec_accepts_every_documented_form)
+{
+    struct listener_spec spec;
+    char error[256];
+    ck_assert_int_eq(listener_spec_parse("443/tls", &spec, error, sizeof error),
+                     0);
+    ck_assert(spec.port == 443 && spec.tls && !spec.accept_proxy &&
+              !spec.media && spec.address[0] == '\0');
+    ck_assert_int_eq(listener_spec_parse("[::1]:8443/tls/accept-proxy", &spec,
+                                         error, sizeof error), 0);
+    ck_assert_str_eq(spec.address, "::1");
+    ck_assert(spec.port == 8443 && spec.tls && spec.accept_proxy);
+    ck_assert_int_eq(listener_spec_parse("127.0.0.1:7777/media/accept-proxy",
+                                         &spec, error, sizeof error), 0);
+    ck_assert_str_eq(spec.address, "127.0.0.1");
+    ck_assert(spec.port == 7777 && spec.media && spec.accept_proxy);
+    ck_assert_int_eq(listener_spec_parse("0", &spec, error, sizeof error), 0);
+    ck_assert_int_eq(spec.port, 0);
+}
+END_TEST
+
+START_TEST(test_listener_spec_refuses_bad_ones_with_a_reason)
+{
+    const char *bad[] = {"443/tls/media", "70000", "abc", "80/foo", "",
+                         "/tls", "::1:80", "1.2.3:80", "[::1]80", "-1"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        struct listener_spec spec;
+        char error[256] = "";
+        ck_assert_msg(listener_spec_parse(bad[i], &spec, error,
+                                          sizeof error) == -1,
+                      "'%s' should be refused", bad[i]);
+        ck_assert_msg(strstr(error, "--listen") != NULL,
+                      "the reason for '%s' should name --listen: %s", bad[i],
+                      error);
+    }
+}
+END_TEST
+
+START_TEST(test_host_port_parse_takes_names_and_bracketed_ipv6)
+{
+    char host[256], error[256];
+    uint16_t port;
+    ck_assert_int_eq(host_port_parse("g.whatsapp.net:5222", host, sizeof host,
+                                     &port, error, sizeof error), 0);
+    ck_assert_str_eq(host, "g.whatsapp.net");
+    ck_assert_int_eq(port, 5222);
+    ck_assert_int_eq(host_port_parse("[::1]:80", host, sizeof host, &port,
+                                     error, sizeof error), 0);
+    ck_assert_str_eq(host, "::1");
+    ck_assert_int_eq(port, 80);
+    const char *bad[] = {"g.whatsapp.net", "host:", ":80", "host:99999",
+                         "host:0", "::1:80"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(host_port_parse(bad[i], host, sizeof host, &port, error,
+                                      sizeof error) == -1,
+                      "'%s' should be refused", bad[i]);
+}
+END_TEST
+
+START_TEST(test_seconds_parse_takes_decimals_and_refuses_nonsense)
+{
+    int ms = 0;
+    char error[256];
+    ck_assert_int_eq(seconds_parse("200", "--timeout-idle", &ms, error,
+                                   sizeof error), 0);
+    ck_assert_int_eq(ms, 200000);
+    ck_assert_int_eq(seconds_parse("0.25", "--timeout-idle", &ms, error,
+                                   sizeof error), 0);
+    ck_assert_int_eq(ms, 250);
+    const char *bad[] = {"-1", "abc", "", "0", "5s", "1e99"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_msg(seconds_parse(bad[i], "--timeout-idle", &ms, error,
+                                    sizeof error) == -1,
+                      "'%s' should be refused", bad[i]);
+        ck_assert_msg(strstr(error, "--timeout-idle") != NULL,
+                      "the reason should name the flag: %s", error);
+    }
+}
+END_TEST
+
+/* Parses argv (NULL-terminated) into fresh settings; returns the result and
+ * leaves the error text in error. */
+static enum parse_result parse_flags(char *error, size_t error_size, ...)
+{
+    char *argv[16] = {"whatsapp_proxy"};
+    int argc = 1;
+    va_list arguments;
+    va_start(arguments, error_size);
+    for (char *flag = va_arg(arguments, char *); flag != NULL;
+         flag = va_arg(arguments, char *))
+        argv[argc++] = flag;
+    va_end(arguments);
+    struct settings *settings = settings_new();
+    enum parse_result result = settings_parse(settings, argc, argv, error,
+                                              error_size);
+    settings_free(settings);
+    return result;
+}
+
+START_TEST(test_settings_parse_names_the_flag_that_is_wrong)
+{
+    char error[256] = "";
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--bogus", NULL),
+                     PARSE_ERROR);
+    ck_assert_msg(strstr(error, "--bogus") != NULL, "names --bogus: %s", error);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", NULL),
+                     PARSE_ERROR);
+    ck_assert_msg(strstr(error, "--listen needs a value") != NULL,
+                  "says --listen needs a value: %s", error);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--send-proxy", "v3",
+                                 NULL), PARSE_ERROR);
+    ck_assert_msg(strstr(error, "--send-proxy") != NULL, "names the flag");
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--cert", "a.pem", NULL),
+                     PARSE_ERROR);
+    ck_assert_msg(strstr(error, "--key") != NULL, "asks for --key too");
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--ssl-ip", "1.2.3",
+                                 NULL), PARSE_ERROR);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--maxconn=0", NULL),
+                     PARSE_ERROR);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--maxconn=10",
+                                 "--timeout-idle", "1.5", NULL), PARSE_RUN);
+}
+END_TEST
+
+START_TEST(test_help_lists_every_flag_and_exits_zero)
+{
+    char out[16384], err[16384];
+    ck_assert_int_eq(binary_run(out, err, sizeof out, "--help", NULL), 0);
+    const char *flags[] = {"--listen", "--upstream", "--media-upstream",
+                           "--send-proxy", "--cert", "--key", "--cert-dir",
+                           "--cert-key", "--ssl-dns", "--ssl-ip", "--maxconn",
+                           "--timeout-connect", "--timeout-idle",
+                           "--timeout-fin", "--timeout-handshake", "--threads",
+                           "--stats", "--check-interval", "--grace", "--user",
+                           "--log-level", "--log-clients", "--check",
+                           "--version"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        ck_assert_msg(strstr(out, flags[i]) != NULL, "--help shows %s",
+                      flags[i]);
+}
+END_TEST
+
+/* Bad input to the binary: one line naming the problem, exit status 2. */
+static void expect_one_line_error(const char *needle, ...)
+{
+    char *argv[8] = {0};
+    int argc = 0;
+    va_list arguments;
+    va_start(arguments, needle);
+    for (char *argument = va_arg(arguments, char *); argument != NULL;
+         argument = va_arg(arguments, char *))
+        argv[argc++] = argument;
+    va_end(arguments);
+    argv[argc] = NULL;
+
+    char out[4096], err[4096];
+    int status = binary_run(out, err, sizeof out, argv[0], argv[1], argv[2],
+                            argv[3], argv[4], argv[5], argv[6], NULL);
+    ck_assert_msg(status == 2, "bad input should exit 2, not %d", status);
+    ck_assert_msg(line_count(err) == 1, "one line of error, got: %s", err);
+    ck_assert_msg(strstr(err, needle) != NULL, "the error names '%s': %s",
+                  needle, err);
+}
+
+START_TEST(test_binary_refuses_bad_input_with_one_line_and_status_2)
+{
+    expect_one_line_error("--bogus", "--bogus", NULL);
+    expect_one_line_error("99999", "--listen", "99999", NULL);
+    expect_one_line_error("443/tls/media", "--listen", "443/tls/media", NULL);
+    expect_one_line_error("foo", "--listen", "80/foo", NULL);
+    expect_one_line_error("/nonexistent/cert.pem", "--listen", "127.0.0.1:0/tls",
+                          "--cert", "/nonexistent/cert.pem", "--key",
+                          "/nonexistent/key.pem", NULL);
+}
+END_TEST
+
+/* ==== 4. PROXY protocol ==== */
+
+/* Fills an IPv4 address and port into a sockaddr_storage. */
+static struct sockaddr_storage ipv4_address(const char *ip, uint16_t port)
+{
+    struct sockaddr_storage address = {0};
+    struct sockaddr_in *ipv4 = (struct sockaddr_in *)&address;
+    ipv4->sin_family = AF_INET;
+    ipv4->sin_port = htons(port);
+    inet_pton(AF_INET, ip, &ipv4->sin_addr);
+    return address;
+}
+
+static struct sockaddr_storage ipv6_address(const char *ip, uint16_t port)
+{
+    struct sockaddr_storage address = {0};
+    struct sockaddr_in6 *ipv6 = (struct sockaddr_in6 *)&address;
+    ipv6->sin6_family = AF_INET6;
+    ipv6->sin6_port = htons(port);
+    inet_pton(AF_INET6, ip, &ipv6->sin6_addr);
+    return address;
+}
+
+static void expect_address(const struct sockaddr_storage *address,
+                           const char *expected)
+{
+    char text[80];
+    address_format(address, text, sizeof text);
+    ck_assert_msg(strcmp(text, expected) == 0, "expected %s, got %s",
+                  expected, text);
+}
+
+START_TEST(test_proxyhdr_v1_tcp4_round_trips)
+{
+    struct proxy_addresses sent = {
+        .known = true,
+        .source = ipv4_address("203.0.113.7", 40000),
+        .destination = ipv4_address("192.0.2.1", 443)};
+    uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+    size_t length = proxyhdr_encode_v1(&sent, header, sizeof header);
+    const char expected[] = "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n";
+    ck_assert_uint_eq(length, strlen(expected));
+    ck_assert(memcmp(header, expected, length) == 0);
+
+    struct proxy_addresses decoded = {0};
+    ck_assert_int_eq(proxyhdr_decode(header, length, &decoded), (int)length);
+    ck_assert(decoded.known);
+    expect_address(&decoded.source, "203.0.113.7:40000");
+    expect_address(&decoded.destination, "192.0.2.1:443");
+}
+END_TEST
+
+START_TEST(test_proxyhdr_v1_tcp6_and_unknown_decode)
+{
+    const char tcp6[] = "PROXY TCP6 2001:db8::7 2001:db8::1 40000 8443\r\n";
+    struct proxy_addresses decoded = {0};
+    ck_assert_int_eq(proxyhdr_decode((const uint8_t *)tcp6, strlen(tcp6),
+                                     &decoded), (int)strlen(tcp6));
+    expect_address(&decoded.source, "2001:db8::7:40000");
+    expect_address(&decoded.destination, "2001:db8::1:8443");
+
+    const char unknown[] = "PROXY UNKNOWN ffff::1 ffff::2 1 2\r\n";
+    decoded.known = true;
+    ck_assert_int_eq(proxyhdr_decode((const uint8_t *)unknown,
+                                     strlen(unknown), &decoded),
+                     (int)strlen(unknown));
+    ck_assert_msg(!decoded.known, "UNKNOWN means: use the real addresses");
+
+    uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+    struct proxy_addresses nothing = {.known = false};
+    size_t length = proxyhdr_encode_v1(&nothing, header, sizeof header);
+    ck_assert(length == 15 && memcmp(header, "PROXY UNKNOWN\r\n", 15) == 0);
+}
+END_TEST
+
+START_TEST(test_proxyhdr_v2_round_trips_ipv4_and_ipv6)
+{
+    struct proxy_addresses cases[2] = {
+        {.known = true, .source = ipv4_address("203.0.113.7", 40000),
+         .destination = ipv4_address("192.0.2.1", 443)},
+        {.known = true, .source = ipv6_address("2001:db8::7", 40000),
+         .destination = ipv6_address("2001:db8::1", 443)}};
+    size_t lengths[2] = {16 + 12, 16 + 36};
+    for (int i = 0; i < 2; i++) {
+        uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+        size_t length = proxyhdr_encode_v2(&cases[i], header, sizeof header);
+        ck_assert_uint_eq(length, lengths[i]);
+        ck_assert(memcmp(header, "\r\n\r\n\0\r\nQUIT\n", 12) == 0);
+        ck_assert_int_eq(header[12], 0x21);
+        struct proxy_addresses decoded = {0};
+        ck_assert_int_eq(proxyhdr_decode(header, length, &decoded),
+                         (int)length);
+        ck_assert(decoded.known);
+        char expected[80], got[80];
+        address_format(&cases[i].source, expected, sizeof expected);
+        address_format(&decoded.source, got, sizeof got);
+        ck_assert_str_eq(got, expected);
+    }
+}
+END_TEST
+
+/* A v2 header for 203.0.113.7:40000 -> 192.0.2.1:443 followed by one TLV
+ * (type 0x04, NOOP, 3 bytes), as a balancer might send it. */
+static size_t v2_header_with_tlv(uint8_t *out)
+{
+    struct proxy_addresses addresses = {
+        .known = true, .source = ipv4_address("203.0.113.7", 40000),
+        .destination = ipv4_address("192.0.2.1", 443)};
+    size_t length = proxyhdr_encode_v2(&addresses, out, 108);
+    const uint8_t tlv[] = {0x04, 0x00, 0x03, 'a', 'b', 'c'};
+    memcpy(out + length, tlv, sizeof tlv);
+    length += sizeof tlv;
+    out[14] = 0;
+    out[15] = (uint8_t)(length - 16);
+    return length;
+}
+
+START_TEST(test_proxyhdr_v2_skips_tlvs_and_leaves_payload_untouched)
+{
+    uint8_t data[200];
+    size_t header_length = v2_header_with_tlv(data);
+    memcpy(data + header_length, "WA payload", 10);
+    struct proxy_addresses decoded = {0};
+    ck_assert_int_eq(proxyhdr_decode(data, header_length + 10, &decoded),
+                     (int)header_length);
+    expect_address(&decoded.source, "203.0.113.7:40000");
+}
+END_TEST
+
+START_TEST(test_proxyhdr_v2_local_and_unspec_mean_real_addresses)
+{
+    uint8_t local[16] = "\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
+    struct proxy_addresses decoded = {.known = true};
+    ck_assert_int_eq(proxyhdr_decode(local, 16, &decoded), 16);
+    ck_assert(!decoded.known);
+    uint8_t unspec[16] = "\r\n\r\n\0\r\nQUIT\n\x21\x00\x00\x00";
+    decoded.known = true;
+    ck_assert_int_eq(proxyhdr_decode(unspec, 16, &decoded), 16);
+    ck_assert(!decoded.known);
+}
+END_TEST
+
+/* Every proper prefix of a valid header is "not complete yet" (0): this is
+ * what the proxy sees when a header arrives split across reads. */
+START_TEST(test_proxyhdr_every_split_needs_more_and_the_whole_decodes)
+{
+    uint8_t v2[200];
+    size_t v2_length = v2_header_with_tlv(v2);
+    const char *v1 = "PROXY TCP6 2001:db8::7 2001:db8::1 40000 8443\r\n";
+    const uint8_t *headers[2] = {v2, (const uint8_t *)v1};
+    size_t lengths[2] = {v2_length, strlen(v1)};
+    for (int h = 0; h < 2; h++) {
+        struct proxy_addresses decoded;
+        for (size_t prefix = 0; prefix < lengths[h]; prefix++)
+            ck_assert_msg(proxyhdr_decode(headers[h], prefix, &decoded) == 0,
+                          "a prefix of %zu bytes asks for more", prefix);
+        ck_assert_int_eq(proxyhdr_decode(headers[h], lengths[h], &decoded),
+                         (int)lengths[h]);
+    }
+}
+END_TEST
+
+START_TEST(test_proxyhdr_refuses_malformed_and_oversize_headers)
+{
+    const char *bad_v1[] = {
+        "GET / HTTP/1.1\r\n",                          /* no header at all */
+        "PROXY BOGUS\r\n",
+        "PROXY TCP4 203.0.113.7 192.0.2.1 40000\r\n",   /* a word missing */
+        "PROXY TCP4 203.0.113.999 192.0.2.1 40000 443\r\n",
+        "PROXY TCP4 2001:db8::7 192.0.2.1 40000 443\r\n", /* wrong family */
+        "PROXY TCP4 203.0.113.7 192.0.2.1 70000 443\r\n", /* port > 65535 */
+        "PROXY TCP4 203.0.113.7  192.0.2.1 40000 443\r\n", /* two spaces */
+        "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\n",   /* LF without CR */
+        "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443 x\r\n",
+    };
+    struct proxy_addresses decoded;
+    for (size_t i = 0; i < sizeof bad_v1 / sizeof bad_v1[0]; i++)
+        ck_assert_msg(proxyhdr_decode((const uint8_t *)bad_v1[i],
+                                      strlen(bad_v1[i]), &decoded) == -1,
+                      "'%s' is malformed", bad_v1[i]);
+
+    /* 108 bytes of v1 without CRLF: longer than the 107 allowed. */
+    uint8_t oversize[200];
+    memcpy(oversize, "PROXY TCP4 ", 11);
+    memset(oversize + 11, '1', sizeof oversize - 11);
+    ck_assert_int_eq(proxyhdr_decode(oversize, 108, &decoded), -1);
+
+    uint8_t v2[200];
+    size_t length = v2_header_with_tlv(v2);
+    uint8_t broken[200];
+    memcpy(broken, v2, length);
+    broken[12] = 0x11; /* version 1 in the version nibble */
+    ck_assert_int_eq(proxyhdr_decode(broken, length, &decoded), -1);
+    memcpy(broken, v2, length);
+    broken[12] = 0x22; /* command 2 does not exist */
+    ck_assert_int_eq(proxyhdr_decode(broken, length, &decoded), -1);
+    memcpy(broken, v2, length);
+    broken[13] = 0x41; /* no such family */
+    ck_assert_int_eq(proxyhdr_decode(broken, length, &decoded), -1);
+    memcpy(broken, v2, length);
+    broken[15] = 4; /* too short for two IPv4 addresses and ports */
+    ck_assert_int_eq(proxyhdr_decode(broken, length, &decoded), -1);
+    memcpy(broken, v2, length);
+    broken[14] = 0xFF; /* longer than the proxy accepts */
+    ck_assert_int_eq(proxyhdr_decode(broken, length, &decoded), -1);
+    memcpy(broken, v2, length);
+    broken[5] = 'X'; /* a damaged signature */
+    ck_assert_int_eq(proxyhdr_decode(broken, length, &decoded), -1);
+}
+END_TEST
+
+/* On an accept-proxy port, the address the upstream is told is the one the
+ * balancer's header carried, not the balancer's own. */
+START_TEST(test_accept_proxy_passes_the_incoming_address_upstream)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
+    expect_echo(client, "hello");
+    struct proxy_addresses seen;
+    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_int_eq(upstream->header_bytes[12], 0x21); /* v2 by default */
+    expect_address(&seen.source, "203.0.113.7:40000");
+    expect_address(&seen.destination, "192.0.2.1:443");
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* UNKNOWN (v1) or LOCAL (v2) from the balancer: the real addresses go up. */
+START_TEST(test_incoming_unknown_header_sends_the_real_address)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "PROXY UNKNOWN\r\n", 15);
+    expect_echo(client, "hello");
+    struct sockaddr_storage mine;
+    socklen_t length = sizeof mine;
+    getsockname(client, (struct sockaddr *)&mine, &length);
+    char expected[80];
+    address_format(&mine, expected, sizeof expected);
+    struct proxy_addresses seen;
+    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    expect_address(&seen.source, expected);
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+START_TEST(test_send_proxy_v1_and_none_are_honoured)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "v1",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int client = connect_local(proxy_listener_port(0));
+    expect_echo(client, "hello");
+    struct proxy_addresses seen;
+    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_msg(memcmp(upstream->header_bytes, "PROXY TCP4 127.0.0.1 ", 21)
+                      == 0, "--send-proxy v1 sends a v1 line");
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+
+    /* With none, the first bytes upstream are the client's own. */
+    upstream = fake_upstream_start(UPSTREAM_ECHO, false);
+    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    client = connect_local(proxy_listener_port(0));
+    expect_echo(client, "PROXY-less hello");
+    pthread_mutex_lock(&upstream->lock);
+    ck_assert(memcmp(upstream->first_payload, "PROXY-less", 10) == 0);
+    pthread_mutex_unlock(&upstream->lock);
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* ==== 5. TLS termination ==== */
+
+/* Connects to a TLS listener and returns the handshake, or fails the test. */
+static SSL *tls_connect_local(uint16_t port, int *fd_out)
+{
+    int fd = connect_local(port);
+    socket_timeout(fd, SLOWLY_MS);
+    SSL *tls = tls_client_start(fd, 0);
+    ck_assert_msg(tls != NULL, "a TLS handshake with port %u should work",
+                  port);
+    *fd_out = fd;
+    return tls;
+}
+
+START_TEST(test_made_certificate_is_like_the_reference)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--ssl-dns",
+                "proxy.example.org,alt.example.org", "--ssl-ip", "192.0.2.10",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int fd;
+    SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
+    X509 *leaf = SSL_get1_peer_certificate(tls);
+    char subject[128], issuer[128];
+    X509_NAME_get_text_by_NID(X509_get_subject_name(leaf), NID_commonName,
+                              subject, sizeof subject);
+    X509_NAME_get_text_by_NID(X509_get_issuer_name(leaf), NID_commonName,
+                              issuer, sizeof issuer);
+    size_t length = strlen(subject);
+    ck_assert_msg(length > 4 && strcmp(subject + length - 4, ".net") == 0,
+                  "the leaf is <random>.net, not %s", subject);
+    ck_assert_msg(strcmp(subject, issuer) != 0, "a CA signed the leaf");
+    ck_assert_int_eq(X509_check_host(leaf, "alt.example.org", 0, 0, NULL), 1);
+    ck_assert_int_eq(X509_check_ip_asc(leaf, "192.0.2.10", 0), 1);
+    X509_free(leaf);
+
+    char path[128];
+    struct stat key_status;
+    snprintf(path, sizeof path, "%s/key.pem", proxy.cert_dir);
+    ck_assert_int_eq(stat(path, &key_status), 0);
+    ck_assert_msg((key_status.st_mode & 0777) == 0600,
+                  "key.pem is readable by its owner only, mode %o",
+                  key_status.st_mode & 0777);
+    snprintf(path, sizeof path, "%s/ca.pem", proxy.cert_dir);
+    ck_assert_int_eq(access(path, R_OK), 0);
+
+    tls_client_close(tls);
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* Reads the first certificate of a PEM file and returns its common name. */
+static void pem_common_name(const char *path, char *out, size_t out_size)
+{
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    X509 *certificate = PEM_read_X509(file, NULL, NULL, NULL);
+    fclose(file);
+    ck_assert_ptr_nonnull(certificate);
+    X509_NAME_get_text_by_NID(X509_get_subject_name(certificate),
+                              NID_commonName, out, (int)out_size);
+    X509_free(certificate);
+}
+
+/* Makes a certificate and key in dir with certs/generate-certs.sh. */
+static void certificate_files_make(const char *dir)
+{
+    char command[256];
+    snprintf(command, sizeof command,
+             "sh certs/generate-certs.sh %s > /dev/null 2>&1", dir);
+    ck_assert_msg(system(command) == 0, "generate-certs.sh should work");
+}
+
+START_TEST(test_given_certificate_is_served_and_reload_keeps_old_on_bad_file)
+{
+    char dir[] = "/tmp/wp_cert_XXXXXX";
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    certificate_files_make(dir);
+    char cert[96], key[96], expected[128];
+    snprintf(cert, sizeof cert, "%s/cert.pem", dir);
+    snprintf(key, sizeof key, "%s/key.pem", dir);
+    pem_common_name(cert, expected, sizeof expected);
+
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--cert", cert, "--key", key,
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int fd;
+    SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
+    char served[128];
+    tls_peer_common_name(tls, served, sizeof served);
+    ck_assert_str_eq(served, expected);
+
+    /* A broken file, then SIGHUP: the old certificate stays, and the open
+     * connection carries on. */
+    FILE *file = fopen(cert, "w");
+    fputs("not a certificate\n", file);
+    fclose(file);
+    proxy_request_reload();
+    tls_send_all(tls, "still here", 10);
+    char back[10];
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, 10), 10);
+    int fd2;
+    SSL *tls2 = tls_connect_local(proxy_listener_port(0), &fd2);
+    tls_peer_common_name(tls2, served, sizeof served);
+    ck_assert_msg(strcmp(served, expected) == 0,
+                  "a bad new file keeps the old certificate");
+
+    /* A good new file, then SIGHUP: new handshakes get it. */
+    certificate_files_make(dir);
+    pem_common_name(cert, expected, sizeof expected);
+    proxy_request_reload();
+    bool renewed = false;
+    for (int i = 0; i < 300 && !renewed; i++) {
+        int fd3;
+        SSL *tls3 = tls_connect_local(proxy_listener_port(0), &fd3);
+        tls_peer_common_name(tls3, served, sizeof served);
+        renewed = strcmp(served, expected) == 0;
+        tls_client_close(tls3);
+        close(fd3);
+    }
+    ck_assert_msg(renewed, "after SIGHUP new handshakes use the new file");
+    tls_send_all(tls, "and still", 9);
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, 9), 9);
+
+    tls_client_close(tls2);
+    close(fd2);
+    tls_client_close(tls);
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+    char command[128];
+    snprintf(command, sizeof command, "rm -rf %s", dir);
+    ck_assert_int_eq(system(command), 0);
+}
+END_TEST
+
+START_TEST(test_tls_1_1_is_refused)
+{
+    proxy_start("--listen", "127.0.0.1:0/tls", "--upstream",
+                address_text("127.0.0.1:%u", closed_port()), NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, PROMPTLY_MS);
+    SSL *tls = tls_client_start(fd, TLS1_1_VERSION);
+    ck_assert_msg(tls == NULL, "a TLS 1.1 client is refused");
+    close(fd);
+    ck_assert(counter_reaches(COUNTER_TLS_HANDSHAKE_FAILED, 1, PROMPTLY_MS));
+    proxy_stop();
+}
+END_TEST
+
+/* ==== 6. Upstreams ==== */
+
+START_TEST(test_chat_servers_are_used_in_turn)
+{
+    struct fake_upstream *first = fake_upstream_start(UPSTREAM_ECHO, true);
+    struct fake_upstream *second = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", first->port),
+                "--upstream", address_text("127.0.0.1:%u", second->port),
+                NULL);
+    for (int i = 0; i < 4; i++) {
+        int client = connect_local(proxy_listener_port(0));
+        expect_echo(client, "hello");
+        close(client);
+        int expected = i / 2 + 1;
+        ck_assert_msg(upstream_connections(i % 2 ? second : first) == expected,
+                      "connection %d goes to server %d", i, i % 2 + 1);
+    }
+    proxy_stop();
+    fake_upstream_stop(first);
+    fake_upstream_stop(second);
+}
+END_TEST
+
+START_TEST(test_refused_server_is_skipped_for_the_next)
+{
+    struct fake_upstream *live = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", closed_port()),
+                "--upstream", address_text("127.0.0.1:%u", live->port), NULL);
+    for (int i = 0; i < 2; i++) {
+        int client = connect_local(proxy_listener_port(0));
+        expect_echo(client, "hello");
+        close(client);
+    }
+    ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) >= 1,
+                  "the refused server was tried and counted");
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_UNREACHABLE), 0);
+    proxy_stop();
+    fake_upstream_stop(live);
+}
+END_TEST
+
+START_TEST(test_client_is_closed_promptly_when_no_server_answers)
+{
+    proxy_start("--listen", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", closed_port()),
+                "--upstream", address_text("127.0.0.1:%u", closed_port()),
+                NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "hello", 5);
+    ck_assert_msg(closed_within(client, 2000),
+                  "the client is closed within 2 s");
+    ck_assert(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS));
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 2);
+    close(client);
+    proxy_stop();
+}
+END_TEST
+
+/* A server whose listen queue is full drops new SYNs: connect() hangs until
+ * --timeout-connect. */
+START_TEST(test_connect_timeout_gives_up_on_a_silent_server)
+{
+    uint16_t port;
+    int full = listen_local(&port, 0);
+    int waiting[4];
+    for (int i = 0; i < 4; i++) {
+        /* Fill the queue; later connects may hang: do them non-blocking. */
+        waiting[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        struct sockaddr_in address = {.sin_family = AF_INET,
+                                      .sin_port = htons(port),
+                                      .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        connect(waiting[i], (struct sockaddr *)&address, sizeof address);
+    }
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-connect", "0.3",
+                "--upstream", address_text("127.0.0.1:%u", port), NULL);
+    long long started = clock_ms();
+    int client = connect_local(proxy_listener_port(0));
+    ck_assert(closed_within(client, PROMPTLY_MS));
+    long long took = clock_ms() - started;
+    ck_assert_msg(took >= 250, "the proxy waited for the connect (%lld ms)",
+                  took);
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 1);
+    ck_assert(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS));
+    close(client);
+    proxy_stop();
+    for (int i = 0; i < 4; i++)
+        close(waiting[i]);
+    close(full);
+}
+END_TEST
+
+/* Asks the statistics port for path; returns the HTTP status and puts the
+ * whole answer (headers and body) in out. */
+static int http_get(uint16_t port, const char *path, char *out,
+                    size_t out_size)
+{
+    int fd = connect_local(port);
+    char request[256];
+    int length = snprintf(request, sizeof request,
+                          "GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n", path);
+    send_all(fd, request, (size_t)length);
+    size_t got = receive_exactly(fd, out, out_size - 1, PROMPTLY_MS);
+    out[got] = '\0';
+    close(fd);
+    int status = 0;
+    sscanf(out, "HTTP/1.1 %d", &status);
+    return status;
+}
+
+/* Waits until /metrics shows `line` (a whole sample line). */
+static bool metrics_show(const char *line, int timeout_ms)
+{
+    static char answer[65536];
+    long long deadline = clock_ms() + timeout_ms;
+    while (clock_ms() < deadline) {
+        http_get(proxy_stats_port(), "/metrics", answer, sizeof answer);
+        if (strstr(answer, line) != NULL)
+            return true;
+        usleep(10000);
+    }
+    return false;
+}
+
+START_TEST(test_health_checks_take_a_dead_server_out_and_back)
+{
+    struct fake_upstream *live = fake_upstream_start(UPSTREAM_ECHO, true);
+    uint16_t dead = closed_port();
+    proxy_start("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
+                "--check-interval", "0.05",
+                "--upstream", address_text("127.0.0.1:%u", dead),
+                "--upstream", address_text("127.0.0.1:%u", live->port), NULL);
+    char down[128], up[128];
+    snprintf(down, sizeof down, "whatsapp_proxy_upstream_up{upstream="
+             "\"127.0.0.1:%u\",pool=\"chat\"} 0\n", dead);
+    snprintf(up, sizeof up, "whatsapp_proxy_upstream_up{upstream="
+             "\"127.0.0.1:%u\",pool=\"chat\"} 1\n", dead);
+    ck_assert_msg(metrics_show(down, PROMPTLY_MS),
+                  "three failed checks take the dead server out");
+
+    /* Out of rotation: every client goes to the live one, none fails. */
+    unsigned long long failed = proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED);
+    for (int i = 0; i < 4; i++) {
+        int client = connect_local(proxy_listener_port(0));
+        expect_echo(client, "hello");
+        close(client);
+    }
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), failed);
+
+    /* The server comes back: two good checks put it back. */
+    int revived = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int on = 1;
+    setsockopt(revived, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    struct sockaddr_in address = {.sin_family = AF_INET,
+                                  .sin_port = htons(dead),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(revived, (struct sockaddr *)&address,
+                          sizeof address), 0);
+    ck_assert_int_eq(listen(revived, 64), 0);
+    ck_assert_msg(metrics_show(up, 10000), "two good checks put it back");
+    proxy_stop();
+    close(revived);
+    fake_upstream_stop(live);
+}
+END_TEST
+
+START_TEST(test_when_every_server_is_down_they_are_still_tried)
+{
+    uint16_t dead = closed_port();
+    proxy_start("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
+                "--check-interval", "0.05",
+                "--upstream", address_text("127.0.0.1:%u", dead), NULL);
+    char down[128];
+    snprintf(down, sizeof down, "whatsapp_proxy_upstream_up{upstream="
+             "\"127.0.0.1:%u\",pool=\"chat\"} 0\n", dead);
+    ck_assert(metrics_show(down, PROMPTLY_MS));
+    char answer[4096];
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/healthz", answer,
+                              sizeof answer), 503);
+    unsigned long long failed = proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED);
+    int client = connect_local(proxy_listener_port(0));
+    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) == failed + 1,
+                  "a server that is down is still tried when all are");
+    close(client);
+    proxy_stop();
+}
+END_TEST
+
+/* ==== 7. Listeners ==== */
+
+static bool ipv6_available(void)
+{
+    int fd = socket(AF_INET6, SOCK_STREAM, 0);
+    struct sockaddr_in6 address = {.sin6_family = AF_INET6,
+                                   .sin6_addr = IN6ADDR_LOOPBACK_INIT};
+    bool available = fd >= 0 && bind(fd, (struct sockaddr *)&address,
+                                     sizeof address) == 0;
+    if (fd >= 0)
+        close(fd);
+    return available;
+}
+
+/* Without an address, a listener takes IPv4 and IPv6; an IPv4 client is
+ * described upstream as IPv4 (not as ::ffff:127.0.0.1). */
+START_TEST(test_listener_without_address_takes_ipv4_and_ipv6)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "0", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int client = connect_to("127.0.0.1", proxy_listener_port(0));
+    expect_echo(client, "over IPv4");
+    struct proxy_addresses seen;
+    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_msg(seen.source.ss_family == AF_INET,
+                  "an IPv4 client is sent upstream as TCP4");
+    close(client);
+    if (ipv6_available()) {
+        client = connect_to("::1", proxy_listener_port(0));
+        expect_echo(client, "over IPv6");
+        close(client);
+    }
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+START_TEST(test_port_in_use_is_named_with_the_fix)
+{
+    uint16_t port;
+    int taken = listen_local(&port, 1);
+    char out[4096], err[4096], listen[32];
+    snprintf(listen, sizeof listen, "127.0.0.1:%u", port);
+    int status = binary_run(out, err, sizeof out, "--listen", listen,
+                            "--stats", "off", NULL);
+    ck_assert_int_eq(status, 2);
+    char port_text[16];
+    snprintf(port_text, sizeof port_text, "port %u", port);
+    ck_assert_msg(strstr(err, port_text) != NULL, "names %s: %s", port_text,
+                  err);
+    ck_assert_msg(strstr(err, "already in use") != NULL &&
+                      strstr(err, "--listen") != NULL,
+                  "says it is in use and how to choose another: %s", err);
+    close(taken);
+}
+END_TEST
+
+/* As a user other than root, a port below 1024 is refused with the fixes:
+ * sudo, setcap, or another port. Runs in a child that gives up root. */
+START_TEST(test_privileged_port_without_permission_names_the_fixes)
+{
+    FILE *file = fopen("/proc/sys/net/ipv4/ip_unprivileged_port_start", "r");
+    int first_unprivileged = 1024;
+    if (file != NULL) {
+        if (fscanf(file, "%d", &first_unprivileged) != 1)
+            first_unprivileged = 1024;
+        fclose(file);
+    }
+    if (first_unprivileged <= 1000)
+        return; /* this machine lets anyone bind port 1000: nothing to test */
+
+    int report[2];
+    ck_assert_int_eq(pipe(report), 0);
+    pid_t child = fork();
+    if (child == 0) {
+        if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0))
+            _exit(3);
+        struct settings *settings = settings_new();
+        char *argv[] = {"whatsapp_proxy", "--listen", "127.0.0.1:1000",
+                        "--stats", "off", "--log-level", "error"};
+        char error[512] = "";
+        settings_parse(settings, 7, argv, error, sizeof error);
+        int opened = proxy_open(settings, error, sizeof error);
+        ssize_t ignored = write(report[1], error, strlen(error) + 1);
+        (void)ignored;
+        _exit(opened == 0 ? 4 : 0);
+    }
+    close(report[1]);
+    char error[512] = "";
+    receive_exactly(report[0], error, sizeof error - 1, PROMPTLY_MS);
+    close(report[0]);
+    int status;
+    waitpid(child, &status, 0);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "binding port 1000 without root should fail");
+    ck_assert_msg(strstr(error, "port 1000") && strstr(error, "sudo") &&
+                      strstr(error, "setcap cap_net_bind_service=+ep"),
+                  "the message names the port and the fixes: %s", error);
+}
+END_TEST
+
+/* ==== 8. Admission ==== */
+
+START_TEST(test_over_maxconn_a_new_client_is_closed_and_others_carry_on)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--maxconn", "2", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int first = connect_local(proxy_listener_port(0));
+    int second = connect_local(proxy_listener_port(0));
+    expect_echo(first, "one");
+    expect_echo(second, "two");
+    int third = connect_local(proxy_listener_port(0));
+    ck_assert_msg(closed_within(third, PROMPTLY_MS),
+                  "the third client is closed at once");
+    ck_assert_int_eq(proxy_counter(COUNTER_REJECTED_MAXCONN), 1);
+    expect_echo(first, "one again");
+    expect_echo(second, "two again");
+    close(third);
+    /* When one leaves, there is room again. */
+    close(first);
+    ck_assert(connections_become(1, PROMPTLY_MS));
+    int fourth = connect_local(proxy_listener_port(0));
+    expect_echo(fourth, "four");
+    close(fourth);
+    close(second);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* ==== 9. Conversation ==== */
+
+START_TEST(test_silent_client_is_dropped_at_the_handshake_timeout)
+{
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy",
+                "--listen", "127.0.0.1:0/tls", "--timeout-handshake", "0.3",
+                "--upstream", address_text("127.0.0.1:%u", closed_port()),
+                NULL);
+    for (size_t i = 0; i < 2; i++) {
+        long long started = clock_ms();
+        int client = connect_local(proxy_listener_port(i));
+        if (i == 0)
+            send_all(client, "PROXY TCP4 ", 11); /* a header never ended */
+        ck_assert(closed_within(client, PROMPTLY_MS));
+        ck_assert_msg(clock_ms() - started >= 250,
+                      "not closed before the timeout");
+        ck_assert(counter_reaches(COUNTER_HANDSHAKE_TIMEOUT, i + 1,
+                                  PROMPTLY_MS));
+        close(client);
+    }
+    proxy_stop();
+}
+END_TEST
+
+START_TEST(test_malformed_header_closes_only_that_client)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int good = connect_local(proxy_listener_port(0));
+    send_all(good, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
+    expect_echo(good, "before");
+    int bad = connect_local(proxy_listener_port(0));
+    send_all(bad, "PROXY BOGUS\r\nsecret", 19);
+    ck_assert(closed_within(bad, PROMPTLY_MS));
+    ck_assert_int_eq(proxy_counter(COUNTER_BAD_PROXY_HEADER), 1);
+    ck_assert_msg(upstream_connections(upstream) == 1,
+                  "nothing of the bad client reached a server");
+    expect_echo(good, "after");
+    close(bad);
+    close(good);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int plain = connect_local(proxy_listener_port(0));
+    send_all(plain, "GET / HTTP/1.1\r\n\r\n", 18);
+    ck_assert(closed_within(plain, PROMPTLY_MS));
+    ck_assert(counter_reaches(COUNTER_TLS_HANDSHAKE_FAILED, 1, PROMPTLY_MS));
+    close(plain);
+    int fd;
+    SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
+    tls_send_all(tls, "fine", 4);
+    char back[4];
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, 4), 4);
+    ck_assert_int_eq(upstream_connections(upstream), 1);
+    tls_client_close(tls);
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* A header that arrives one byte at a time is still read exactly, and the
+ * payload right behind it reaches the server intact. */
+START_TEST(test_header_split_across_reads_is_read_exactly)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    uint8_t header[200];
+    size_t length = v2_header_with_tlv(header);
+    int client = connect_local(proxy_listener_port(0));
+    for (size_t i = 0; i < length; i++) {
+        send_all(client, header + i, 1);
+        usleep(1000); /* not synchronisation: makes separate segments */
+    }
+    expect_echo(client, "payload right after");
+    struct proxy_addresses seen;
+    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    expect_address(&seen.source, "203.0.113.7:40000");
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* ==== 10. Relay ==== */
+
+/* The byte at position `index` of the test stream named by seed: a
+ * splitmix64 sequence, so any position can be checked without storing the
+ * stream. */
+static uint8_t stream_byte(uint64_t seed, uint64_t index)
+{
+    uint64_t z = seed + (index / 8 + 1) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (uint8_t)(z >> (8 * (index % 8)));
+}
+
+/* One end of a two-way bulk transfer: sends `to_send` bytes of the stream
+ * send_seed while it receives and checks `to_receive` bytes of the stream
+ * receive_seed. Works on a plain socket or over TLS. */
+struct bulk_end {
+    int fd;
+    SSL *tls;
+    uint64_t send_seed, receive_seed;
+    size_t to_send, sent;
+    size_t to_receive, received;
+    size_t first_wrong; /* SIZE_MAX while every byte was right */
+    uint64_t checksum;  /* a running sum of the received bytes */
+};
+
+/* One step of writing: returns false on a broken connection. */
+static bool bulk_write_some(struct bulk_end *end)
+{
+    uint8_t chunk[16384];
+    size_t length = end->to_send - end->sent;
+    if (length > sizeof chunk)
+        length = sizeof chunk;
+    for (size_t i = 0; i < length; i++)
+        chunk[i] = stream_byte(end->send_seed, end->sent + i);
+    if (end->tls != NULL) {
+        size_t written = 0;
+        if (SSL_write_ex(end->tls, chunk, length, &written) == 1) {
+            end->sent += written;
+            return true;
+        }
+        int reason = SSL_get_error(end->tls, 0);
+        return reason == SSL_ERROR_WANT_WRITE || reason == SSL_ERROR_WANT_READ;
+    }
+    ssize_t written = send(end->fd, chunk, length, MSG_NOSIGNAL);
+    if (written > 0)
+        end->sent += (size_t)written;
+    return written > 0 || errno == EAGAIN;
+}
+
+/* One step of reading and checking: returns false on a broken connection. */
+static bool bulk_read_some(struct bulk_end *end)
+{
+    uint8_t chunk[65536];
+    size_t got = 0;
+    if (end->tls != NULL) {
+        if (SSL_read_ex(end->tls, chunk, sizeof chunk, &got) != 1) {
+            int reason = SSL_get_error(end->tls, 0);
+            return reason == SSL_ERROR_WANT_READ ||
+                   reason == SSL_ERROR_WANT_WRITE;
+        }
+    } else {
+        ssize_t count = recv(end->fd, chunk, sizeof chunk, 0);
+        if (count <= 0)
+            return count < 0 && errno == EAGAIN;
+        got = (size_t)count;
+    }
+    for (size_t i = 0; i < got; i++) {
+        if (chunk[i] != stream_byte(end->receive_seed, end->received + i) &&
+            end->first_wrong == SIZE_MAX)
+            end->first_wrong = end->received + i;
+        end->checksum += chunk[i];
+    }
+    end->received += got;
+    return true;
+}
+
+/* Sends and receives at once, in one thread, until both are done, the
+ * connection breaks, or timeout_ms pass. The socket is made non-blocking. */
+static void bulk_transfer(struct bulk_end *end, int timeout_ms)
+{
+    fcntl(end->fd, F_SETFL, fcntl(end->fd, F_GETFL) | O_NONBLOCK);
+    long long deadline = clock_ms() + timeout_ms;
+    while ((end->sent < end->to_send || end->received < end->to_receive) &&
+           clock_ms() < deadline) {
+        struct pollfd watched = {.fd = end->fd, .events = POLLIN};
+        if (end->sent < end->to_send)
+            watched.events |= POLLOUT;
+        bool tls_buffered = end->tls != NULL && SSL_has_pending(end->tls);
+        if (!tls_buffered && poll(&watched, 1, 100) <= 0)
+            continue;
+        if ((watched.revents & POLLOUT) && !bulk_write_some(end))
+            return;
+        if ((tls_buffered || (watched.revents & (POLLIN | POLLHUP))) &&
+            end->received < end->to_receive && !bulk_read_some(end))
+            return;
+    }
+}
+
+/* The server end of a bulk transfer: accepts one connection on listen_fd,
+ * reads the PROXY header, then transfers. */
+struct bulk_server {
+    int listen_fd;
+    uint16_t port;
+    struct bulk_end end;
+    pthread_t thread;
+};
+
+static void *bulk_server_run(void *argument)
+{
+    struct bulk_server *server = argument;
+    if (!readable_within(server->listen_fd, SLOWLY_MS))
+        return NULL;
+    server->end.fd = accept(server->listen_fd, NULL, NULL);
+    uint8_t header[PROXYHDR_V2_MAX_BYTES];
+    size_t have = 0;
+    struct proxy_addresses ignored;
+    int length = 0;
+    while (length == 0 && have < sizeof header &&
+           readable_within(server->end.fd, SLOWLY_MS) &&
+           recv(server->end.fd, header + have, 1, 0) == 1)
+        length = proxyhdr_decode(header, ++have, &ignored);
+    if (length > 0)
+        bulk_transfer(&server->end, SLOWLY_MS);
+    return NULL;
+}
+
+static void bulk_server_start(struct bulk_server *server, size_t to_send,
+                              size_t to_receive)
+{
+    server->listen_fd = listen_local(&server->port, 8);
+    server->end = (struct bulk_end){.send_seed = 2, .receive_seed = 1,
+                                    .to_send = to_send,
+                                    .to_receive = to_receive,
+                                    .first_wrong = SIZE_MAX};
+    pthread_create(&server->thread, NULL, bulk_server_run, server);
+}
+
+static void bulk_server_stop(struct bulk_server *server)
+{
+    pthread_join(server->thread, NULL);
+    close(server->end.fd);
+    close(server->listen_fd);
+}
+
+/* 64 MiB each way at once through one connection, plain or TLS; every
+ * byte is checked in order at both ends. */
+static void transfer_64_mib_each_way(bool tls)
+{
+    const size_t size = 64u << 20;
+    struct bulk_server server;
+    bulk_server_start(&server, size, size);
+    proxy_start("--listen", tls ? "127.0.0.1:0/tls" : "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+    struct bulk_end client = {.send_seed = 1, .receive_seed = 2,
+                              .to_send = size, .to_receive = size,
+                              .first_wrong = SIZE_MAX};
+    if (tls) {
+        client.tls = tls_connect_local(proxy_listener_port(0), &client.fd);
+        SSL_set_mode(client.tls, SSL_MODE_ENABLE_PARTIAL_WRITE |
+                                     SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    } else {
+        client.fd = connect_local(proxy_listener_port(0));
+    }
+    bulk_transfer(&client, SLOWLY_MS);
+    bulk_server_stop(&server);
+
+    ck_assert_msg(client.received == size && server.end.received == size,
+                  "64 MiB should arrive each way: client got %zu, server %zu",
+                  client.received, server.end.received);
+    ck_assert_msg(client.first_wrong == SIZE_MAX &&
+                      server.end.first_wrong == SIZE_MAX,
+                  "every byte should arrive intact and in order");
+    ck_assert_msg(client.checksum != 0 && server.end.checksum != 0,
+                  "the checksums cover real data");
+    if (client.tls != NULL)
+        tls_client_close(client.tls);
+    close(client.fd);
+    proxy_stop();
+}
+
+START_TEST(test_64_mib_each_way_at_once_arrive_intact_plain)
+{
+    transfer_64_mib_each_way(false);
+}
+END_TEST
+
+START_TEST(test_64_mib_each_way_at_once_arrive_intact_over_tls)
+{
+    transfer_64_mib_each_way(true);
+}
+END_TEST
+
+/* How a test client reaches a listener: which header to send first, and
+ * whether to speak TLS. */
+struct listener_kind {
+    const char *listen;  /* the --listen value */
+    const char *header;  /* sent first: "v1", "v2" or NULL */
+    bool tls;
+    bool media;
+};
+
+START_TEST(test_bytes_arrive_intact_on_every_kind_of_listener)
+{
+    static const struct listener_kind kinds[] = {
+        {"127.0.0.1:0", NULL, false, false},
+        {"127.0.0.1:0/tls", NULL, true, false},
+        {"127.0.0.1:0/accept-proxy", "v1", false, false},
+        {"127.0.0.1:0/accept-proxy", "v2", false, false},
+        {"127.0.0.1:0/tls/accept-proxy", "v2", true, false},
+        {"127.0.0.1:0/media", NULL, false, true},
+        {"127.0.0.1:0/media/accept-proxy", "v1", false, true},
+    };
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        const struct listener_kind *kind = &kinds[k];
+        struct fake_upstream *upstream =
+            fake_upstream_start(UPSTREAM_ECHO, !kind->media);
+        const char *server = address_text("127.0.0.1:%u", upstream->port);
+        proxy_start("--listen", kind->listen, "--upstream", server,
+                    "--media-upstream", server, NULL);
+        int fd = connect_local(proxy_listener_port(0));
+        socket_timeout(fd, SLOWLY_MS);
+        if (kind->header != NULL) {
+            struct proxy_addresses addresses = {
+                .known = true, .source = ipv4_address("203.0.113.7", 40000),
+                .destination = ipv4_address("192.0.2.1", 443)};
+            uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+            size_t length = kind->header[1] == '1'
+                ? proxyhdr_encode_v1(&addresses, header, sizeof header)
+                : proxyhdr_encode_v2(&addresses, header, sizeof header);
+            send_all(fd, header, length);
+        }
+        SSL *tls = kind->tls ? tls_client_start(fd, 0) : NULL;
+        ck_assert_msg(!kind->tls || tls != NULL, "TLS on %s", kind->listen);
+
+        /* 256 KiB in 16 KiB steps, each echoed back and checked. */
+        uint8_t out[16384], back[16384];
+        for (size_t offset = 0; offset < (256u << 10); offset += sizeof out) {
+            for (size_t i = 0; i < sizeof out; i++)
+                out[i] = stream_byte(k, offset + i);
+            size_t got;
+            if (tls != NULL) {
+                tls_send_all(tls, out, sizeof out);
+                got = tls_receive_exactly(tls, back, sizeof back);
+            } else {
+                send_all(fd, out, sizeof out);
+                got = receive_exactly(fd, back, sizeof back, SLOWLY_MS);
+            }
+            ck_assert_msg(got == sizeof back && memcmp(out, back, got) == 0,
+                          "bytes at %zu come back intact on %s (%s)", offset,
+                          kind->listen, kind->header ? kind->header : "");
+        }
+        if (kind->media) {
+            pthread_mutex_lock(&upstream->lock);
+            ck_assert_msg(upstream->header_length == 0 &&
+                              upstream->first_payload[0] == stream_byte(k, 0),
+                          "a media server gets the client's bytes, no header");
+            pthread_mutex_unlock(&upstream->lock);
+        }
+        if (tls != NULL)
+            tls_client_close(tls);
+        close(fd);
+        proxy_stop();
+        fake_upstream_stop(upstream);
+    }
+}
+END_TEST
+
+/* Ends a test client's sending half: TLS close_notify first, then FIN. */
+static void client_end_sending(int fd, SSL *tls)
+{
+    if (tls != NULL)
+        SSL_shutdown(tls);
+    shutdown(fd, SHUT_WR);
+}
+
+/* Reads until the end (EOF, or TLS close_notify); returns the bytes read. */
+static size_t client_read_to_end(int fd, SSL *tls, char *out, size_t size)
+{
+    size_t got = 0;
+    for (;;) {
+        size_t count = 0;
+        if (tls != NULL) {
+            if (SSL_read_ex(tls, out + got, size - got, &count) != 1)
+                return got;
+        } else {
+            if (!readable_within(fd, PROMPTLY_MS))
+                return got;
+            ssize_t read_count = recv(fd, out + got, size - got, 0);
+            if (read_count <= 0)
+                return got;
+            count = (size_t)read_count;
+        }
+        got += count;
+    }
+}
+
+/* The client ends its sending and still receives the server's answer. */
+static void client_half_close(bool use_tls)
+{
+    struct fake_upstream *upstream =
+        fake_upstream_start(UPSTREAM_REPLY_AT_EOF, true);
+    proxy_start("--listen", use_tls ? "127.0.0.1:0/tls" : "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, PROMPTLY_MS);
+    SSL *tls = use_tls ? tls_client_start(fd, 0) : NULL;
+    if (tls != NULL)
+        tls_send_all(tls, "question", 8);
+    else
+        send_all(fd, "question", 8);
+    client_end_sending(fd, tls);
+    char answer[64];
+    size_t got = client_read_to_end(fd, tls, answer, sizeof answer);
+    ck_assert_msg(got == 5 && memcmp(answer, "reply", 5) == 0,
+                  "after its half-close the client still gets the reply");
+    if (tls != NULL)
+        tls_client_close(tls);
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+
+/* The server ends its sending; the client reads to the end and then still
+ * sends bytes that reach the server. */
+static void server_half_close(bool use_tls)
+{
+    struct fake_upstream *upstream =
+        fake_upstream_start(UPSTREAM_HALF_CLOSE, true);
+    proxy_start("--listen", use_tls ? "127.0.0.1:0/tls" : "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, PROMPTLY_MS);
+    SSL *tls = use_tls ? tls_client_start(fd, 0) : NULL;
+    char first[64];
+    size_t got = client_read_to_end(fd, tls, first, sizeof first);
+    ck_assert_msg(got == 13 && memcmp(first, "from upstream", 13) == 0,
+                  "the client reads the server's bytes, then the end");
+    if (tls != NULL)
+        tls_send_all(tls, "late bytes", 10);
+    else
+        send_all(fd, "late bytes", 10);
+    long long deadline = clock_ms() + PROMPTLY_MS;
+    size_t arrived = 0;
+    while (arrived < 10 && clock_ms() < deadline) {
+        pthread_mutex_lock(&upstream->lock);
+        arrived = upstream->received_after_eof;
+        pthread_mutex_unlock(&upstream->lock);
+        usleep(1000);
+    }
+    ck_assert_msg(arrived == 10, "bytes sent after the server's half-close "
+                  "still reach it (%zu of 10)", arrived);
+    if (tls != NULL)
+        tls_client_close(tls);
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+
+START_TEST(test_client_half_close_still_gets_the_reply)
+{
+    client_half_close(false);
+}
+END_TEST
+
+START_TEST(test_client_half_close_still_gets_the_reply_over_tls)
+{
+    client_half_close(true);
+}
+END_TEST
+
+START_TEST(test_server_half_close_still_gets_the_client_bytes)
+{
+    server_half_close(false);
+}
+END_TEST
+
+START_TEST(test_server_half_close_still_gets_the_client_bytes_over_tls)
+{
+    server_half_close(true);
+}
+END_TEST
+
+START_TEST(test_idle_connection_is_closed_after_idle_timeout)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-idle", "0.3",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int client = connect_local(proxy_listener_port(0));
+    expect_echo(client, "hello");
+    long long last_byte = clock_ms();
+    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(clock_ms() - last_byte >= 250, "not closed before 0.3 s");
+    ck_assert_int_eq(proxy_counter(COUNTER_IDLE_TIMEOUT), 1);
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+START_TEST(test_half_closed_connection_is_closed_after_fin_timeout)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_HOLD, true);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-fin", "0.3",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "bye", 3);
+    ck_assert(counter_reaches(COUNTER_CONNECTIONS_RELAYED, 1, PROMPTLY_MS));
+    shutdown(client, SHUT_WR);
+    long long half_closed = clock_ms();
+    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(clock_ms() - half_closed >= 250, "not closed before 0.3 s");
+    ck_assert_int_eq(proxy_counter(COUNTER_FIN_TIMEOUT), 1);
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* A one-thread epoll echo server for many connections at once. */
+struct echo_server {
+    int listen_fd;
+    uint16_t port;
+    int stop_pipe[2];
+    pthread_t thread;
+};
+
+static void *echo_server_run(void *argument)
+{
+    struct echo_server *server = argument;
+    int epoll_fd = epoll_create1(0);
+    struct epoll_event event = {.events = EPOLLIN, .data.fd = server->listen_fd};
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, server->listen_fd, &event);
+    event.data.fd = server->stop_pipe[0];
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, server->stop_pipe[0], &event);
+    int open_fds[4096];
+    size_t open_count = 0;
+    for (;;) {
+        struct epoll_event ready[64];
+        int count = epoll_wait(epoll_fd, ready, 64, SLOWLY_MS);
+        if (count <= 0)
+            break;
+        for (int i = 0; i < count; i++) {
+            int fd = ready[i].data.fd;
+            if (fd == server->stop_pipe[0])
+                goto out;
+            if (fd == server->listen_fd) {
+                int client = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                if (client < 0 || open_count == 4096)
+                    continue;
+                open_fds[open_count++] = client;
+                struct epoll_event added = {.events = EPOLLIN,
+                                            .data.fd = client};
+                epoll_ctl(epoll_fd, EPOLL_CTL_ADD, client, &added);
+                continue;
+            }
+            char buffer[4096];
+            ssize_t got = recv(fd, buffer, sizeof buffer, 0);
+            if (got > 0)
+                send(fd, buffer, (size_t)got, MSG_NOSIGNAL);
+            else if (got == 0)
+                epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+        }
+    }
+out:
+    for (size_t i = 0; i < open_count; i++)
+        close(open_fds[i]);
+    close(epoll_fd);
+    return NULL;
+}
+
+START_TEST(test_two_thousand_connections_at_once_all_echo)
+{
+    enum { CLIENTS = 2000 };
+    struct echo_server server;
+    server.listen_fd = listen_local(&server.port, 4096);
+    ck_assert_int_eq(pipe(server.stop_pipe), 0);
+    pthread_create(&server.thread, NULL, echo_server_run, &server);
+    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+
+    static int clients[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++) {
+        clients[i] = connect_local(proxy_listener_port(0));
+        char message[32];
+        int length = snprintf(message, sizeof message, "client %05d", i);
+        send_all(clients[i], message, (size_t)length);
+    }
+    ck_assert_msg(connections_become(CLIENTS, SLOWLY_MS),
+                  "all %d clients are connected at once (%u)", CLIENTS,
+                  proxy_connections_now());
+    for (int i = 0; i < CLIENTS; i++) {
+        char expected[32], back[32];
+        int length = snprintf(expected, sizeof expected, "client %05d", i);
+        ck_assert_msg(receive_exactly(clients[i], back, (size_t)length,
+                                      SLOWLY_MS) == (size_t)length &&
+                          memcmp(back, expected, (size_t)length) == 0,
+                      "client %d gets its own bytes back", i);
+    }
+    for (int i = 0; i < CLIENTS; i++)
+        close(clients[i]);
+    ck_assert(connections_become(0, SLOWLY_MS));
+    proxy_stop();
+    ck_assert_int_eq(write(server.stop_pipe[1], "x", 1), 1);
+    pthread_join(server.thread, NULL);
+    close(server.listen_fd);
+    close(server.stop_pipe[0]);
+    close(server.stop_pipe[1]);
+}
+END_TEST
+
+/* ==== 11. Check summary ==== */
+
+START_TEST(test_share_link_has_the_fields_the_app_reads)
+{
+    char link[256];
+    share_link_format("proxy.example.org", 443, 587, true, link, sizeof link);
+    ck_assert_str_eq(link, "https://wa.me/proxy?host=proxy.example.org"
+                           "&chatPort=443&mediaPort=587&chatTLS=true");
+    share_link_format("p.example.org", 5222, 7777, false, link, sizeof link);
+    ck_assert_str_eq(link, "https://wa.me/proxy?host=p.example.org"
+                           "&chatPort=5222&mediaPort=7777&chatTLS=false");
+}
+END_TEST
+
+START_TEST(test_check_prints_what_to_tell_users_and_exits_zero)
+{
+    char out[16384], err[16384];
+    int status = binary_run(out, err, sizeof out, "--check", "--upstream",
+                            "127.0.0.1:5222", "--media-upstream",
+                            "127.0.0.1:443", "--public-host",
+                            "proxy.example.org", "--cert-dir", "/tmp", NULL);
+    ck_assert_msg(status == 0, "--check with good settings exits 0: %s%s",
+                  out, err);
+    ck_assert_msg(strstr(out, "https://wa.me/proxy?host=proxy.example.org"
+                              "&chatPort=443&mediaPort=587&chatTLS=true"),
+                  "--check prints the share link: %s", out);
+    const char *ports[] = {" 80 ", " 8080 ", " 443 ", " 8443 ", " 5222 ",
+                           " 8222 ", " 587 ", " 7777 "};
+    for (size_t i = 0; i < sizeof ports / sizeof ports[0]; i++)
+        ck_assert_msg(strstr(out, ports[i]) != NULL, "lists port%s",
+                      ports[i]);
+}
+END_TEST
+
+START_TEST(test_check_exits_one_when_a_server_does_not_resolve)
+{
+    char out[16384], err[16384];
+    int status = binary_run(out, err, sizeof out, "--check", "--upstream",
+                            "nonexistent.invalid:5222", "--media-upstream",
+                            "127.0.0.1:443", "--listen", "127.0.0.1:5222",
+                            NULL);
+    ck_assert_int_eq(status, 1);
+    ck_assert_msg(strstr(out, "nonexistent.invalid") && strstr(out, "PROBLEM"),
+                  "--check names the server that does not resolve: %s", out);
+}
+END_TEST
+
+/* ==== 12. Statistics ==== */
+
+static int parse_request(const char *text, char *path)
+{
+    return stats_request_parse((const uint8_t *)text, strlen(text), path, 64);
+}
+
+START_TEST(test_stats_request_parse_knows_complete_bad_and_partial)
+{
+    char path[64];
+    ck_assert_int_eq(parse_request("GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n",
+                                   path), STATS_REQUEST_GET);
+    ck_assert_str_eq(path, "/metrics");
+    ck_assert_int_eq(parse_request("HEAD /?refresh=1 HTTP/1.0\r\n\r\n", path),
+                     STATS_REQUEST_HEAD);
+    ck_assert_str_eq(path, "/");
+    ck_assert_int_eq(parse_request("GET / HTTP/1.1\r\nHost:", path),
+                     STATS_REQUEST_INCOMPLETE);
+    ck_assert_int_eq(parse_request("POST / HTTP/1.1\r\n\r\n", path),
+                     STATS_REQUEST_METHOD_NOT_ALLOWED);
+    const char *bad[] = {"GET\r\n\r\n", "GET / SPDY/3\r\n\r\n",
+                         "GET metrics HTTP/1.1\r\n\r\n",
+                         "GET /a\x01 HTTP/1.1\r\n\r\n", "\r\n\r\n"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        ck_assert_msg(parse_request(bad[i], path) == STATS_REQUEST_BAD,
+                      "request %zu is refused", i);
+    static char endless[4096];
+    memset(endless, 'a', sizeof endless - 1);
+    ck_assert_int_eq(parse_request(endless, path), STATS_REQUEST_BAD);
+}
+END_TEST
+
+/* True if name is a Prometheus metric name ([a-zA-Z_:][a-zA-Z0-9_:]*). */
+static bool metric_name_valid(const char *name, size_t length)
+{
+    if (length == 0)
+        return false;
+    for (size_t i = 0; i < length; i++) {
+        char c = name[i];
+        bool letter = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                      c == '_' || c == ':';
+        if (!letter && !(i > 0 && c >= '0' && c <= '9'))
+            return false;
+    }
+    return true;
+}
+
+/* Checks one sample line "name{a="b",c="d"} 12" strictly; returns the name
+ * length, or 0 if the line is malformed. */
+static size_t metric_sample_check(const char *line)
+{
+    size_t name_length = strcspn(line, "{ ");
+    if (!metric_name_valid(line, name_length))
+        return 0;
+    const char *p = line + name_length;
+    if (*p == '{') {
+        p++;
+        while (*p != '}') {
+            size_t label = strcspn(p, "=");
+            if (!metric_name_valid(p, label) || p[label + 1] != '"')
+                return 0;
+            p += label + 2;
+            while (*p != '"' && *p != '\0' && *p != '\n')
+                p++;
+            if (*p != '"')
+                return 0;
+            p++;
+            if (*p == ',')
+                p++;
+            else if (*p != '}')
+                return 0;
+        }
+        p++;
+    }
+    if (*p != ' ')
+        return 0;
+    char *end;
+    strtod(p + 1, &end);
+    return end != p + 1 && *end == '\0' ? name_length : 0;
+}
+
+/* Parses the whole /metrics answer strictly: every sample belongs to a
+ * metric announced by HELP and TYPE lines, names start with whatsapp_proxy_
+ * and counters end with _total. */
+START_TEST(test_metrics_are_strict_prometheus_text)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--stats",
+                "127.0.0.1:0", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "PROXY BOGUS\r\n", 13);
+    ck_assert(closed_within(client, PROMPTLY_MS));
+    close(client);
+
+    static char answer[65536];
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/metrics", answer,
+                              sizeof answer), 200);
+    char *body = strstr(answer, "\r\n\r\n");
+    ck_assert_ptr_nonnull(body);
+    body += 4;
+    char help_name[128] = "", type_name[128] = "", type[32] = "";
+    int samples = 0;
+    for (char *line = strtok(body, "\n"); line; line = strtok(NULL, "\n")) {
+        if (strncmp(line, "# HELP ", 7) == 0) {
+            ck_assert_int_eq(sscanf(line, "# HELP %127s", help_name), 1);
+            ck_assert_msg(strlen(line) > 8 + strlen(help_name),
+                          "HELP has a text: %s", line);
+            continue;
+        }
+        if (strncmp(line, "# TYPE ", 7) == 0) {
+            ck_assert_int_eq(sscanf(line, "# TYPE %127s %31s", type_name,
+                                    type), 2);
+            ck_assert_str_eq(type_name, help_name);
+            ck_assert_msg(strcmp(type, "counter") == 0 ||
+                              strcmp(type, "gauge") == 0, "type %s", type);
+            size_t length = strlen(type_name);
+            bool total = length > 6 &&
+                         strcmp(type_name + length - 6, "_total") == 0;
+            ck_assert_msg(total == (strcmp(type, "counter") == 0),
+                          "counters and only counters end in _total: %s",
+                          type_name);
+            continue;
+        }
+        size_t name_length = metric_sample_check(line);
+        ck_assert_msg(name_length > 0, "a well-formed sample: '%s'", line);
+        ck_assert_msg(strncmp(line, "whatsapp_proxy_", 15) == 0 &&
+                          name_length == strlen(type_name) &&
+                          strncmp(line, type_name, name_length) == 0,
+                      "the sample follows its own HELP and TYPE: %s", line);
+        samples++;
+    }
+    ck_assert_int_gt(samples, 20);
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/metrics", answer,
+                              sizeof answer), 200);
+    ck_assert_msg(strstr(answer, "\nwhatsapp_proxy_bad_proxy_header_total 1\n"),
+                  "the bad header is counted");
+    char listener[128];
+    snprintf(listener, sizeof listener, "whatsapp_proxy_listener_connections"
+             "_total{listener=\"127.0.0.1:%u/accept-proxy\"} 1\n",
+             proxy_listener_port(0));
+    ck_assert_msg(strstr(answer, listener), "per listener: %s", listener);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+START_TEST(test_stats_page_healthz_and_not_found)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    static char answer[65536];
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/", answer, sizeof answer),
+                     200);
+    ck_assert_msg(strstr(answer, "http-equiv=\"refresh\"") &&
+                      strstr(answer, "Listeners") &&
+                      strstr(answer, "Servers") && strstr(answer, "Problems"),
+                  "the page refreshes itself and shows every part");
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/healthz", answer,
+                              sizeof answer), 200);
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/nothing", answer,
+                              sizeof answer), 404);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* A statistics client that sends nothing blocks neither other statistics
+ * clients nor the relay. */
+START_TEST(test_slow_stats_client_blocks_nobody)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", upstream->port),
+                NULL);
+    int silent = connect_local(proxy_stats_port());
+    send_all(silent, "GET / HT", 8);
+    static char answer[65536];
+    long long started = clock_ms();
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/healthz", answer,
+                              sizeof answer), 200);
+    int client = connect_local(proxy_listener_port(0));
+    expect_echo(client, "relay is not blocked");
+    ck_assert_msg(clock_ms() - started < 1000,
+                  "served without waiting for the silent client");
+    close(client);
+    close(silent);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* ==== 13. Starting and stopping ==== */
+
+/* A stop (what SIGTERM does) in the middle of a transfer: the listener is
+ * closed at once, but the transfer finishes to the last byte. */
+START_TEST(test_stop_lets_a_transfer_in_flight_finish)
+{
+    const size_t size = 32u << 20;
+    struct bulk_server server;
+    bulk_server_start(&server, 0, size);
+    proxy_start("--listen", "127.0.0.1:0", "--grace", "20", "--upstream",
+                address_text("127.0.0.1:%u", server.port), NULL);
+    uint16_t port = proxy_listener_port(0);
+    struct bulk_end client = {.send_seed = 1, .to_send = size,
+                              .first_wrong = SIZE_MAX};
+    client.fd = connect_local(port);
+    fcntl(client.fd, F_SETFL, fcntl(client.fd, F_GETFL) | O_NONBLOCK);
+    while (client.sent < (1u << 20)) {
+        struct pollfd watched = {.fd = client.fd, .events = POLLOUT};
+        ck_assert(poll(&watched, 1, PROMPTLY_MS) == 1);
+        ck_assert(bulk_write_some(&client));
+    }
+    proxy_request_stop();
+    bool refused = false;
+    for (int i = 0; i < 3000 && !refused; i++) {
+        int probe = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in address = {.sin_family = AF_INET,
+                                      .sin_port = htons(port),
+                                      .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        refused = connect(probe, (struct sockaddr *)&address,
+                          sizeof address) < 0 && errno == ECONNREFUSED;
+        close(probe);
+        if (!refused)
+            usleep(1000);
+    }
+    ck_assert_msg(refused, "after a stop new clients are refused");
+    bulk_transfer(&client, SLOWLY_MS);
+    close(client.fd);
+    bulk_server_stop(&server);
+    ck_assert_msg(server.end.received == size &&
+                      server.end.first_wrong == SIZE_MAX,
+                  "every byte arrived after the stop (%zu of %zu)",
+                  server.end.received, size);
+    pthread_join(proxy.thread, NULL);
+    proxy.running = false;
+    settings_free(proxy.settings);
+}
+END_TEST
+
+START_TEST(test_connections_left_after_the_grace_period_are_closed)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_HOLD, true);
+    proxy_start("--listen", "127.0.0.1:0", "--grace", "0.3", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    int client = connect_local(proxy_listener_port(0));
+    ck_assert(counter_reaches(COUNTER_CONNECTIONS_RELAYED, 1, PROMPTLY_MS));
+    long long started = clock_ms();
+    proxy_stop();
+    long long took = clock_ms() - started;
+    ck_assert_msg(took >= 250 && took < 2000,
+                  "the stop waited for the grace period, then ended (%lld ms)",
+                  took);
+    ck_assert(closed_within(client, PROMPTLY_MS));
+    close(client);
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* SIGTERM to the real binary during a transfer: it still finishes, and the
+ * program exits 0. */
+START_TEST(test_sigterm_to_the_binary_finishes_the_transfer_and_exits_zero)
+{
+    const size_t size = 16u << 20;
+    struct bulk_server server;
+    bulk_server_start(&server, 0, size);
+    uint16_t port = closed_port();
+    char listen[32], upstream[32];
+    snprintf(listen, sizeof listen, "127.0.0.1:%u", port);
+    snprintf(upstream, sizeof upstream, "127.0.0.1:%u", server.port);
+    pid_t child = fork();
+    if (child == 0) {
+        int quiet = open("/dev/null", O_WRONLY);
+        dup2(quiet, STDERR_FILENO);
+        execl("./whatsapp_proxy", "whatsapp_proxy", "--listen", listen,
+              "--upstream", upstream, "--stats", "off", "--grace", "20",
+              (char *)NULL);
+        _exit(127);
+    }
+    int fd = -1;
+    for (int i = 0; i < 5000 && fd < 0; i++) {
+        fd = socket(AF_INET, SOCK_STREAM, 0);
+        struct sockaddr_in address = {.sin_family = AF_INET,
+                                      .sin_port = htons(port),
+                                      .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        if (connect(fd, (struct sockaddr *)&address, sizeof address) < 0) {
+            close(fd);
+            fd = -1;
+            usleep(1000); /* the program is still starting */
+        }
+    }
+    ck_assert_msg(fd >= 0, "the binary starts listening");
+    struct bulk_end client = {.fd = fd, .send_seed = 1, .to_send = size,
+                              .first_wrong = SIZE_MAX};
+    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
+    while (client.sent < (1u << 20)) {
+        struct pollfd watched = {.fd = fd, .events = POLLOUT};
+        ck_assert(poll(&watched, 1, PROMPTLY_MS) == 1);
+        ck_assert(bulk_write_some(&client));
+    }
+    kill(child, SIGTERM);
+    bulk_transfer(&client, SLOWLY_MS);
+    close(fd);
+    bulk_server_stop(&server);
+    int status = -1;
+    long long deadline = clock_ms() + SLOWLY_MS;
+    while (waitpid(child, &status, WNOHANG) == 0 && clock_ms() < deadline)
+        usleep(1000);
+    if (!WIFEXITED(status)) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+    }
+    ck_assert_msg(server.end.received == size, "all %zu bytes arrived (%zu)",
+                  size, server.end.received);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "the program exits 0 after SIGTERM");
+}
+END_TEST
+
+/* With --user, the proxy gives up root for good after binding. */
+START_TEST(test_user_flag_drops_root_for_good)
+{
+    if (geteuid() != 0)
+        return; /* only root can switch users */
+    pid_t child = fork();
+    if (child == 0) {
+        struct settings *settings = settings_new();
+        char *argv[] = {"whatsapp_proxy", "--listen", "127.0.0.1:0",
+                        "--stats", "off", "--log-level", "error", "--user",
+                        "nobody"};
+        char error[512];
+        if (settings_parse(settings, 9, argv, error, sizeof error) != PARSE_RUN
+            || proxy_open(settings, error, sizeof error) != 0)
+            _exit(3);
+        if (getuid() == 0 || geteuid() == 0 || getgid() == 0)
+            _exit(4);
+        if (setuid(0) == 0)
+            _exit(5);
+        _exit(0);
+    }
+    int status;
+    waitpid(child, &status, 0);
+    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
+                  "--user nobody leaves no way back to root (status %d)",
+                  WEXITSTATUS(status));
+}
+END_TEST
+
+/* ==== The suite: one test case per section, in the file's order ==== */
+
+static TCase *section(const char *name, int timeout_seconds)
+{
+    TCase *test_case = tcase_create(name);
+    tcase_set_timeout(test_case, timeout_seconds);
+    return test_case;
+}
+
+static Suite *proxy_suite(void)
+{
+    Suite *suite = suite_create("whatsapp_proxy");
+    TCase *t;
+
+    t = section("Settings and limits", 30);
+    tcase_add_test(t, test_defaults_are_the_reference_ones);
+    suite_add_tcase(suite, t);
+
+    t = section("Logging and errors", 30);
+    tcase_add_test(t, test_client_addresses_stay_out_of_logs_by_default);
+    tcase_add_test(t, test_log_clients_writes_client_addresses);
+    suite_add_tcase(suite, t);
+
+    t = section("Command line", 30);
+    tcase_add_test(t, test_listener_spec_accepts_every_documented_form);
+    tcase_add_test(t, test_listener_spec_refuses_bad_ones_with_a_reason);
+    tcase_add_test(t, test_host_port_parse_takes_names_and_bracketed_ipv6);
+    tcase_add_test(t, test_seconds_parse_takes_decimals_and_refuses_nonsense);
+    tcase_add_test(t, test_settings_parse_names_the_flag_that_is_wrong);
+    tcase_add_test(t, test_help_lists_every_flag_and_exits_zero);
+    tcase_add_test(t, test_binary_refuses_bad_input_with_one_line_and_status_2);
+    suite_add_tcase(suite, t);
+
+    t = section("PROXY protocol", 30);
+    tcase_add_test(t, test_proxyhdr_v1_tcp4_round_trips);
+    tcase_add_test(t, test_proxyhdr_v1_tcp6_and_unknown_decode);
+    tcase_add_test(t, test_proxyhdr_v2_round_trips_ipv4_and_ipv6);
+    tcase_add_test(t, test_proxyhdr_v2_skips_tlvs_and_leaves_payload_untouched);
+    tcase_add_test(t, test_proxyhdr_v2_local_and_unspec_mean_real_addresses);
+    tcase_add_test(t, test_proxyhdr_every_split_needs_more_and_the_whole_decodes);
+    tcase_add_test(t, test_proxyhdr_refuses_malformed_and_oversize_headers);
+    tcase_add_test(t, test_accept_proxy_passes_the_incoming_address_upstream);
+    tcase_add_test(t, test_incoming_unknown_header_sends_the_real_address);
+    tcase_add_test(t, test_send_proxy_v1_and_none_are_honoured);
+    suite_add_tcase(suite, t);
+
+    t = section("TLS termination", 60);
+    tcase_add_test(t, test_made_certificate_is_like_the_reference);
+    tcase_add_test(t, test_given_certificate_is_served_and_reload_keeps_old_on_bad_file);
+    tcase_add_test(t, test_tls_1_1_is_refused);
+    suite_add_tcase(suite, t);
+
+    t = section("Upstreams", 60);
+    tcase_add_test(t, test_chat_servers_are_used_in_turn);
+    tcase_add_test(t, test_refused_server_is_skipped_for_the_next);
+    tcase_add_test(t, test_client_is_closed_promptly_when_no_server_answers);
+    tcase_add_test(t, test_connect_timeout_gives_up_on_a_silent_server);
+    tcase_add_test(t, test_health_checks_take_a_dead_server_out_and_back);
+    tcase_add_test(t, test_when_every_server_is_down_they_are_still_tried);
+    suite_add_tcase(suite, t);
+
+    t = section("Listeners", 30);
+    tcase_add_test(t, test_listener_without_address_takes_ipv4_and_ipv6);
+    tcase_add_test(t, test_port_in_use_is_named_with_the_fix);
+    tcase_add_test(t, test_privileged_port_without_permission_names_the_fixes);
+    suite_add_tcase(suite, t);
+
+    t = section("Admission", 30);
+    tcase_add_test(t, test_over_maxconn_a_new_client_is_closed_and_others_carry_on);
+    suite_add_tcase(suite, t);
+
+    t = section("Conversation", 30);
+    tcase_add_test(t, test_silent_client_is_dropped_at_the_handshake_timeout);
+    tcase_add_test(t, test_malformed_header_closes_only_that_client);
+    tcase_add_test(t, test_plain_bytes_on_a_tls_port_close_only_that_client);
+    tcase_add_test(t, test_header_split_across_reads_is_read_exactly);
+    suite_add_tcase(suite, t);
+
+    t = section("Relay", 120);
+    tcase_add_test(t, test_bytes_arrive_intact_on_every_kind_of_listener);
+    tcase_add_test(t, test_64_mib_each_way_at_once_arrive_intact_plain);
+    tcase_add_test(t, test_64_mib_each_way_at_once_arrive_intact_over_tls);
+    tcase_add_test(t, test_client_half_close_still_gets_the_reply);
+    tcase_add_test(t, test_client_half_close_still_gets_the_reply_over_tls);
+    tcase_add_test(t, test_server_half_close_still_gets_the_client_bytes);
+    tcase_add_test(t, test_server_half_close_still_gets_the_client_bytes_over_tls);
+    tcase_add_test(t, test_idle_connection_is_closed_after_idle_timeout);
+    tcase_add_test(t, test_half_closed_connection_is_closed_after_fin_timeout);
+    tcase_add_test(t, test_two_thousand_connections_at_once_all_echo);
+    suite_add_tcase(suite, t);
+
+    t = section("Check summary", 30);
+    tcase_add_test(t, test_share_link_has_the_fields_the_app_reads);
+    tcase_add_test(t, test_check_prints_what_to_tell_users_and_exits_zero);
+    tcase_add_test(t, test_check_exits_one_when_a_server_does_not_resolve);
+    suite_add_tcase(suite, t);
+
+    t = section("Statistics", 30);
+    tcase_add_test(t, test_stats_request_parse_knows_complete_bad_and_partial);
+    tcase_add_test(t, test_metrics_are_strict_prometheus_text);
+    tcase_add_test(t, test_stats_page_healthz_and_not_found);
+    tcase_add_test(t, test_slow_stats_client_blocks_nobody);
+    suite_add_tcase(suite, t);
+
+    t = section("Starting and stopping", 60);
+    tcase_add_test(t, test_stop_lets_a_transfer_in_flight_finish);
+    tcase_add_test(t, test_connections_left_after_the_grace_period_are_closed);
+    tcase_add_test(t, test_sigterm_to_the_binary_finishes_the_transfer_and_exits_zero);
+    tcase_add_test(t, test_user_flag_drops_root_for_good);
+    suite_add_tcase(suite, t);
+    return suite;
+}
+
+int main(void)
+{
+    /* Client, proxy and server share this process: four descriptors per
+     * relayed connection. Take every descriptor the system allows. */
+    struct rlimit limit;
+    getrlimit(RLIMIT_NOFILE, &limit);
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+    signal(SIGPIPE, SIG_IGN);
+
+    SRunner *runner = srunner_create(proxy_suite());
+    srunner_run_all(runner, CK_NORMAL);
+    int failed = srunner_ntests_failed(runner);
+    srunner_free(runner);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
