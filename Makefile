@@ -3,10 +3,12 @@
 # Both `run` and `test` first check that the OpenSSL and Check headers exist.
 
 CC      ?= cc
-# -std=c11 for atomics; _GNU_SOURCE for accept4(), epoll and friends (Linux).
+# CFLAGS is yours to change (make CFLAGS="-O0 -g"); the flags the code needs
+# are added in ALL_CFLAGS: -std=c11 for atomics, _GNU_SOURCE for accept4(),
+# epoll and memmem() (Linux), and every warning as an error.
 CFLAGS  ?= -O2 -g
-CFLAGS  += -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -pthread
-CFLAGS  += $(shell pkg-config --cflags openssl 2>/dev/null)
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE -Wall -Wextra -Werror -pthread $(CFLAGS) \
+             $(shell pkg-config --cflags openssl 2>/dev/null)
 LDLIBS   = $(shell pkg-config --libs openssl 2>/dev/null || echo -lssl -lcrypto) -pthread
 CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
 ARGS    ?=
@@ -19,12 +21,12 @@ all: whatsapp_proxy
 
 # The proxy itself.
 whatsapp_proxy: whatsapp_proxy.c whatsapp_proxy.h
-	$(CC) $(CFLAGS) -o $@ whatsapp_proxy.c $(LDLIBS)
+	$(CC) $(ALL_CFLAGS) -o $@ whatsapp_proxy.c $(LDLIBS)
 
 # The tests link the same file, with its main() renamed so the tests have theirs.
 test_proxy: test_proxy.c whatsapp_proxy.c whatsapp_proxy.h
-	$(CC) $(CFLAGS) -Dmain=whatsapp_proxy_main -c -o whatsapp_proxy_for_tests.o whatsapp_proxy.c
-	$(CC) $(CFLAGS) -o $@ test_proxy.c whatsapp_proxy_for_tests.o $(CHECK_LIBS) $(LDLIBS)
+	$(CC) $(ALL_CFLAGS) -Dmain=whatsapp_proxy_main -c -o whatsapp_proxy_for_tests.o whatsapp_proxy.c
+	$(CC) $(ALL_CFLAGS) -o $@ test_proxy.c whatsapp_proxy_for_tests.o $(CHECK_LIBS) $(LDLIBS)
 
 # Installs (as root) or names the packages a fresh Debian or Ubuntu machine lacks.
 deps:
@@ -37,6 +39,20 @@ run: deps whatsapp_proxy
 # Runs the Check suite; CK_RUN_CASE="PROXY protocol" make test runs one section.
 test: deps whatsapp_proxy test_proxy
 	./test_proxy
+
+# The same suite under AddressSanitizer + UndefinedBehaviorSanitizer, under
+# ThreadSanitizer (data races), and under valgrind (leaks, bad reads).
+# Each rebuilds from scratch with its own flags.
+test-asan: deps
+	$(MAKE) clean
+	$(MAKE) CC=clang CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" test
+test-tsan: deps
+	$(MAKE) clean
+	$(MAKE) CC=clang CFLAGS="-O1 -g -fsanitize=thread" test
+valgrind: deps
+	$(MAKE) clean
+	$(MAKE) CFLAGS="-O1 -g" whatsapp_proxy test_proxy
+	CK_FORK=no valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9 --trace-children=no ./test_proxy
 
 # Measures whatsapp_proxy beside HAProxy on loopback (bench/README.md).
 bench: whatsapp_proxy
@@ -58,4 +74,4 @@ install: whatsapp_proxy
 clean:
 	rm -f whatsapp_proxy test_proxy *.o
 
-.PHONY: all deps run test bench bench-quick certs install clean
+.PHONY: all deps run test test-asan test-tsan valgrind bench bench-quick certs install clean

@@ -219,12 +219,27 @@ static int listen_local(uint16_t *port, int backlog)
     return fd;
 }
 
-/* Returns a port on which nothing listens (bound once, then closed). */
+/* Returns a port on which nothing listens. It is taken below the kernel's
+ * range of ephemeral ports (32768 and up by default), because a connect()
+ * on loopback to a free port inside that range can, rarely, pick that very
+ * port for itself and connect to itself. */
 static uint16_t closed_port(void)
 {
-    uint16_t port;
-    close(listen_local(&port, 1));
-    return port;
+    static unsigned next;
+    for (int tries = 0; tries < 1000; tries++) {
+        uint16_t port = (uint16_t)(20000 + (getpid() * 7 + next++) % 12000);
+        int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        struct sockaddr_in address = {.sin_family = AF_INET,
+                                      .sin_port = htons(port),
+                                      .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+        bool free_port = bind(fd, (struct sockaddr *)&address,
+                              sizeof address) == 0;
+        close(fd);
+        if (free_port)
+            return port;
+    }
+    ck_abort_msg("no free port below 32000");
+    return 0;
 }
 
 /* Waits up to timeout_ms for fd to become readable. */
@@ -1772,6 +1787,7 @@ struct bulk_end {
     size_t to_receive, received;
     size_t first_wrong; /* SIZE_MAX while every byte was right */
     uint64_t checksum;  /* a running sum of the received bytes */
+    atomic_size_t progress; /* `received`, for other threads to watch */
 };
 
 /* One step of writing: returns false on a broken connection. */
@@ -1822,6 +1838,7 @@ static bool bulk_read_some(struct bulk_end *end)
         end->checksum += chunk[i];
     }
     end->received += got;
+    atomic_store(&end->progress, end->received);
     return true;
 }
 
@@ -1883,6 +1900,7 @@ static void bulk_server_start(struct bulk_server *server, size_t to_send,
                                     .to_send = to_send,
                                     .to_receive = to_receive,
                                     .first_wrong = SIZE_MAX};
+    atomic_init(&server->end.progress, 0);
     pthread_create(&server->thread, NULL, bulk_server_run, server);
 }
 
@@ -2506,6 +2524,25 @@ END_TEST
 
 /* ==== 13. Starting and stopping ==== */
 
+/* Sends the first MiB of client's stream and waits until the server has
+ * received some of it: from then on the transfer is surely "in flight"
+ * (a connection still waiting in the listen queue would be refused by a
+ * stop, like any new one). */
+static void bulk_first_mib(struct bulk_end *client, struct bulk_server *server)
+{
+    fcntl(client->fd, F_SETFL, fcntl(client->fd, F_GETFL) | O_NONBLOCK);
+    while (client->sent < (1u << 20)) {
+        struct pollfd watched = {.fd = client->fd, .events = POLLOUT};
+        ck_assert(poll(&watched, 1, SLOWLY_MS) == 1);
+        ck_assert(bulk_write_some(client));
+    }
+    long long deadline = clock_ms() + SLOWLY_MS;
+    while (atomic_load(&server->end.progress) == 0 && clock_ms() < deadline)
+        usleep(1000);
+    ck_assert_msg(atomic_load(&server->end.progress) > 0,
+                  "the transfer has started");
+}
+
 /* A stop (what SIGTERM does) in the middle of a transfer: the listener is
  * closed at once, but the transfer finishes to the last byte. */
 START_TEST(test_stop_lets_a_transfer_in_flight_finish)
@@ -2519,12 +2556,7 @@ START_TEST(test_stop_lets_a_transfer_in_flight_finish)
     struct bulk_end client = {.send_seed = 1, .to_send = size,
                               .first_wrong = SIZE_MAX};
     client.fd = connect_local(port);
-    fcntl(client.fd, F_SETFL, fcntl(client.fd, F_GETFL) | O_NONBLOCK);
-    while (client.sent < (1u << 20)) {
-        struct pollfd watched = {.fd = client.fd, .events = POLLOUT};
-        ck_assert(poll(&watched, 1, PROMPTLY_MS) == 1);
-        ck_assert(bulk_write_some(&client));
-    }
+    bulk_first_mib(&client, &server);
     proxy_request_stop();
     bool refused = false;
     for (int i = 0; i < 3000 && !refused; i++) {
@@ -2582,36 +2614,37 @@ START_TEST(test_sigterm_to_the_binary_finishes_the_transfer_and_exits_zero)
     char listen[32], upstream[32];
     snprintf(listen, sizeof listen, "127.0.0.1:%u", port);
     snprintf(upstream, sizeof upstream, "127.0.0.1:%u", server.port);
+    int log_pipe[2];
+    ck_assert_int_eq(pipe(log_pipe), 0);
     pid_t child = fork();
     if (child == 0) {
-        int quiet = open("/dev/null", O_WRONLY);
-        dup2(quiet, STDERR_FILENO);
+        dup2(log_pipe[1], STDERR_FILENO);
         execl("./whatsapp_proxy", "whatsapp_proxy", "--listen", listen,
-              "--upstream", upstream, "--stats", "off", "--grace", "20",
-              (char *)NULL);
+              "--upstream", upstream, "--media-upstream", upstream,
+              "--stats", "off", "--grace", "20", (char *)NULL);
         _exit(127);
     }
-    int fd = -1;
-    for (int i = 0; i < 5000 && fd < 0; i++) {
-        fd = socket(AF_INET, SOCK_STREAM, 0);
-        struct sockaddr_in address = {.sin_family = AF_INET,
-                                      .sin_port = htons(port),
-                                      .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        if (connect(fd, (struct sockaddr *)&address, sizeof address) < 0) {
-            close(fd);
-            fd = -1;
-            usleep(1000); /* the program is still starting */
-        }
+    close(log_pipe[1]);
+    /* Wait for the "ready" line of its log. (Polling the port with
+     * connect() would be wrong: on loopback a connect to a free port can
+     * pick that same port for itself and connect to itself.) */
+    char log[8192] = "";
+    size_t logged = 0;
+    while (strstr(log, " ready;") == NULL && logged < sizeof log - 1 &&
+           readable_within(log_pipe[0], SLOWLY_MS)) {
+        ssize_t count = read(log_pipe[0], log + logged,
+                             sizeof log - 1 - logged);
+        if (count <= 0)
+            break;
+        logged += (size_t)count;
+        log[logged] = '\0';
     }
-    ck_assert_msg(fd >= 0, "the binary starts listening");
+    ck_assert_msg(strstr(log, " ready;") != NULL, "the binary starts: %s",
+                  log);
+    int fd = connect_local(port);
     struct bulk_end client = {.fd = fd, .send_seed = 1, .to_send = size,
                               .first_wrong = SIZE_MAX};
-    fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK);
-    while (client.sent < (1u << 20)) {
-        struct pollfd watched = {.fd = fd, .events = POLLOUT};
-        ck_assert(poll(&watched, 1, PROMPTLY_MS) == 1);
-        ck_assert(bulk_write_some(&client));
-    }
+    bulk_first_mib(&client, &server);
     kill(child, SIGTERM);
     bulk_transfer(&client, SLOWLY_MS);
     close(fd);
@@ -2624,8 +2657,18 @@ START_TEST(test_sigterm_to_the_binary_finishes_the_transfer_and_exits_zero)
         kill(child, SIGKILL);
         waitpid(child, &status, 0);
     }
-    ck_assert_msg(server.end.received == size, "all %zu bytes arrived (%zu)",
-                  size, server.end.received);
+    while (logged < sizeof log - 1 && readable_within(log_pipe[0], 100)) {
+        ssize_t count = read(log_pipe[0], log + logged,
+                             sizeof log - 1 - logged);
+        if (count <= 0)
+            break;
+        logged += (size_t)count;
+        log[logged] = '\0';
+    }
+    close(log_pipe[0]);
+    ck_assert_msg(server.end.received == size,
+                  "all %zu bytes arrived (%zu); its log: %s", size,
+                  server.end.received, log);
     ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
                   "the program exits 0 after SIGTERM");
 }
