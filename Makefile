@@ -13,9 +13,10 @@ LDLIBS   = $(shell pkg-config --libs openssl 2>/dev/null || echo -lssl -lcrypto)
 CHECK_LIBS = $(shell pkg-config --libs check 2>/dev/null || echo -lcheck)
 ARGS    ?=
 # `make install` puts files under $(DESTDIR)$(PREFIX); the unit goes to
-# $(DESTDIR)$(UNITDIR), the options file to $(DESTDIR)/etc/default.
+# $(DESTDIR)$(UNITDIR), the options file to $(DESTDIR)$(DEFAULTDIR).
 PREFIX  ?= /usr/local
 UNITDIR ?= /etc/systemd/system
+DEFAULTDIR ?= /etc/default
 
 all: whatsapp_proxy
 
@@ -69,7 +70,7 @@ install: whatsapp_proxy
 	install -D -m 0755 whatsapp_proxy $(DESTDIR)$(PREFIX)/bin/whatsapp_proxy
 	install -d $(DESTDIR)$(UNITDIR)
 	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/whatsapp_proxy.service > $(DESTDIR)$(UNITDIR)/whatsapp_proxy.service
-	[ -e $(DESTDIR)/etc/default/whatsapp_proxy ] || install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)/etc/default/whatsapp_proxy
+	[ -e $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy ] || install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy
 
 clean:
 	rm -f whatsapp_proxy test_proxy *.o
