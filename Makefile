@@ -55,6 +55,19 @@ valgrind: deps
 	$(MAKE) CFLAGS="-O1 -g" whatsapp_proxy test_proxy
 	CK_FORK=no valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9 --trace-children=no ./test_proxy
 
+# Fuzzes the parsers with libFuzzer for FUZZ_SECONDS each (fuzz/README.md).
+FUZZ_SECONDS ?= 60
+fuzz: deps
+	$(MAKE) -C fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS)
+
+# Real peers (HAProxy, curl, openssl s_client), scale-out behind a balancer,
+# and a soak run: scripts in tests/ (tests/README.md).
+test-peers: whatsapp_proxy
+	sh tests/peers.sh
+SOAK_SECONDS ?= 60
+soak: whatsapp_proxy
+	sh tests/soak.sh $(SOAK_SECONDS)
+
 # Measures whatsapp_proxy beside HAProxy on loopback (bench/README.md).
 bench: whatsapp_proxy
 	$(MAKE) -C bench run
@@ -75,4 +88,4 @@ install: whatsapp_proxy
 clean:
 	rm -f whatsapp_proxy test_proxy *.o
 
-.PHONY: all deps run test test-asan test-tsan valgrind bench bench-quick certs install clean
+.PHONY: all deps run test test-asan test-tsan valgrind fuzz test-peers soak bench bench-quick certs install clean
