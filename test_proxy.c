@@ -389,6 +389,7 @@ enum upstream_mode {
     UPSTREAM_REPLY_AT_EOF,/* read until EOF, then send "reply" and close */
     UPSTREAM_HALF_CLOSE,  /* send "from upstream", shut its write side,
                              then read until EOF */
+    UPSTREAM_RESET,       /* read the first bytes, then reset (RST) */
 };
 
 #define UPSTREAM_CONNECTIONS_MAX 256
@@ -417,6 +418,22 @@ struct upstream_connection {
     struct fake_upstream *upstream;
     int fd;
 };
+
+/* Sends all of data; returns false if the connection broke. The fake
+ * upstream uses this instead of send_all(): a broken connection is what
+ * some tests cause on purpose. */
+static bool send_quietly(int fd, const void *data, size_t length)
+{
+    const uint8_t *bytes = data;
+    while (length > 0) {
+        ssize_t sent = send(fd, bytes, length, MSG_NOSIGNAL);
+        if (sent <= 0)
+            return false;
+        bytes += sent;
+        length -= (size_t)sent;
+    }
+    return true;
+}
 
 /* Waits until fd is readable or the upstream is stopped. */
 static bool upstream_wait_readable(struct fake_upstream *upstream, int fd)
@@ -467,7 +484,7 @@ static void *upstream_connection_run(void *argument)
         goto out;
     }
     if (upstream->mode == UPSTREAM_HALF_CLOSE) {
-        send_all(fd, "from upstream", 13);
+        send_quietly(fd, "from upstream", 13);
         shutdown(fd, SHUT_WR);
     }
     bool first = true;
@@ -485,8 +502,16 @@ static void *upstream_connection_run(void *argument)
             pthread_mutex_unlock(&upstream->lock);
             first = false;
         }
-        if (upstream->mode == UPSTREAM_ECHO)
-            send_all(fd, buffer, (size_t)count);
+        if (upstream->mode == UPSTREAM_ECHO &&
+            !send_quietly(fd, buffer, (size_t)count))
+            break;
+        if (upstream->mode == UPSTREAM_RESET) {
+            /* Closing with a zero linger time sends RST instead of FIN. */
+            struct linger abort_now = {.l_onoff = 1, .l_linger = 0};
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_now,
+                       sizeof abort_now);
+            break;
+        }
         if (upstream->mode == UPSTREAM_HALF_CLOSE) {
             pthread_mutex_lock(&upstream->lock);
             upstream->received_after_eof += (size_t)count;
@@ -494,7 +519,7 @@ static void *upstream_connection_run(void *argument)
         }
     }
     if (upstream->mode == UPSTREAM_REPLY_AT_EOF)
-        send_all(fd, "reply", 5);
+        send_quietly(fd, "reply", 5);
 out:
     close(fd);
     return NULL;
@@ -652,6 +677,94 @@ static int line_count(const char *text)
     for (; *text; text++)
         lines += *text == '\n';
     return lines;
+}
+
+/* ./whatsapp_proxy running in the background, with its log in a pipe. */
+struct running_binary {
+    pid_t pid;
+    int log_fd;        /* the read end of its stderr */
+    char log[16384];   /* what it logged so far */
+    size_t logged;
+};
+
+/* Reads the binary's log until it contains needle or timeout_ms pass. */
+static bool binary_log_shows(struct running_binary *binary, const char *needle,
+                             int timeout_ms)
+{
+    long long deadline = clock_ms() + timeout_ms;
+    while (strstr(binary->log, needle) == NULL &&
+           binary->logged < sizeof binary->log - 1) {
+        long long left = deadline - clock_ms();
+        if (left <= 0 || !readable_within(binary->log_fd, (int)left))
+            return false;
+        ssize_t count = read(binary->log_fd, binary->log + binary->logged,
+                             sizeof binary->log - 1 - binary->logged);
+        if (count <= 0)
+            return false;
+        binary->logged += (size_t)count;
+        binary->log[binary->logged] = '\0';
+    }
+    return strstr(binary->log, needle) != NULL;
+}
+
+/* Starts ./whatsapp_proxy with the arguments (NULL-terminated) and an
+ * open-file limit of max_files (0: unchanged), and waits for the "ready"
+ * line of its log. (Polling its port with connect() would be wrong: on
+ * loopback a connect to a free port can, rarely, pick that very port for
+ * itself and connect to itself.) */
+static void binary_start(struct running_binary *binary, rlim_t max_files, ...)
+{
+    char *argv[32] = {"whatsapp_proxy"};
+    int argc = 1;
+    va_list arguments;
+    va_start(arguments, max_files);
+    for (char *argument = va_arg(arguments, char *); argument != NULL;
+         argument = va_arg(arguments, char *))
+        argv[argc++] = argument;
+    va_end(arguments);
+    argv[argc] = NULL;
+
+    int log_pipe[2];
+    ck_assert_int_eq(pipe(log_pipe), 0);
+    binary->pid = fork();
+    ck_assert_int_ge(binary->pid, 0);
+    if (binary->pid == 0) {
+        dup2(log_pipe[1], STDERR_FILENO);
+        if (max_files != 0) {
+            struct rlimit limit = {max_files, max_files};
+            setrlimit(RLIMIT_NOFILE, &limit);
+        }
+        execv("./whatsapp_proxy", argv);
+        _exit(127);
+    }
+    close(log_pipe[1]);
+    binary->log_fd = log_pipe[0];
+    binary->logged = 0;
+    binary->log[0] = '\0';
+    ck_assert_msg(binary_log_shows(binary, " ready;", SLOWLY_MS),
+                  "the binary starts: %s", binary->log);
+}
+
+/* Sends SIGTERM (if signal_first) and waits for the binary to exit, with
+ * SIGKILL after SLOWLY_MS. Returns its exit status (128 + signal if
+ * killed). The rest of its log is in binary->log. */
+static int binary_wait(struct running_binary *binary, bool signal_first)
+{
+    if (signal_first)
+        kill(binary->pid, SIGTERM);
+    int status = 0;
+    long long deadline = clock_ms() + SLOWLY_MS;
+    while (waitpid(binary->pid, &status, WNOHANG) == 0) {
+        if (clock_ms() > deadline) {
+            kill(binary->pid, SIGKILL);
+            waitpid(binary->pid, &status, 0);
+            break;
+        }
+        usleep(1000);
+    }
+    binary_log_shows(binary, "\n\n(never)", 100); /* reads what is left */
+    close(binary->log_fd);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 
 /* ==== 1. Settings and limits ==== */
@@ -1641,6 +1754,74 @@ END_TEST
 
 /* ==== 8. Admission ==== */
 
+/* A one-thread epoll echo server for many connections at once. */
+struct echo_server {
+    int listen_fd;
+    uint16_t port;
+    int stop_pipe[2];
+    pthread_t thread;
+};
+
+static void *echo_server_run(void *argument)
+{
+    struct echo_server *server = argument;
+    int epoll_fd = epoll_create1(0);
+    struct epoll_event event = {.events = EPOLLIN, .data.fd = server->listen_fd};
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, server->listen_fd, &event);
+    event.data.fd = server->stop_pipe[0];
+    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, server->stop_pipe[0], &event);
+    int open_fds[4096];
+    size_t open_count = 0;
+    for (;;) {
+        struct epoll_event ready[64];
+        int count = epoll_wait(epoll_fd, ready, 64, SLOWLY_MS);
+        if (count <= 0)
+            break;
+        for (int i = 0; i < count; i++) {
+            int fd = ready[i].data.fd;
+            if (fd == server->stop_pipe[0])
+                goto out;
+            if (fd == server->listen_fd) {
+                int client = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                if (client < 0 || open_count == 4096)
+                    continue;
+                open_fds[open_count++] = client;
+                struct epoll_event added = {.events = EPOLLIN,
+                                            .data.fd = client};
+                epoll_ctl(epoll_fd, EPOLL_CTL_ADD, client, &added);
+                continue;
+            }
+            char buffer[4096];
+            ssize_t got = recv(fd, buffer, sizeof buffer, 0);
+            if (got > 0)
+                send(fd, buffer, (size_t)got, MSG_NOSIGNAL);
+            else if (got == 0)
+                epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
+        }
+    }
+out:
+    for (size_t i = 0; i < open_count; i++)
+        close(open_fds[i]);
+    close(epoll_fd);
+    return NULL;
+}
+
+static void echo_server_start(struct echo_server *server)
+{
+    server->listen_fd = listen_local(&server->port, 4096);
+    ck_assert_int_eq(pipe(server->stop_pipe), 0);
+    pthread_create(&server->thread, NULL, echo_server_run, server);
+}
+
+static void echo_server_stop(struct echo_server *server)
+{
+    ck_assert_int_eq(write(server->stop_pipe[1], "x", 1), 1);
+    pthread_join(server->thread, NULL);
+    close(server->listen_fd);
+    close(server->stop_pipe[0]);
+    close(server->stop_pipe[1]);
+}
+
 START_TEST(test_over_maxconn_a_new_client_is_closed_and_others_carry_on)
 {
     struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
@@ -1666,6 +1847,106 @@ START_TEST(test_over_maxconn_a_new_client_is_closed_and_others_carry_on)
     close(second);
     proxy_stop();
     fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* CPU time (user + system) a process has used, in clock ticks. */
+static long long process_cpu_ticks(pid_t pid)
+{
+    char path[64], text[1024];
+    snprintf(path, sizeof path, "/proc/%d/stat", (int)pid);
+    FILE *file = fopen(path, "r");
+    ck_assert_ptr_nonnull(file);
+    size_t length = fread(text, 1, sizeof text - 1, file);
+    fclose(file);
+    text[length] = '\0';
+    /* Fields 14 and 15, counted after the ")" that ends the name. */
+    const char *rest = strrchr(text, ')');
+    long long user = 0, system_ticks = 0;
+    ck_assert_int_eq(sscanf(rest + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u "
+                            "%*u %*u %lld %lld", &user, &system_ticks), 2);
+    return user + system_ticks;
+}
+
+/* Out of descriptors: accept() fails with EMFILE. The proxy must not spin
+ * on the listener that stays readable, and must serve again once
+ * descriptors are free. The binary runs with an open-file limit of 40. */
+START_TEST(test_out_of_descriptors_no_busy_loop_and_service_resumes)
+{
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    uint16_t port = closed_port();
+    static struct running_binary binary;
+    binary_start(&binary, 40, "--listen", address_text("127.0.0.1:%u", port),
+                 "--upstream", address_text("127.0.0.1:%u", echo->port),
+                 "--media-upstream", address_text("127.0.0.1:%u", echo->port),
+                 "--stats", "off", "--grace", "0.1", NULL);
+    enum { CLIENTS = 40 };
+    int clients[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++)
+        clients[i] = connect_local(port); /* the kernel completes them all */
+    ck_assert_msg(binary_log_shows(&binary, "cannot accept", SLOWLY_MS),
+                  "the proxy runs out of descriptors and says so: %s",
+                  binary.log);
+
+    long long ticks_before = process_cpu_ticks(binary.pid);
+    long long started = clock_ms();
+    while (clock_ms() - started < 1000)
+        readable_within(binary.log_fd, 100); /* a second of real time */
+    long long ticks_used = process_cpu_ticks(binary.pid) - ticks_before;
+    long ticks_per_second = sysconf(_SC_CLK_TCK);
+    ck_assert_msg(ticks_used < ticks_per_second / 5,
+                  "no busy loop: %lld ticks of CPU in 1 s (limit %ld)",
+                  ticks_used, ticks_per_second / 5);
+
+    for (int i = 0; i < CLIENTS; i++)
+        close(clients[i]);
+    bool served = false;
+    for (int i = 0; i < 100 && !served; i++) {
+        int client = connect_local(port);
+        send_all(client, "back", 4);
+        char answer[4];
+        served = receive_exactly(client, answer, 4, 200) == 4;
+        close(client);
+    }
+    ck_assert_msg(served, "service resumes when descriptors are free");
+    binary_wait(&binary, true);
+    fake_upstream_stop(echo);
+}
+END_TEST
+
+/* A thousand clients connecting in the same instant (all connect() calls
+ * made before any answer is read) are all served. */
+START_TEST(test_a_thousand_clients_at_once_are_all_served)
+{
+    enum { CLIENTS = 1000 };
+    struct echo_server server;
+    echo_server_start(&server);
+    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+    static int clients[CLIENTS];
+    struct sockaddr_in address = {.sin_family = AF_INET,
+                                  .sin_port = htons(proxy_listener_port(0)),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    for (int i = 0; i < CLIENTS; i++) {
+        clients[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        ck_assert(connect(clients[i], (struct sockaddr *)&address,
+                          sizeof address) == 0 || errno == EINPROGRESS);
+    }
+    int served = 0;
+    for (int i = 0; i < CLIENTS; i++) {
+        struct pollfd watched = {.fd = clients[i], .events = POLLOUT};
+        ck_assert(poll(&watched, 1, SLOWLY_MS) == 1);
+        fcntl(clients[i], F_SETFL, fcntl(clients[i], F_GETFL) & ~O_NONBLOCK);
+        send_all(clients[i], "at once", 7);
+    }
+    for (int i = 0; i < CLIENTS; i++) {
+        char answer[7];
+        served += receive_exactly(clients[i], answer, 7, SLOWLY_MS) == 7;
+        close(clients[i]);
+    }
+    ck_assert_msg(served == CLIENTS, "all %d served (%d)", CLIENTS, served);
+    proxy_stop();
+    echo_server_stop(&server);
 }
 END_TEST
 
@@ -1735,6 +2016,45 @@ START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
     close(fd);
     proxy_stop();
     fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* Slowloris: a PROXY header, or a TLS ClientHello, sent one byte at a
+ * time, is cut at the handshake timeout, while normal clients keep being
+ * served. */
+START_TEST(test_slowloris_is_cut_at_the_handshake_timeout)
+{
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy",
+                "--listen", "127.0.0.1:0/tls", "--timeout-handshake", "0.6",
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    const char *slow_bytes[2] = {"PROXY TCP4 203.0.113.7 192.0.2.1 1 2\r\n",
+                                 "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03"};
+    for (size_t listener = 0; listener < 2; listener++) {
+        int slow = connect_local(proxy_listener_port(listener));
+        long long started = clock_ms();
+        bool cut = false;
+        for (size_t i = 0; i < strlen(slow_bytes[listener]) && !cut; i++) {
+            if (send(slow, slow_bytes[listener] + i, 1, MSG_NOSIGNAL) != 1)
+                break;
+            /* Meanwhile a normal client is served. */
+            int normal = connect_local(proxy_listener_port(0));
+            send_all(normal, "PROXY UNKNOWN\r\n", 15);
+            expect_echo(normal, "served");
+            close(normal);
+            cut = closed_within(slow, 150);
+        }
+        if (!cut)
+            cut = closed_within(slow, PROMPTLY_MS);
+        ck_assert_msg(cut, "the slow client is cut");
+        long long took = clock_ms() - started;
+        ck_assert_msg(took >= 500 && took < 2000,
+                      "cut at the 0.6 s handshake timeout (%lld ms)", took);
+        close(slow);
+    }
+    ck_assert_int_eq(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT), 2);
+    proxy_stop();
+    fake_upstream_stop(echo);
 }
 END_TEST
 
@@ -2189,65 +2509,102 @@ START_TEST(test_half_closed_connection_is_closed_after_fin_timeout)
 }
 END_TEST
 
-/* A one-thread epoll echo server for many connections at once. */
-struct echo_server {
-    int listen_fd;
-    uint16_t port;
-    int stop_pipe[2];
-    pthread_t thread;
-};
-
-static void *echo_server_run(void *argument)
+/* Fills fd with bytes until the peer stops taking them (its buffers are
+ * full) or `limit` bytes are sent. Returns the bytes sent. */
+static size_t send_until_stalled(int fd, size_t limit)
 {
-    struct echo_server *server = argument;
-    int epoll_fd = epoll_create1(0);
-    struct epoll_event event = {.events = EPOLLIN, .data.fd = server->listen_fd};
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, server->listen_fd, &event);
-    event.data.fd = server->stop_pipe[0];
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, server->stop_pipe[0], &event);
-    int open_fds[4096];
-    size_t open_count = 0;
-    for (;;) {
-        struct epoll_event ready[64];
-        int count = epoll_wait(epoll_fd, ready, 64, SLOWLY_MS);
+    static uint8_t chunk[65536];
+    size_t sent = 0;
+    while (sent < limit) {
+        struct pollfd watched = {.fd = fd, .events = POLLOUT};
+        if (poll(&watched, 1, 200) != 1)
+            break; /* 200 ms without room: stalled */
+        ssize_t count = send(fd, chunk, sizeof chunk,
+                             MSG_NOSIGNAL | MSG_DONTWAIT);
         if (count <= 0)
             break;
-        for (int i = 0; i < count; i++) {
-            int fd = ready[i].data.fd;
-            if (fd == server->stop_pipe[0])
-                goto out;
-            if (fd == server->listen_fd) {
-                int client = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
-                if (client < 0 || open_count == 4096)
-                    continue;
-                open_fds[open_count++] = client;
-                struct epoll_event added = {.events = EPOLLIN,
-                                            .data.fd = client};
-                epoll_ctl(epoll_fd, EPOLL_CTL_ADD, client, &added);
-                continue;
-            }
-            char buffer[4096];
-            ssize_t got = recv(fd, buffer, sizeof buffer, 0);
-            if (got > 0)
-                send(fd, buffer, (size_t)got, MSG_NOSIGNAL);
-            else if (got == 0)
-                epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL);
-        }
+        sent += (size_t)count;
     }
-out:
-    for (size_t i = 0; i < open_count; i++)
-        close(open_fds[i]);
-    close(epoll_fd);
-    return NULL;
+    return sent;
 }
+
+START_TEST(test_upstream_reset_mid_transfer_closes_only_that_client)
+{
+    struct fake_upstream *resetting =
+        fake_upstream_start(UPSTREAM_RESET, true);
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", resetting->port),
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    int victim = connect_local(proxy_listener_port(0)); /* to `resetting` */
+    int other = connect_local(proxy_listener_port(0));  /* to `echo` */
+    expect_echo(other, "before");
+    send_all(victim, "some bytes", 10);
+    ck_assert_msg(closed_within(victim, PROMPTLY_MS),
+                  "the client of the reset server is closed");
+    ck_assert(counter_reaches(COUNTER_RELAY_ERROR, 1, PROMPTLY_MS));
+    expect_echo(other, "after");
+    close(victim);
+    close(other);
+    ck_assert(connections_become(0, PROMPTLY_MS));
+    proxy_stop();
+    fake_upstream_stop(resetting);
+    fake_upstream_stop(echo);
+}
+END_TEST
+
+/* A server that accepts and never reads: its client stalls once the
+ * buffers are full, and nobody else notices. */
+START_TEST(test_server_that_never_reads_stalls_only_its_client)
+{
+    struct fake_upstream *deaf = fake_upstream_start(UPSTREAM_HOLD, true);
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", deaf->port),
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    int stalled = connect_local(proxy_listener_port(0)); /* to `deaf` */
+    int other = connect_local(proxy_listener_port(0));   /* to `echo` */
+    size_t sent = send_until_stalled(stalled, 256u << 20);
+    ck_assert_msg(sent < (256u << 20),
+                  "the stalled client cannot send without end (%zu)", sent);
+    for (int i = 0; i < 20; i++)
+        expect_echo(other, "the others still flow");
+    close(stalled);
+    close(other);
+    proxy_stop();
+    fake_upstream_stop(deaf);
+    fake_upstream_stop(echo);
+}
+END_TEST
+
+/* A client that stops reading (or has vanished: on loopback we cannot cut
+ * the wire, but to the proxy both look the same, bytes that nobody takes)
+ * is closed at the idle timeout; the others flow on. */
+START_TEST(test_client_that_stops_reading_is_closed_at_idle_timeout)
+{
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-idle", "0.5",
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    int gone = connect_local(proxy_listener_port(0));
+    int other = connect_local(proxy_listener_port(0));
+    /* The echo comes back to a client that never reads: buffers fill. */
+    send_until_stalled(gone, 256u << 20);
+    for (int i = 0; i < 5; i++)
+        expect_echo(other, "still flowing");
+    ck_assert_msg(counter_reaches(COUNTER_IDLE_TIMEOUT, 1, PROMPTLY_MS),
+                  "the stuck connection is closed at the idle timeout");
+    close(gone);
+    close(other);
+    proxy_stop();
+    fake_upstream_stop(echo);
+}
+END_TEST
 
 START_TEST(test_two_thousand_connections_at_once_all_echo)
 {
     enum { CLIENTS = 2000 };
     struct echo_server server;
-    server.listen_fd = listen_local(&server.port, 4096);
-    ck_assert_int_eq(pipe(server.stop_pipe), 0);
-    pthread_create(&server.thread, NULL, echo_server_run, &server);
+    echo_server_start(&server);
     proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
                 "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
 
@@ -2273,11 +2630,7 @@ START_TEST(test_two_thousand_connections_at_once_all_echo)
         close(clients[i]);
     ck_assert(connections_become(0, SLOWLY_MS));
     proxy_stop();
-    ck_assert_int_eq(write(server.stop_pipe[1], "x", 1), 1);
-    pthread_join(server.thread, NULL);
-    close(server.listen_fd);
-    close(server.stop_pipe[0]);
-    close(server.stop_pipe[1]);
+    echo_server_stop(&server);
 }
 END_TEST
 
@@ -2611,66 +2964,25 @@ START_TEST(test_sigterm_to_the_binary_finishes_the_transfer_and_exits_zero)
     struct bulk_server server;
     bulk_server_start(&server, 0, size);
     uint16_t port = closed_port();
-    char listen[32], upstream[32];
-    snprintf(listen, sizeof listen, "127.0.0.1:%u", port);
-    snprintf(upstream, sizeof upstream, "127.0.0.1:%u", server.port);
-    int log_pipe[2];
-    ck_assert_int_eq(pipe(log_pipe), 0);
-    pid_t child = fork();
-    if (child == 0) {
-        dup2(log_pipe[1], STDERR_FILENO);
-        execl("./whatsapp_proxy", "whatsapp_proxy", "--listen", listen,
-              "--upstream", upstream, "--media-upstream", upstream,
-              "--stats", "off", "--grace", "20", (char *)NULL);
-        _exit(127);
-    }
-    close(log_pipe[1]);
-    /* Wait for the "ready" line of its log. (Polling the port with
-     * connect() would be wrong: on loopback a connect to a free port can
-     * pick that same port for itself and connect to itself.) */
-    char log[8192] = "";
-    size_t logged = 0;
-    while (strstr(log, " ready;") == NULL && logged < sizeof log - 1 &&
-           readable_within(log_pipe[0], SLOWLY_MS)) {
-        ssize_t count = read(log_pipe[0], log + logged,
-                             sizeof log - 1 - logged);
-        if (count <= 0)
-            break;
-        logged += (size_t)count;
-        log[logged] = '\0';
-    }
-    ck_assert_msg(strstr(log, " ready;") != NULL, "the binary starts: %s",
-                  log);
-    int fd = connect_local(port);
-    struct bulk_end client = {.fd = fd, .send_seed = 1, .to_send = size,
-                              .first_wrong = SIZE_MAX};
+    static struct running_binary binary;
+    binary_start(&binary, 0, "--listen", address_text("127.0.0.1:%u", port),
+                 "--upstream", address_text("127.0.0.1:%u", server.port),
+                 "--media-upstream",
+                 address_text("127.0.0.1:%u", server.port), "--stats", "off",
+                 "--grace", "20", NULL);
+    struct bulk_end client = {.fd = connect_local(port), .send_seed = 1,
+                              .to_send = size, .first_wrong = SIZE_MAX};
     bulk_first_mib(&client, &server);
-    kill(child, SIGTERM);
+    kill(binary.pid, SIGTERM);
     bulk_transfer(&client, SLOWLY_MS);
-    close(fd);
+    close(client.fd);
     bulk_server_stop(&server);
-    int status = -1;
-    long long deadline = clock_ms() + SLOWLY_MS;
-    while (waitpid(child, &status, WNOHANG) == 0 && clock_ms() < deadline)
-        usleep(1000);
-    if (!WIFEXITED(status)) {
-        kill(child, SIGKILL);
-        waitpid(child, &status, 0);
-    }
-    while (logged < sizeof log - 1 && readable_within(log_pipe[0], 100)) {
-        ssize_t count = read(log_pipe[0], log + logged,
-                             sizeof log - 1 - logged);
-        if (count <= 0)
-            break;
-        logged += (size_t)count;
-        log[logged] = '\0';
-    }
-    close(log_pipe[0]);
+    int status = binary_wait(&binary, false);
     ck_assert_msg(server.end.received == size,
                   "all %zu bytes arrived (%zu); its log: %s", size,
-                  server.end.received, log);
-    ck_assert_msg(WIFEXITED(status) && WEXITSTATUS(status) == 0,
-                  "the program exits 0 after SIGTERM");
+                  server.end.received, binary.log);
+    ck_assert_msg(status == 0, "the program exits 0 after SIGTERM (%d)",
+                  status);
 }
 END_TEST
 
@@ -2772,6 +3084,8 @@ static Suite *proxy_suite(void)
 
     t = section("Admission", 30);
     tcase_add_test(t, test_over_maxconn_a_new_client_is_closed_and_others_carry_on);
+    tcase_add_test(t, test_out_of_descriptors_no_busy_loop_and_service_resumes);
+    tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
     suite_add_tcase(suite, t);
 
     t = section("Conversation", 30);
@@ -2779,6 +3093,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_malformed_header_closes_only_that_client);
     tcase_add_test(t, test_plain_bytes_on_a_tls_port_close_only_that_client);
     tcase_add_test(t, test_header_split_across_reads_is_read_exactly);
+    tcase_add_test(t, test_slowloris_is_cut_at_the_handshake_timeout);
     suite_add_tcase(suite, t);
 
     t = section("Relay", 120);
@@ -2792,6 +3107,9 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_idle_connection_is_closed_after_idle_timeout);
     tcase_add_test(t, test_half_closed_connection_is_closed_after_fin_timeout);
     tcase_add_test(t, test_two_thousand_connections_at_once_all_echo);
+    tcase_add_test(t, test_upstream_reset_mid_transfer_closes_only_that_client);
+    tcase_add_test(t, test_server_that_never_reads_stalls_only_its_client);
+    tcase_add_test(t, test_client_that_stops_reading_is_closed_at_idle_timeout);
     suite_add_tcase(suite, t);
 
     t = section("Check summary", 30);

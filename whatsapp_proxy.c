@@ -1923,6 +1923,12 @@ static int upstream_connect(bool media)
         }
         if (errno == ECANCELED)
             return -1; /* the proxy is stopping: not the server's fault */
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
+            errno == ENOMEM) {
+            log_line(LOG_WARN, "cannot make a socket: %s", strerror(errno));
+            errno = EHOSTUNREACH;
+            return -1; /* our own shortage: not held against the server */
+        }
         const char *reason = length > 0 ? strerror(errno)
                                         : "name does not resolve";
         counter_add(COUNTER_UPSTREAM_CONNECT_FAILED, 1);
@@ -3648,6 +3654,9 @@ static void *stats_run(void *unused)
  * or memory: long enough not to spin, short enough to resume quickly. */
 #define ACCEPT_PAUSE_MS 100
 
+/* While accept() keeps failing, say so at most this often in the log. */
+#define ACCEPT_WARNING_EVERY_MS 10000
+
 /* Accepts at most this many clients per listener per wake-up, so that one
  * busy listener cannot starve the others. */
 #define ACCEPT_BATCH 64
@@ -3912,8 +3921,8 @@ static void acceptor_watch_listeners(int epoll_fd, uint32_t events)
 }
 
 /* Accepts up to ACCEPT_BATCH waiting clients of listener, each into its own
- * conversation. Returns false when accept() ran out of descriptors or
- * memory, so the caller pauses. */
+ * conversation. Returns false, with errno set, when accept() ran out of
+ * descriptors or memory, so that the caller pauses. */
 static bool acceptor_accept(struct listener *listener)
 {
     for (int i = 0; i < ACCEPT_BATCH && conversation_slot_take(); i++) {
@@ -3926,8 +3935,7 @@ static bool acceptor_accept(struct listener *listener)
             conversation_slot_release();
             if (failure == EMFILE || failure == ENFILE ||
                 failure == ENOBUFS || failure == ENOMEM) {
-                log_line(LOG_WARN, "cannot accept: %s (pausing %d ms)",
-                         strerror(failure), ACCEPT_PAUSE_MS);
+                errno = failure;
                 return false;
             }
             if (failure == EAGAIN || failure == EINTR)
@@ -3959,6 +3967,7 @@ static void acceptor_run(void)
 
     bool watching = true;
     long long paused_until_ms = 0;
+    long long warned_ms = LLONG_MIN / 2; /* the last "cannot accept" */
     while (!stop_requested) {
         if (atomic_exchange(&state.reload_requested, 0))
             tls_reload();
@@ -3979,6 +3988,13 @@ static void acceptor_run(void)
                 eventfd_read(state.acceptor_wake_fd, &ignored);
             } else if (!acceptor_accept(&state.listeners[which])) {
                 paused_until_ms = now_ms() + ACCEPT_PAUSE_MS;
+                if (paused_until_ms - warned_ms > ACCEPT_WARNING_EVERY_MS) {
+                    warned_ms = paused_until_ms;
+                    log_line(LOG_WARN, "cannot accept new clients: %s; "
+                             "trying again every %d ms (raise the open-file "
+                             "limit, or lower --maxconn)", strerror(errno),
+                             ACCEPT_PAUSE_MS);
+                }
             }
         }
     }
