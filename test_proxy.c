@@ -584,6 +584,21 @@ static int upstream_connections(struct fake_upstream *upstream)
     return count;
 }
 
+/* Waits until the upstream has accepted `count` connections. (Two clients
+ * that connect one after the other may reach the round-robin in either
+ * order: their conversation threads race. Waiting settles the order.) */
+static bool upstream_connections_become(struct fake_upstream *upstream,
+                                        int count)
+{
+    long long deadline = clock_ms() + PROMPTLY_MS;
+    while (upstream_connections(upstream) != count) {
+        if (clock_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+    return true;
+}
+
 /* Waits until the upstream has decoded a PROXY header; copies it out. */
 static bool upstream_header_within(struct fake_upstream *upstream,
                                    struct proxy_addresses *out, int timeout_ms)
@@ -1736,6 +1751,7 @@ START_TEST(test_privileged_port_without_permission_names_the_fixes)
         int opened = proxy_open(settings, error, sizeof error);
         ssize_t ignored = write(report[1], error, strlen(error) + 1);
         (void)ignored;
+        settings_free(settings);
         _exit(opened == 0 ? 4 : 0);
     }
     close(report[1]);
@@ -2232,10 +2248,12 @@ static void bulk_server_stop(struct bulk_server *server)
 }
 
 /* 64 MiB each way at once through one connection, plain or TLS; every
- * byte is checked in order at both ends. */
+ * byte is checked in order at both ends. (`make valgrind`, under which
+ * everything runs 20 times slower, sets TEST_BULK_MIB to less.) */
 static void transfer_64_mib_each_way(bool tls)
 {
-    const size_t size = 64u << 20;
+    const char *mib = getenv("TEST_BULK_MIB");
+    const size_t size = (size_t)(mib ? atoi(mib) : 64) << 20;
     struct bulk_server server;
     bulk_server_start(&server, size, size);
     proxy_start("--listen", tls ? "127.0.0.1:0/tls" : "127.0.0.1:0",
@@ -2254,8 +2272,8 @@ static void transfer_64_mib_each_way(bool tls)
     bulk_server_stop(&server);
 
     ck_assert_msg(client.received == size && server.end.received == size,
-                  "64 MiB should arrive each way: client got %zu, server %zu",
-                  client.received, server.end.received);
+                  "%zu bytes should arrive each way: client got %zu, server "
+                  "%zu", size, client.received, server.end.received);
     ck_assert_msg(client.first_wrong == SIZE_MAX &&
                       server.end.first_wrong == SIZE_MAX,
                   "every byte should arrive intact and in order");
@@ -2537,6 +2555,7 @@ START_TEST(test_upstream_reset_mid_transfer_closes_only_that_client)
                 "--upstream", address_text("127.0.0.1:%u", resetting->port),
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
     int victim = connect_local(proxy_listener_port(0)); /* to `resetting` */
+    ck_assert(upstream_connections_become(resetting, 1));
     int other = connect_local(proxy_listener_port(0));  /* to `echo` */
     expect_echo(other, "before");
     send_all(victim, "some bytes", 10);
@@ -2563,6 +2582,7 @@ START_TEST(test_server_that_never_reads_stalls_only_its_client)
                 "--upstream", address_text("127.0.0.1:%u", deaf->port),
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
     int stalled = connect_local(proxy_listener_port(0)); /* to `deaf` */
+    ck_assert(upstream_connections_become(deaf, 1));
     int other = connect_local(proxy_listener_port(0));   /* to `echo` */
     size_t sent = send_until_stalled(stalled, 256u << 20);
     ck_assert_msg(sent < (256u << 20),
@@ -3001,11 +3021,13 @@ START_TEST(test_user_flag_drops_root_for_good)
         if (settings_parse(settings, 9, argv, error, sizeof error) != PARSE_RUN
             || proxy_open(settings, error, sizeof error) != 0)
             _exit(3);
-        if (getuid() == 0 || geteuid() == 0 || getgid() == 0)
-            _exit(4);
-        if (setuid(0) == 0)
-            _exit(5);
-        _exit(0);
+        int verdict = getuid() == 0 || geteuid() == 0 || getgid() == 0 ? 4
+                      : setuid(0) == 0                                 ? 5
+                                                                       : 0;
+        proxy_request_stop();
+        proxy_run(); /* returns at once and frees, so valgrind sees no leak */
+        settings_free(settings);
+        _exit(verdict);
     }
     int status;
     waitpid(child, &status, 0);
@@ -3017,10 +3039,18 @@ END_TEST
 
 /* ==== The suite: one test case per section, in the file's order ==== */
 
+/* After each test, even a failed one: stop the proxy if the test could not
+ * (with CK_FORK=no a failed test jumps out, and the next would meet it). */
+static void proxy_stop_if_running(void)
+{
+    proxy_stop();
+}
+
 static TCase *section(const char *name, int timeout_seconds)
 {
     TCase *test_case = tcase_create(name);
     tcase_set_timeout(test_case, timeout_seconds);
+    tcase_add_checked_fixture(test_case, NULL, proxy_stop_if_running);
     return test_case;
 }
 
