@@ -29,6 +29,16 @@ test_proxy: test_proxy.c whatsapp_proxy.c whatsapp_proxy.h
 	$(CC) $(ALL_CFLAGS) -Dmain=whatsapp_proxy_main -c -o whatsapp_proxy_for_tests.o whatsapp_proxy.c
 	$(CC) $(ALL_CFLAGS) -o $@ test_proxy.c whatsapp_proxy_for_tests.o $(CHECK_LIBS) $(LDLIBS)
 
+# The demo upstream of the workshop (demo/), linked with the proxy's own
+# PROXY header decoder.
+demo/demo_upstream: demo/demo_upstream.c whatsapp_proxy.c whatsapp_proxy.h
+	$(CC) $(ALL_CFLAGS) -Dmain=whatsapp_proxy_main -c -o demo/whatsapp_proxy_for_demo.o whatsapp_proxy.c
+	$(CC) $(ALL_CFLAGS) -o $@ demo/demo_upstream.c demo/whatsapp_proxy_for_demo.o $(LDLIBS)
+
+# Runs the proxy in front of the demo upstream, all on 127.0.0.1, offline.
+demo: deps whatsapp_proxy demo/demo_upstream
+	sh demo/run.sh $(ARGS)
+
 # Installs (as root) or names the packages a fresh Debian or Ubuntu machine lacks.
 deps:
 	@sh scripts/check-deps.sh
@@ -86,6 +96,6 @@ install: whatsapp_proxy
 	[ -e $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy ] || install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy
 
 clean:
-	rm -f whatsapp_proxy test_proxy *.o
+	rm -f whatsapp_proxy test_proxy *.o demo/demo_upstream demo/*.o
 
-.PHONY: all deps run test test-asan test-tsan valgrind fuzz test-peers soak bench bench-quick certs install clean
+.PHONY: all deps demo run test test-asan test-tsan valgrind fuzz test-peers soak bench bench-quick certs install clean
