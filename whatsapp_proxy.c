@@ -3670,13 +3670,15 @@ static void descriptor_limit_raise(unsigned maxconn)
         return;
     limit.rlim_cur = limit.rlim_max;
     setrlimit(RLIMIT_NOFILE, &limit);
+    /* Two per connection, and about 100 for the proxy's own use. */
     rlim_t needed = (rlim_t)maxconn * 2 + 100;
+    rlim_t allowed = limit.rlim_cur > 100 ? (limit.rlim_cur - 100) / 2 : 0;
     if (limit.rlim_cur < needed)
         log_line(LOG_WARN, "the open-file limit (%llu) allows about %llu "
                  "connections, fewer than --maxconn %u: raise it with "
                  "LimitNOFILE= in the systemd unit or ulimit -n",
                  (unsigned long long)limit.rlim_cur,
-                 (unsigned long long)(limit.rlim_cur - 100) / 2, maxconn);
+                 (unsigned long long)allowed, maxconn);
 }
 
 /* Becomes user for good (see the section comment). Returns 0, or -1 with
