@@ -1494,7 +1494,12 @@ static bool tls_write_pem(const char *path, X509 *first, X509 *second,
     return fclose(file) == 0 && written;
 }
 
-/* Makes the reference's chain (see the section comment) and puts it into
+/* SHORTCUT: like the reference, a new chain at every start, so the
+ * certificate changes at each restart; reusing the files in --cert-dir
+ * when they exist would keep it stable (tutorial.md, exercise "keep the
+ * made certificate").
+ *
+ * Makes the reference's chain (see the section comment) and puts it into
  * context; writes ca.pem, cert.pem (leaf then CA) and key.pem to --cert-dir,
  * where a failure to write only earns a warning: the proxy serves the chain
  * from memory. Returns 0, or -1 with one line in error. */
@@ -1771,6 +1776,9 @@ static int upstream_resolve(struct upstream *upstream, char *error,
     if (failure != 0)
         return parse_failure(error, error_size, "cannot resolve %s: %s",
                              upstream->spec.host, gai_strerror(failure));
+    /* SHORTCUT: only one address per name is kept, IPv4 first. Production
+     * code would keep them all and try the next address when one fails,
+     * or prefer IPv6 where it works (tutorial.md, exercise "IPv6 first"). */
     const struct addrinfo *chosen = results;
     for (const struct addrinfo *r = results; r != NULL; r = r->ai_next)
         if (r->ai_family == AF_INET) {
@@ -1941,7 +1949,10 @@ static int upstream_connect(bool media)
 }
 
 /* Checks one server: resolve its name again (so a changed address is
- * followed), then a TCP connect within --timeout-connect, closed at once. */
+ * followed), then a TCP connect within --timeout-connect, closed at once.
+ * SHORTCUT: a server that accepts TCP but is broken above it passes this
+ * check (layer 4 only, as the reference); a TLS handshake on port 443
+ * would see more (tutorial.md, exercise "a deeper health check"). */
 static void upstream_check(struct upstream *upstream)
 {
     char error[300];
@@ -2177,7 +2188,10 @@ static void conversation_slot_release(void)
 }
 
 /* Counts a newly accepted client of listener. Returns false, after counting
- * the rejection, when it is over --maxconn: the caller then closes it. */
+ * the rejection, when it is over --maxconn: the caller then closes it.
+ * SHORTCUT: one client address may use every slot up to --maxconn; a limit
+ * on new connections per second from one address would stop a single
+ * abuser (tutorial.md, exercise "a rate limit per address"). */
 static bool connection_admit(struct listener *listener)
 {
     counter_add(COUNTER_CONNECTIONS_ACCEPTED, 1);
@@ -2361,6 +2375,10 @@ static void *conversation_run(void *argument)
     if (step != STEP_DONE)
         goto out;
 
+    /* SHORTCUT: a media client goes to the one media server whatever name
+     * it asks for in its TLS ClientHello; reading that name (SNI) and
+     * allowing only WhatsApp's media hosts would be stricter (tutorial.md,
+     * exercise "an allow-list of media host names"). */
     upstream_fd = upstream_connect(spec->media);
     if (upstream_fd < 0) {
         if (errno != ECANCELED) {
@@ -2730,7 +2748,11 @@ static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
             return true;
         }
 
-        /* 4. Read fresh bytes and write them straight on. */
+        /* 4. Read fresh bytes and write them straight on.
+         * SHORTCUT: every byte is copied into our scratch buffer and out
+         * again. On plain sides, splice() through a pipe would let the
+         * kernel move them without the copy (tutorial.md, exercise
+         * "splice() for plain ports"). */
         size_t got;
         enum io_status status =
             side_read(flow->from, scratch, RELAY_SCRATCH_BYTES, &got, &wait);
@@ -2785,7 +2807,10 @@ static void relay_watch(struct relay_thread *thread, struct relay_pair *pair)
 }
 
 /* Closes both sockets of pair and counts its end. The memory is freed after
- * the current epoll batch, which may still hold events that point to it. */
+ * the current epoll batch, which may still hold events that point to it.
+ * SHORTCUT: how long the connection lasted is not recorded; a histogram
+ * of durations on the statistics page would show how clients behave
+ * (tutorial.md, exercise "a connection-duration histogram"). */
 static void relay_close(struct relay_thread *thread, struct relay_pair *pair)
 {
     struct relay_side *sides[2] = {&pair->client, &pair->upstream};
@@ -3485,6 +3510,8 @@ static void stats_answer(int request, const char *path, struct text *out)
         type = "text/html; charset=utf-8";
         stats_render_page(&body);
     } else if (strcmp(path, "/metrics") == 0) {
+        /* SHORTCUT: two formats only; a third, JSON at /stats.json, would
+         * suit scripts (tutorial.md, exercise "a second stats format"). */
         type = "text/plain; version=0.0.4; charset=utf-8";
         stats_render_metrics(&body);
     } else if (strcmp(path, "/healthz") == 0) {
