@@ -50,13 +50,14 @@
  *    3. Command line            flags into settings
  *    4. PROXY protocol          the header that carries a client's address
  *    5. TLS termination         certificates and the TLS handshake
- *    6. Upstreams               resolving and dialling WhatsApp's servers
+ *    6. Upstreams               WhatsApp's servers: dialling, health checks
  *    7. Listeners               the ports clients connect to
  *    8. Admission               maxconn and the number of conversations
  *    9. Conversation            one thread per new client, until relaying
  *   10. Relay                   a few threads that move all the bytes
  *   11. Check summary           --check and what to tell WhatsApp users
- *   12. Starting and stopping   proxy_open(), proxy_run(), main()
+ *   12. Statistics              the HTML page, /metrics and /healthz
+ *   13. Starting and stopping   proxy_open(), proxy_run(), signals, main()
  *
  * Each section uses only what is above it. The types and functions that the
  * tests call are declared in whatsapp_proxy.h, in the same order.
@@ -64,8 +65,9 @@
  * One connection's life
  * ---------------------
  *
- *   1. The acceptor (the main thread) accepts the client (section 8). Over
- *      --maxconn it closes the client at once.
+ *   1. The acceptor (the main thread, section 13) accepts the client, and
+ *      the admission rules (section 8) decide: over --maxconn it is closed
+ *      at once.
  *   2. A conversation thread (section 9) does everything that happens once
  *      per connection, as plain blocking code: read the PROXY header, do the
  *      TLS handshake, connect to an upstream, send the PROXY header there.
@@ -82,6 +84,10 @@
  * (a few hundred bytes). But the first steps of a connection (headers,
  * handshakes, retries) are much easier to read as straight-line code, and
  * they last only a moment, so a short-lived thread does them.
+ *
+ * The threads, all told: the main thread accepts (section 13); a
+ * conversation thread per new client (9); one relay thread per CPU (10);
+ * one health-check thread (6); one statistics thread (12).
  *
  * Error policy: problems at startup stop the program with one line that
  * names the flag, port or file and the fix (exit 2). Problems with one
