@@ -1,0 +1,511 @@
+#!/usr/bin/env bash
+# bench/run.sh - measures whatsapp_proxy beside HAProxy (configured like the
+# reference) and beside "direct" (the client straight to the upstream), on
+# loopback, and prints one table. bench/README.md explains every row.
+#
+#   bash run.sh full     every figure the median of 3 runs (under 5 minutes)
+#   bash run.sh quick    every figure from 1 shorter run (under 60 s)
+#
+# What runs (all on 127.0.0.1, all started and stopped here by PID):
+#
+#   loadgen client --+--------------------------------> loadgen upstream
+#                    +--> whatsapp_proxy (plain, TLS) --^   (skips the PROXY
+#                    +--> haproxy        (plain, TLS) --^    header, then echo,
+#                                                            sink or generate)
+#
+# The order of work: check tools, raise the open-file limit, make a
+# certificate, start the three servers; then the memory tests (all runs),
+# the most-connections test, the traffic tests (all runs), and the table of
+# medians. Within a run every test visits direct, whatsapp_proxy and
+# haproxy in turn, so a noisy moment of the machine hits all three alike.
+
+set -u
+
+MODE=${1:-full}
+case "$MODE" in
+full)  RUNS=3; BULK_SECONDS=1;   RATE_SECONDS=1;   RTT_SECONDS=1;   WARMUP=0.25
+       MEM_READINGS=5; MEM_READING_GAP=0.1; MAXCONN_TIMEOUT=1 ;;
+quick) RUNS=1; BULK_SECONDS=0.25; RATE_SECONDS=0.3; RTT_SECONDS=0.3; WARMUP=0.1
+       MEM_READINGS=3; MEM_READING_GAP=0.05; MAXCONN_TIMEOUT=0.5 ;;
+*) echo "usage: $0 full|quick" >&2; exit 2 ;;
+esac
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+LOADGEN=$HERE/loadgen
+# bench/Makefile builds this -O2 copy of ../whatsapp_proxy.c; BENCH_PROXY
+# names another binary to measure.
+PROXY=${BENCH_PROXY:-$HERE/whatsapp_proxy_bench}
+ADDRESS=127.0.0.1
+# Ports below the kernel's ephemeral range (32768-60999 on Linux), so that
+# no outgoing connection of the test can hold one of them.
+PORT_BASE=${BENCH_PORT_BASE:-24100}
+UPSTREAM_PORT=$PORT_BASE
+WP_PLAIN=$((PORT_BASE + 1)); WP_TLS=$((PORT_BASE + 2))
+HA_PLAIN=$((PORT_BASE + 3)); HA_TLS=$((PORT_BASE + 4))
+CPUS=$(nproc)
+IDLE_STEPS="1000 5000"   # connections held in the memory test
+MAXCONN_CAP=27500        # the reference's maxconn
+
+# ---- 1. Tools ----------------------------------------------------------
+
+# Installs (as root) or names the Debian packages that are missing.
+tools_check() {
+    local missing=""
+    command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
+    command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "installing:$missing"
+        apt-get install -y $missing >/dev/null || {
+            echo "apt-get install failed; try: apt-get update" >&2; exit 1; }
+    else
+        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
+        exit 1
+    fi
+}
+
+# ---- 2. Processes: started here, stopped here by PID -------------------
+
+UPSTREAM_PID=""; WP_PID=""; HA_PID=""; CLIENT_PID=""
+TMP=""
+
+# Stops one process by PID: SIGTERM, up to 5 s, then SIGKILL.
+stop_pid() {
+    local pid=$1
+    [ -n "$pid" ] || return 0
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    kill -KILL "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return 0
+}
+
+cleanup() {
+    stop_pid "$CLIENT_PID"; stop_pid "$HA_PID"; stop_pid "$WP_PID"
+    stop_pid "$UPSTREAM_PID"
+    [ -n "$TMP" ] && rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# Waits (at most 5 s) until a TCP port accepts connections.
+port_wait() {
+    for _ in $(seq 100); do
+        (exec 3<>"/dev/tcp/$ADDRESS/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "port $1 did not open. Last log lines:" >&2
+    tail -n 5 "$TMP"/*.log >&2
+    exit 1
+}
+
+# Waits (at most $3 seconds) until file $1 has a line starting with $2.
+line_wait() {
+    local tries=$(($3 * 20))
+    for _ in $(seq "$tries"); do
+        grep -q "^$2" "$1" 2>/dev/null && return 0
+        sleep 0.05
+    done
+    echo "no '$2' in $1 after $3 s" >&2
+    return 1
+}
+
+upstream_start() {
+    "$LOADGEN" upstream --listen "$ADDRESS:$UPSTREAM_PORT" --threads "$CPUS" \
+        >"$TMP/upstream.log" 2>&1 &
+    UPSTREAM_PID=$!
+    line_wait "$TMP/upstream.log" LISTENING 5 || exit 1
+}
+
+# whatsapp_proxy with its defaults (relay threads: one per CPU), serving the
+# same certificate as HAProxy. Where the build has them: no statistics
+# port (8199 may be taken by another copy) and a 1 s grace at stop, so a
+# restart does not wait 30 s for connections the test just closed.
+wp_start() {
+    local extra=""
+    "$PROXY" --help 2>&1 | grep -q -- '--stats' && extra="$extra --stats off"
+    "$PROXY" --help 2>&1 | grep -q -- '--grace' && extra="$extra --grace 1"
+    "$PROXY" --listen "$ADDRESS:$WP_PLAIN" --listen "$ADDRESS:$WP_TLS/tls" \
+        --upstream "$ADDRESS:$UPSTREAM_PORT" \
+        --media-upstream "$ADDRESS:$UPSTREAM_PORT" \
+        --cert "$TMP/cert.pem" --key "$TMP/key.pem" --cert-dir "$TMP" \
+        --log-level warn $extra >>"$TMP/whatsapp_proxy.log" 2>&1 &
+    WP_PID=$!
+    port_wait "$WP_PLAIN"; port_wait "$WP_TLS"
+}
+
+ha_start() {
+    haproxy -db -f "$TMP/haproxy.cfg" >>"$TMP/haproxy.log" 2>&1 &
+    HA_PID=$!
+    port_wait "$HA_PLAIN"; port_wait "$HA_TLS"
+}
+
+# A fresh process, so that its memory baseline holds nothing from earlier
+# tests (freed memory stays in a process's heap and would be reused).
+wp_restart() { stop_pid "$WP_PID"; WP_PID=""; wp_start; }
+ha_restart() { stop_pid "$HA_PID"; HA_PID=""; ha_start; }
+
+# ---- 3. Setup: limits, certificate, HAProxy configuration --------------
+
+setup() {
+    TMP=$(mktemp -d /tmp/whatsapp_proxy_bench.XXXXXX)
+    # Each process gets the hard limit; children inherit it.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null
+    FD_LIMIT=$(ulimit -n)
+
+    # ECDSA P-256: whatsapp_proxy's default key type; both proxies serve
+    # this one certificate (HAProxy wants chain and key in one file).
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+        -keyout "$TMP/key.pem" -out "$TMP/cert.pem" -days 2 \
+        -subj "/CN=bench.invalid" >/dev/null 2>&1 || {
+        echo "openssl could not make a certificate" >&2; exit 1; }
+    cat "$TMP/cert.pem" "$TMP/key.pem" >"$TMP/haproxy.pem"
+
+    sed -e "s/@NBTHREAD@/$CPUS/" -e "s/@ADDRESS@/$ADDRESS/g" \
+        -e "s/@PLAIN_PORT@/$HA_PLAIN/" -e "s/@TLS_PORT@/$HA_TLS/" \
+        -e "s/@UPSTREAM_PORT@/$UPSTREAM_PORT/" \
+        -e "s#@CERT_PEM@#$TMP/haproxy.pem#" \
+        "$HERE/haproxy.cfg" >"$TMP/haproxy.cfg"
+    haproxy -c -q -f "$TMP/haproxy.cfg" || {
+        echo "haproxy rejected $TMP/haproxy.cfg" >&2; exit 1; }
+
+    for port in $UPSTREAM_PORT $WP_PLAIN $WP_TLS $HA_PLAIN $HA_TLS; do
+        if (exec 3<>"/dev/tcp/$ADDRESS/$port") 2>/dev/null; then
+            echo "port $port is in use; set BENCH_PORT_BASE" >&2; exit 1
+        fi
+    done
+}
+
+# ---- 4. Measurements ---------------------------------------------------
+
+# Each measurement appends "ROW TARGET VALUE" lines to $RESULTS.
+RESULTS=""
+
+# The address of a target: direct, wp (whatsapp_proxy) or ha (haproxy);
+# $2 is plain or tls.
+target_address() {
+    case "$1-$2" in
+    direct-plain) echo "$ADDRESS:$UPSTREAM_PORT" ;;
+    wp-plain) echo "$ADDRESS:$WP_PLAIN" ;;
+    wp-tls) echo "$ADDRESS:$WP_TLS" ;;
+    ha-plain) echo "$ADDRESS:$HA_PLAIN" ;;
+    ha-tls) echo "$ADDRESS:$HA_TLS" ;;
+    esac
+}
+
+tls_flag() { [ "$1" = tls ] && echo --tls; }
+
+# The value of KEY in a "RESULT k=v k=v" line.
+result_value() { sed -n "s/.*[ ]$1=\([^ ]*\).*/\1/p" <<<"$2"; }
+
+record() { echo "$1 $2 $3" >>"$RESULTS"; }
+
+# Bulk throughput: connections, direction, plain|tls, target.
+measure_bulk() {
+    local out
+    out=$("$LOADGEN" bulk --connect "$(target_address "$4" "$3")" \
+        $(tls_flag "$3") --conns "$1" --direction "$2" \
+        --seconds "$BULK_SECONDS" --warmup "$WARMUP" 2>>"$TMP/loadgen.log")
+    record "bulk_$1_$2_$3" "$4" "$(result_value mbytes_per_s "$out")"
+}
+
+# Connection rate: clients, plain|tls, target.
+measure_rate() {
+    local out
+    out=$("$LOADGEN" rate --connect "$(target_address "$3" "$2")" \
+        $(tls_flag "$2") --clients "$1" --seconds "$RATE_SECONDS" \
+        --warmup "$WARMUP" 2>>"$TMP/loadgen.log")
+    record "rate_$1_$2" "$3" "$(result_value conn_per_s "$out")"
+    record "rate_$1_$2_p50" "$3" "$(result_value p50_us "$out")"
+    record "rate_$1_$2_p99" "$3" "$(result_value p99_us "$out")"
+    record "rate_errors" "$3" "$(result_value errors "$out")"
+}
+
+# Round trip: plain|tls, target.
+measure_rtt() {
+    local out
+    out=$("$LOADGEN" rtt --connect "$(target_address "$2" "$1")" \
+        $(tls_flag "$1") --seconds "$RTT_SECONDS" --warmup "$WARMUP" \
+        2>>"$TMP/loadgen.log")
+    record "rtt_$1_p50" "$2" "$(result_value p50_us "$out")"
+    record "rtt_$1_p99" "$2" "$(result_value p99_us "$out")"
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo 0; }
+# MemAvailable, the median of MEM_READINGS readings: other processes on a
+# shared machine move it by megabytes from one second to the next.
+available_kib() {
+    for _ in $(seq "$MEM_READINGS"); do
+        awk '/^MemAvailable:/ {print $2}' /proc/meminfo
+        sleep "$MEM_READING_GAP"
+    done | sort -n | sed -n "$(((MEM_READINGS + 1) / 2))p"
+}
+
+# One memory snapshot: proxy RSS, MemAvailable, client RSS, upstream RSS.
+snapshot() {
+    local proxy_rss=0
+    [ -n "$1" ] && proxy_rss=$(rss_kib "$1")
+    echo "$proxy_rss $(available_kib) $(rss_kib "$CLIENT_PID") $(rss_kib "$UPSTREAM_PID")"
+}
+
+# Idle memory: plain|tls, target. Opens 1,000 then 5,000 idle connections
+# and records, per connection:
+#   rss_N    growth of the proxy's RSS
+#   avail_N  drop of the machine's MemAvailable, minus the RSS growth of
+#            the loadgen client and upstream: what the proxy costs in its
+#            process and in the kernel (sockets, thread stacks, ...), plus
+#            the kernel's cost of the client's and upstream's own sockets,
+#            which "direct" shows alone.
+measure_idle() {
+    local kind=$1 target=$2 pid=""
+    case $target in
+    wp) wp_restart; pid=$WP_PID ;;
+    ha) ha_restart; pid=$HA_PID ;;
+    esac
+    sleep 0.3
+    "$LOADGEN" idle --connect "$(target_address "$target" "$kind")" \
+        $(tls_flag "$kind") --steps "${IDLE_STEPS// /,}" \
+        >"$TMP/idle.out" 2>>"$TMP/loadgen.log" &
+    CLIENT_PID=$!
+    line_wait "$TMP/idle.out" "READY 0 " 5 || return
+    sleep 0.2
+    local before step now ok
+    before=$(snapshot "$pid")
+    for step in $IDLE_STEPS; do
+        kill -USR1 "$CLIENT_PID"
+        line_wait "$TMP/idle.out" "READY $step " 60 || break
+        sleep 0.3 # handshake threads end; the relay takes the connections
+        now=$(snapshot "$pid")
+        ok=$(sed -n "s/^READY $step ok=//p" "$TMP/idle.out")
+        [ "${ok:-0}" -gt 0 ] || continue
+        read -r p0 a0 c0 u0 <<<"$before"
+        read -r p1 a1 c1 u1 <<<"$now"
+        [ -n "$pid" ] &&
+            record "mem_${kind}_${step}_rss" "$target" \
+                "$(awk -v a="$p0" -v b="$p1" -v n="$ok" 'BEGIN {printf "%.2f", (b - a) / n}')"
+        record "mem_${kind}_${step}_avail" "$target" \
+            "$(awk -v a0="$a0" -v a1="$a1" -v c="$((c1 - c0 + u1 - u0))" -v n="$ok" \
+                'BEGIN {printf "%.2f", (a0 - a1 - c) / n}')"
+        [ "$ok" -lt "$step" ] && record "idle_short" "$target" "$ok/$step"
+    done
+    stop_pid "$CLIENT_PID"; CLIENT_PID=""
+}
+
+# Most connections held at once (plain, one run: the open-file limit
+# decides it, not chance).
+measure_maxconn() {
+    local target=$1 out began=$SECONDS
+    case $target in
+    wp) wp_restart ;;
+    ha) ha_restart ;;
+    esac
+    out=$("$LOADGEN" maxconn --connect "$(target_address "$target" plain)" \
+        --cap "$MAXCONN_CAP" --timeout "$MAXCONN_TIMEOUT" 2>>"$TMP/loadgen.log")
+    record "maxconn" "$target" "$(result_value held "$out")"
+    echo "$target ($((SECONDS - began)) s): $out" >>"$TMP/maxconn.log"
+}
+
+# One run of the memory tests, each on the three targets in turn. They run
+# before any traffic test: the tens of thousands of TIME_WAIT sockets that
+# the connection-rate test leaves behind are freed over the next 60 s, and
+# would make MemAvailable rise while a memory test reads it.
+run_memory() {
+    local kind target
+    for kind in plain tls; do
+        for target in direct wp ha; do
+            [ "$kind-$target" = tls-direct ] && continue
+            measure_idle "$kind" "$target"
+        done
+    done
+}
+
+# One run of every traffic test, each on the three targets in turn (so a
+# noisy moment of the machine hits all three alike).
+run_traffic() {
+    local n dir kind target clients phase_start=$SECONDS
+    for kind in plain tls; do
+        for n in 1 8; do
+            for dir in up down; do
+                for target in direct wp ha; do
+                    [ "$kind-$target" = tls-direct ] && continue
+                    measure_bulk "$n" "$dir" "$kind" "$target"
+                done
+            done
+        done
+    done
+    echo "  bulk: $((SECONDS - phase_start)) s"; phase_start=$SECONDS
+    for kind in plain tls; do
+        for clients in 8 64; do
+            for target in direct wp ha; do
+                [ "$kind-$target" = tls-direct ] && continue
+                measure_rate "$clients" "$kind" "$target"
+            done
+        done
+        for target in direct wp ha; do
+            [ "$kind-$target" = tls-direct ] && continue
+            measure_rtt "$kind" "$target"
+        done
+    done
+    echo "  connection rate and round trip: $((SECONDS - phase_start)) s"
+}
+
+# ---- 5. The table ------------------------------------------------------
+
+# The median of the values recorded for row and target, or "-".
+median() {
+    awk -v row="$1" -v target="$2" '$1 == row && $2 == target && $3 != "" {print $3}' \
+        "$RESULTS" | sort -g |
+        awk '{v[NR] = $1} END {
+            if (NR == 0) print "-";
+            else if (NR % 2) print v[(NR + 1) / 2];
+            else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# Prints one row. $1 row key, $2 label, $3 "high" (more is better) or
+# "low"; for the bulk rows also $4, the row whose direct figure is the
+# reference ("" for this row's own) and $5, the least fraction of it that
+# whatsapp_proxy must reach. The "met" column says yes, or NO and why.
+row() {
+    local key=$1 label=$2 better=$3 direct_key=${4:-} direct_factor=${5:-}
+    local direct wp ha ratio target verdict
+    direct=$(median "${direct_key:-$key}" direct)
+    wp=$(median "$key" wp)
+    ha=$(median "$key" ha)
+    ratio=$(awk -v a="$wp" -v b="$ha" 'BEGIN {
+        if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b }')
+    if [ "$better" = high ]; then target=">=1.0x HA"; else target="<=1.0x HA"; fi
+    verdict=$(awk -v r="$ratio" -v better="$better" 'BEGIN {
+        if (r == "-") print "?";
+        else if ((better == "high" && r >= 1.0) || (better == "low" && r <= 1.0)) print "yes";
+        else print "NO (" r "x HA)" }')
+    if [ -n "$direct_factor" ]; then
+        local of_direct
+        target="$target, >=${direct_factor}x direct"
+        of_direct=$(awk -v a="$wp" -v d="$direct" 'BEGIN {
+            if (a == "-" || d == "-" || d == 0) print "-"; else printf "%.2f", a / d }')
+        if ! awk -v r="$of_direct" -v f="$direct_factor" \
+            'BEGIN {exit !(r != "-" && r >= f)}'; then
+            if [ "$verdict" = yes ]; then verdict="NO"; fi
+            verdict="$verdict (${of_direct}x direct)"
+        fi
+    fi
+    [ "$ratio" = - ] || ratio="${ratio}x"
+    [ -z "$direct_key" ] || direct="($direct)"
+    printf '%-36s %9s %9s %9s %6s  %-25s %s\n' \
+        "$label" "$direct" "$wp" "$ha" "$ratio" "$target" "$verdict"
+}
+
+table_print() {
+    printf '\n%-36s %9s %9s %9s %6s  %-25s %s\n' \
+        "row" "direct" "wa_proxy" "haproxy" "wa/ha" "target" "met"
+    printf '%0.s-' $(seq 110); echo
+    local kind n dir kind_label
+    for kind in plain tls; do
+        for n in 1 8; do
+            for dir in up down; do
+                if [ "$kind" = plain ]; then
+                    row "bulk_${n}_${dir}_plain" "bulk $n conn $dir, plain (MB/s)" high \
+                        "" 0.5
+                else
+                    row "bulk_${n}_${dir}_tls" "bulk $n conn $dir, TLS (MB/s)" high \
+                        "bulk_${n}_${dir}_plain" 0.8
+                fi
+            done
+        done
+    done
+    for kind in plain tls; do
+        kind_label=$kind; [ "$kind" = tls ] && kind_label=TLS
+        for n in 8 64; do
+            row "rate_${n}_${kind}" "conn rate $n clients, $kind_label (/s)" high
+            row "rate_${n}_${kind}_p50" "  p50 latency (us)" low
+            row "rate_${n}_${kind}_p99" "  p99 latency (us)" low
+        done
+    done
+    row rtt_plain_p50 "round trip 64 B, plain p50 (us)" low
+    row rtt_plain_p99 "round trip 64 B, plain p99 (us)" low
+    row rtt_tls_p50 "round trip 64 B, TLS p50 (us)" low
+    row rtt_tls_p99 "round trip 64 B, TLS p99 (us)" low
+    for kind in plain tls; do
+        kind_label=$kind; [ "$kind" = tls ] && kind_label=TLS
+        for n in $IDLE_STEPS; do
+            row "mem_${kind}_${n}_rss" "idle $n $kind_label: RSS/conn (KiB)" low
+            row "mem_${kind}_${n}_avail" "  MemAvailable drop/conn (KiB)" low
+        done
+    done
+    row maxconn "most connections held (cap $MAXCONN_CAP)" high
+    printf '%0.s-' $(seq 110); echo
+}
+
+notes_print() {
+    cat <<EOF
+Each figure: the median of $RUNS run(s) ($MODE mode). wa/ha: whatsapp_proxy
+divided by HAProxy. "direct": the client straight to the upstream (plain),
+the physical limit of this machine. The TLS bulk rows compare with plain
+direct, shown in brackets (the upstream does not speak TLS): the target is
+that TLS through whatsapp_proxy keeps 0.8x of plain loopback throughput.
+HAProxy: $(haproxy -v | head -1 | cut -d' ' -f1-3), nbthread $CPUS (= its default on
+$CPUS CPUs), tune.bufsize 4096, maxconn 27500, send-proxy-v2, the same
+ECDSA P-256 certificate as whatsapp_proxy. whatsapp_proxy: default relay
+threads (one per CPU). Idle memory: after each step, RSS growth of the proxy
+process, and the machine's MemAvailable drop minus the RSS growth of the
+loadgen client and upstream (so it holds the proxy plus every kernel-side
+cost; "direct" is the kernel cost of the client and upstream sockets alone).
+Open-file limit: $FD_LIMIT per process (hard limit; run.sh raises the soft
+one to it). A proxied connection needs 2 descriptors in the proxy (client
+and upstream), so a proxy holds at most about $(((FD_LIMIT - 20) / 2)); the
+loadgen client and upstream are separate processes with 1 per connection,
+so direct stops near $((FD_LIMIT - 10)). Reaching the reference's 27,500
+through a proxy needs an open-file limit of at least 55,100 (LimitNOFILE=).
+EOF
+    grep -h . "$TMP/maxconn.log" 2>/dev/null | sed 's/^/maxconn /'
+    awk '$1 == "rate_errors" && $3 > 0 {e[$2] += $3} END {
+        for (t in e) printf "connection-rate errors (%s): %d\n", t, e[t] }' "$RESULTS"
+    awk '$1 == "idle_short" {printf "idle connections not all opened (%s): %s\n", $2, $3}' \
+        "$RESULTS"
+}
+
+# ---- 6. Main -----------------------------------------------------------
+
+main() {
+    local started=$SECONDS run target
+    tools_check
+    [ -x "$LOADGEN" ] || { echo "build loadgen first: make -C bench" >&2; exit 1; }
+    [ -x "$PROXY" ] || { echo "build it first: make -C bench whatsapp_proxy_bench" >&2; exit 1; }
+    if nm "$PROXY" 2>/dev/null | grep -qE '__asan|__ubsan|__tsan|__gcov'; then
+        echo "$PROXY is a sanitizer or coverage build: its numbers would mislead" >&2
+        exit 1
+    fi
+    setup
+    RESULTS=$TMP/results
+    : >"$RESULTS"
+    echo "whatsapp_proxy benchmark ($MODE), $(date -u +%Y-%m-%dT%H:%MZ)," \
+        "$CPUS CPUs, open-file limit $FD_LIMIT"
+    upstream_start
+    wp_start
+    ha_start
+    for run in $(seq "$RUNS"); do
+        echo "idle memory, run $run of $RUNS ($((SECONDS - started)) s so far)"
+        run_memory
+    done
+    # Before the traffic tests: their TIME_WAIT sockets would make each of
+    # the 10,000-20,000 connects search longer for a free local port.
+    # Quick mode skips direct, whose result is the descriptor limit (the
+    # notes state it) and which takes longest.
+    echo "most connections held ($((SECONDS - started)) s so far)"
+    for target in direct wp ha; do
+        [ "$MODE-$target" = quick-direct ] && continue
+        measure_maxconn "$target"
+    done
+    for run in $(seq "$RUNS"); do
+        echo "traffic, run $run of $RUNS ($((SECONDS - started)) s so far)"
+        run_traffic
+    done
+    table_print
+    notes_print
+    echo "finished in $((SECONDS - started)) s"
+}
+
+main
