@@ -312,9 +312,11 @@ static void expect_echo(int fd, const char *text)
 /* ---- TLS clients ---- */
 
 /* Does a TLS handshake as a client on fd (no certificate check, as the
- * WhatsApp app does not check either). Returns the SSL or NULL on failure.
- * max_version 0 means any. The caller frees with tls_client_close(). */
-static SSL *tls_client_start(int fd, int max_version)
+ * WhatsApp app does not check either), asking for server_name (NULL: none).
+ * Returns the SSL or NULL on failure. max_version 0 means any. The caller
+ * frees with tls_client_close(). */
+static SSL *tls_client_start_named(int fd, int max_version,
+                                   const char *server_name)
 {
     SSL_CTX *context = SSL_CTX_new(TLS_client_method());
     if (max_version != 0) {
@@ -325,12 +327,19 @@ static SSL *tls_client_start(int fd, int max_version)
     SSL *tls = SSL_new(context);
     SSL_CTX_free(context); /* the SSL keeps its own reference */
     SSL_set_fd(tls, fd);
+    if (server_name != NULL)
+        SSL_set_tlsext_host_name(tls, server_name);
     if (SSL_connect(tls) != 1) {
         ERR_clear_error();
         SSL_free(tls);
         return NULL;
     }
     return tls;
+}
+
+static SSL *tls_client_start(int fd, int max_version)
+{
+    return tls_client_start_named(fd, max_version, NULL);
 }
 
 static void tls_client_close(SSL *tls)
@@ -390,7 +399,13 @@ enum upstream_mode {
     UPSTREAM_HALF_CLOSE,  /* send "from upstream", shut its write side,
                              then read until EOF */
     UPSTREAM_RESET,       /* read the first bytes, then reset (RST) */
+    UPSTREAM_WEB_SITE,    /* answer the first bytes with WEB_PAGE, close */
 };
+
+/* What the fake "decoy" web site answers. */
+static const char WEB_PAGE[] =
+    "HTTP/1.1 200 OK\r\nContent-Type: text/html\r\nContent-Length: 27\r\n"
+    "Connection: close\r\n\r\n<h1>Bakery on Main St</h1>\n";
 
 #define UPSTREAM_CONNECTIONS_MAX 256
 
@@ -505,6 +520,10 @@ static void *upstream_connection_run(void *argument)
         if (upstream->mode == UPSTREAM_ECHO &&
             !send_quietly(fd, buffer, (size_t)count))
             break;
+        if (upstream->mode == UPSTREAM_WEB_SITE) {
+            send_quietly(fd, WEB_PAGE, strlen(WEB_PAGE));
+            break;
+        }
         if (upstream->mode == UPSTREAM_RESET) {
             /* Closing with a zero linger time sends RST instead of FIN. */
             struct linger abort_now = {.l_onoff = 1, .l_linger = 0};
@@ -1970,6 +1989,43 @@ START_TEST(test_a_thousand_clients_at_once_are_all_served)
 }
 END_TEST
 
+/* --max-per-ip counts the address the PROXY header gives, not the
+ * balancer's: two from one client pass, the third is closed, and another
+ * client is not affected. */
+START_TEST(test_max_per_ip_holds_with_addresses_from_proxy_headers)
+{
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--max-per-ip", "2",
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    const char *first_client = "PROXY TCP4 203.0.113.7 192.0.2.1 1 443\r\n";
+    const char *other_client = "PROXY TCP4 203.0.113.8 192.0.2.1 1 443\r\n";
+    int clients[3];
+    for (int i = 0; i < 3; i++) {
+        clients[i] = connect_local(proxy_listener_port(0));
+        send_all(clients[i], first_client, strlen(first_client));
+        if (i < 2)
+            expect_echo(clients[i], "within the limit");
+    }
+    ck_assert_msg(closed_within(clients[2], PROMPTLY_MS),
+                  "the third connection from 203.0.113.7 is closed");
+    ck_assert_int_eq(proxy_counter(COUNTER_REJECTED_PER_IP), 1);
+    int other = connect_local(proxy_listener_port(0));
+    send_all(other, other_client, strlen(other_client));
+    expect_echo(other, "another address is not affected");
+    close(clients[0]);
+    ck_assert(connections_become(2, PROMPTLY_MS));
+    int again = connect_local(proxy_listener_port(0));
+    send_all(again, first_client, strlen(first_client));
+    expect_echo(again, "room again after one left");
+    close(again);
+    close(other);
+    close(clients[1]);
+    close(clients[2]);
+    proxy_stop();
+    fake_upstream_stop(echo);
+}
+END_TEST
+
 /* ==== 9. Conversation ==== */
 
 START_TEST(test_silent_client_is_dropped_at_the_handshake_timeout)
@@ -2075,6 +2131,190 @@ START_TEST(test_slowloris_is_cut_at_the_handshake_timeout)
     ck_assert_int_eq(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT), 2);
     proxy_stop();
     fake_upstream_stop(echo);
+}
+END_TEST
+
+/* ---- Probes and the decoy ---- */
+
+static enum decoy_verdict classify(const char *data, size_t length,
+                                   bool strict)
+{
+    return decoy_classify((const uint8_t *)data, length, strict);
+}
+
+START_TEST(test_decoy_http_rule_sends_only_http_and_tls_to_the_decoy)
+{
+    ck_assert_int_eq(classify("GET / HTTP/1.1\r\n", 16, false), DECOY_PROBE);
+    ck_assert_int_eq(classify("OPTIONS * HTTP/1.1", 18, false), DECOY_PROBE);
+    ck_assert_int_eq(classify("\x16\x03\x01\x02\x00", 5, false), DECOY_PROBE);
+    ck_assert_int_eq(classify("GE", 2, false), DECOY_NEED_MORE);
+    ck_assert_int_eq(classify("\x16", 1, false), DECOY_NEED_MORE);
+    ck_assert_int_eq(classify("WA\x06\x03", 4, false), DECOY_WHATSAPP);
+    ck_assert_int_eq(classify("W", 1, false), DECOY_WHATSAPP);
+    ck_assert_int_eq(classify("ED\x00\x01\x00\x00\x04", 7, false),
+                     DECOY_WHATSAPP);
+    ck_assert_int_eq(classify("SSH-2.0-OpenSSH", 15, false), DECOY_WHATSAPP);
+}
+END_TEST
+
+START_TEST(test_decoy_strict_rule_wants_the_whatsapp_header)
+{
+    ck_assert_int_eq(classify("WA\x06\x03", 4, true), DECOY_WHATSAPP);
+    ck_assert_int_eq(classify("WA\x05\x02more", 8, true), DECOY_WHATSAPP);
+    ck_assert_int_eq(classify("WA", 2, true), DECOY_NEED_MORE);
+    const char edge[] = "ED\x00\x01\x00\x00\x04\x08\x01\x02\x03WA\x06\x03";
+    for (size_t prefix = 1; prefix < sizeof edge - 1; prefix++)
+        ck_assert_msg(classify(edge, prefix, true) == DECOY_NEED_MORE,
+                      "a prefix of %zu bytes of a routed header asks for more",
+                      prefix);
+    ck_assert_int_eq(classify(edge, sizeof edge - 1, true), DECOY_WHATSAPP);
+    ck_assert_int_eq(classify("GET / HTTP/1.1", 14, true), DECOY_PROBE);
+    ck_assert_int_eq(classify("SSH-2.0", 7, true), DECOY_PROBE);
+    ck_assert_int_eq(classify("WB\x06\x03", 4, true), DECOY_PROBE);
+    ck_assert_int_eq(classify("ED\x00\x01\xff\xff\xff", 7, true), DECOY_PROBE);
+    ck_assert_int_eq(classify("ED\x00\x01\x00\x00\x01\x08XY", 10, true),
+                     DECOY_PROBE);
+}
+END_TEST
+
+/* Sends data through an open client (TLS or plain) and reads the answer
+ * until the end or `size` bytes; returns the length read. */
+static size_t exchange(int fd, SSL *tls, const void *data, size_t length,
+                       char *answer, size_t size)
+{
+    if (tls != NULL)
+        tls_send_all(tls, data, length);
+    else
+        send_all(fd, data, length);
+    size_t got = tls != NULL ? tls_receive_exactly(tls, answer, size - 1)
+                             : receive_exactly(fd, answer, size - 1,
+                                               PROMPTLY_MS);
+    answer[got] = '\0';
+    return got;
+}
+
+/* A scanner's HTTP request on a TLS port gets the decoy web site's page. */
+START_TEST(test_http_probe_on_a_tls_port_gets_the_decoy_page)
+{
+    struct fake_upstream *whatsapp = fake_upstream_start(UPSTREAM_ECHO, true);
+    struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, false);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
+                "--decoy", address_text("127.0.0.1:%u", site->port),
+                "--upstream", address_text("127.0.0.1:%u", whatsapp->port),
+                NULL);
+    for (size_t listener = 0; listener < 2; listener++) {
+        int fd = connect_local(proxy_listener_port(listener));
+        socket_timeout(fd, PROMPTLY_MS);
+        SSL *tls = listener == 0 ? tls_client_start(fd, 0) : NULL;
+        char page[512];
+        const char request[] = "GET / HTTP/1.1\r\nHost: example.org\r\n\r\n";
+        exchange(fd, tls, request, strlen(request), page, sizeof page);
+        ck_assert_msg(strcmp(page, WEB_PAGE) == 0,
+                      "the prober gets the web site's page, got: %s", page);
+        if (tls != NULL)
+            tls_client_close(tls);
+        close(fd);
+    }
+    ck_assert_int_eq(proxy_counter(COUNTER_DECOYED), 2);
+    ck_assert_msg(upstream_connections(whatsapp) == 0,
+                  "no probe reached WhatsApp's server");
+    pthread_mutex_lock(&site->lock);
+    ck_assert_msg(memcmp(site->first_payload, "GET / HTTP/1.1", 14) == 0,
+                  "the site gets the request as the prober sent it");
+    pthread_mutex_unlock(&site->lock);
+    proxy_stop();
+    fake_upstream_stop(whatsapp);
+    fake_upstream_stop(site);
+}
+END_TEST
+
+/* A client that starts like WhatsApp reaches WhatsApp byte for byte, under
+ * both rules, on plain and TLS ports. */
+START_TEST(test_whatsapp_like_client_reaches_the_upstream_under_both_rules)
+{
+    const char *rules[2] = {"http", "strict"};
+    const char hello[] = "ED\x00\x01\x00\x00\x04\x08\x01\x02\x03"
+                         "WA\x06\x03\x00\x00\x05hello";
+    const size_t hello_length = sizeof hello - 1;
+    for (int r = 0; r < 2; r++) {
+        struct fake_upstream *whatsapp =
+            fake_upstream_start(UPSTREAM_ECHO, true);
+        struct fake_upstream *site =
+            fake_upstream_start(UPSTREAM_WEB_SITE, false);
+        proxy_start("--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
+                    "--decoy", address_text("127.0.0.1:%u", site->port),
+                    "--decoy-rule", rules[r], "--upstream",
+                    address_text("127.0.0.1:%u", whatsapp->port), NULL);
+        for (size_t listener = 0; listener < 2; listener++) {
+            int fd = connect_local(proxy_listener_port(listener));
+            socket_timeout(fd, PROMPTLY_MS);
+            SSL *tls = listener == 0 ? tls_client_start(fd, 0) : NULL;
+            char back[64];
+            size_t got = exchange(fd, tls, hello, hello_length, back,
+                                  hello_length + 1);
+            ck_assert_msg(got == hello_length &&
+                              memcmp(back, hello, hello_length) == 0,
+                          "rule %s: the WhatsApp stream comes back intact",
+                          rules[r]);
+            if (tls != NULL)
+                tls_client_close(tls);
+            close(fd);
+        }
+        pthread_mutex_lock(&whatsapp->lock);
+        ck_assert(memcmp(whatsapp->first_payload, hello, 11) == 0);
+        pthread_mutex_unlock(&whatsapp->lock);
+        ck_assert_int_eq(upstream_connections(site), 0);
+        ck_assert_int_eq(proxy_counter(COUNTER_DECOYED), 0);
+        proxy_stop();
+        fake_upstream_stop(whatsapp);
+        fake_upstream_stop(site);
+    }
+}
+END_TEST
+
+/* --sni: the secret name reaches WhatsApp; any other name, or none, gets
+ * the decoy; without a decoy, another name fails the handshake. */
+START_TEST(test_wrong_server_name_goes_to_the_decoy_and_right_one_through)
+{
+    struct fake_upstream *whatsapp = fake_upstream_start(UPSTREAM_ECHO, true);
+    struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, false);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--sni", "secret.example.org",
+                "--decoy", address_text("127.0.0.1:%u", site->port),
+                "--upstream", address_text("127.0.0.1:%u", whatsapp->port),
+                NULL);
+    const char *names[3] = {"SECRET.example.org", "www.example.org", NULL};
+    for (int n = 0; n < 3; n++) {
+        int fd = connect_local(proxy_listener_port(0));
+        socket_timeout(fd, PROMPTLY_MS);
+        SSL *tls = tls_client_start_named(fd, 0, names[n]);
+        ck_assert_ptr_nonnull(tls);
+        char back[512];
+        exchange(fd, tls, "WA\x06\x03", 4, back, n == 0 ? 5 : sizeof back);
+        if (n == 0)
+            ck_assert_msg(memcmp(back, "WA\x06\x03", 4) == 0,
+                          "the listed name reaches WhatsApp");
+        else
+            ck_assert_msg(strcmp(back, WEB_PAGE) == 0,
+                          "name %s gets the decoy's page", names[n]);
+        tls_client_close(tls);
+        close(fd);
+    }
+    ck_assert_int_eq(proxy_counter(COUNTER_SNI_MATCHED), 1);
+    ck_assert_int_eq(proxy_counter(COUNTER_SNI_MISSED), 2);
+    ck_assert_int_eq(proxy_counter(COUNTER_DECOYED), 2);
+    proxy_stop();
+
+    proxy_start("--listen", "127.0.0.1:0/tls", "--sni", "secret.example.org",
+                "--upstream", address_text("127.0.0.1:%u", whatsapp->port),
+                NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, PROMPTLY_MS);
+    ck_assert_msg(tls_client_start_named(fd, 0, "www.example.org") == NULL,
+                  "without a decoy another name fails the handshake");
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(whatsapp);
+    fake_upstream_stop(site);
 }
 END_TEST
 
@@ -3120,6 +3360,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_over_maxconn_a_new_client_is_closed_and_others_carry_on);
     tcase_add_test(t, test_out_of_descriptors_no_busy_loop_and_service_resumes);
     tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
+    tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
     suite_add_tcase(suite, t);
 
     t = section("Conversation", 30);
@@ -3128,6 +3369,11 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_plain_bytes_on_a_tls_port_close_only_that_client);
     tcase_add_test(t, test_header_split_across_reads_is_read_exactly);
     tcase_add_test(t, test_slowloris_is_cut_at_the_handshake_timeout);
+    tcase_add_test(t, test_decoy_http_rule_sends_only_http_and_tls_to_the_decoy);
+    tcase_add_test(t, test_decoy_strict_rule_wants_the_whatsapp_header);
+    tcase_add_test(t, test_http_probe_on_a_tls_port_gets_the_decoy_page);
+    tcase_add_test(t, test_whatsapp_like_client_reaches_the_upstream_under_both_rules);
+    tcase_add_test(t, test_wrong_server_name_goes_to_the_decoy_and_right_one_through);
     suite_add_tcase(suite, t);
 
     t = section("Relay", 120);

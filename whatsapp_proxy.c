@@ -116,6 +116,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/resource.h>
@@ -147,6 +148,8 @@
 #define MAX_UPSTREAMS 16
 /* Longest DNS name is 253 characters. */
 #define HOST_NAME_BYTES 256
+/* --sni names: a few secret names are plenty. */
+#define MAX_SNI_NAMES 8
 
 /* A failed upstream connect tries the next server, at most this many servers
  * per client (HAProxy's "retries 3"). With the 5 s connect timeout a client
@@ -231,6 +234,13 @@ struct settings {
     int timeout_handshake_ms;       /* PROXY header plus TLS handshake */
     unsigned relay_threads;         /* 0 means one per CPU */
 
+    struct upstream_spec decoy;     /* a web site that probes are given */
+    bool decoy_enabled;             /* --decoy was given */
+    bool decoy_strict;              /* --decoy-rule strict */
+    char sni_names[MAX_SNI_NAMES][HOST_NAME_BYTES]; /* --sni, if any */
+    size_t sni_count;
+    unsigned max_per_ip;            /* connections from one address; 0: any */
+
     struct listener_spec stats;     /* where the statistics page is */
     bool stats_enabled;             /* false after --stats off */
     int check_interval_ms;          /* between health checks of a server */
@@ -276,6 +286,7 @@ static const struct listener_spec DEFAULT_LISTENERS[] = {
  *   - nothing else is shared except what is below.
  */
 struct listener;     /* section 7 */
+struct per_ip;       /* section 8 */
 struct upstream;     /* section 6 */
 struct relay_thread; /* section 10 */
 
@@ -310,6 +321,11 @@ static struct proxy_state {
     pthread_mutex_t upstream_lock;
     struct upstream *chat_upstreams; /* settings->chat_upstream_count */
     struct upstream *media_upstream;
+    struct upstream *decoy_upstream; /* NULL without --decoy */
+
+    /* Guarded by per_ip_lock: connections per client address (section 8). */
+    pthread_mutex_t per_ip_lock;
+    struct per_ip *per_ip_buckets[4096];
 
     /* Guarded by conversation_lock: the conversations (section 9). */
     pthread_mutex_t conversation_lock;
@@ -328,6 +344,7 @@ static struct proxy_state {
     .acceptor_wake_fd = -1,
     .log_level = LOG_INFO,
     .tls_lock = PTHREAD_MUTEX_INITIALIZER,
+    .per_ip_lock = PTHREAD_MUTEX_INITIALIZER,
     .upstream_lock = PTHREAD_MUTEX_INITIALIZER,
     .conversation_lock = PTHREAD_MUTEX_INITIALIZER,
 };
@@ -516,6 +533,12 @@ static const struct option OPTIONS[] = {
     {"--timeout-fin", "S", "seconds for the other side after a close (1)"},
     {"--timeout-handshake", "S", "seconds for PROXY header and TLS (5)"},
     {"--threads", "N", "relay threads (one per CPU)"},
+    {"--decoy", "HOST:PORT", "give clients that are not WhatsApp to this "
+     "web site"},
+    {"--decoy-rule", "http|strict", "what is not WhatsApp (http)"},
+    {"--sni", "NAME", "on TLS ports, serve only this server name "
+     "(repeatable)"},
+    {"--max-per-ip", "N", "connections at once from one address (no limit)"},
     {"--stats", "[ADDR:]PORT|off", "statistics page (127.0.0.1:8199)"},
     {"--check-interval", "S", "seconds between health checks (60)"},
     {"--grace", "S", "seconds for connections to end at a stop (30)"},
@@ -809,6 +832,31 @@ static int option_apply(struct settings *settings, const char *name,
             value, &settings->listeners[settings->listener_count++], error,
             error_size);
     }
+    if (strcmp(name, "--decoy") == 0) {
+        char detail[200];
+        settings->decoy_enabled = true;
+        if (host_port_parse(value, settings->decoy.host,
+                            sizeof settings->decoy.host, &settings->decoy.port,
+                            detail, sizeof detail) < 0)
+            return parse_failure(error, error_size, "bad --decoy %s", detail);
+        return 0;
+    }
+    if (strcmp(name, "--decoy-rule") == 0) {
+        static const char *const RULE_NAMES[] = {"http", "strict"};
+        choice = choice_parse(value, name, RULE_NAMES, 2, error, error_size);
+        settings->decoy_strict = choice == 1;
+        return choice < 0 ? -1 : 0;
+    }
+    if (strcmp(name, "--sni") == 0) {
+        if (settings->sni_count == MAX_SNI_NAMES)
+            return parse_failure(error, error_size, "too many --sni (%d)",
+                                 MAX_SNI_NAMES);
+        return text_copy(settings->sni_names[settings->sni_count++],
+                         HOST_NAME_BYTES, value, name, error, error_size);
+    }
+    if (strcmp(name, "--max-per-ip") == 0)
+        return count_parse(value, name, 1000000, &settings->max_per_ip, error,
+                           error_size);
     if (strcmp(name, "--upstream") == 0 ||
         strcmp(name, "--media-upstream") == 0) {
         struct upstream_spec spec;
@@ -1351,6 +1399,10 @@ static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
  * allows from many threads. Each client gets its own SSL object, used by one
  * thread at a time: first its conversation thread, then its relay thread.
  * Using one SSL from two threads at once corrupts it (openssl-threads(7)).
+ *
+ * The server name. A TLS client says which name it wants in its first
+ * message (the ClientHello's "SNI"). With --sni, only listed names are
+ * served; see section 9 for why a secret name keeps scanners out.
  */
 
 /* The reference's lifetimes: 100 years for the CA, 10 for the leaf. */
@@ -1615,6 +1667,34 @@ static int tls_load_chain(SSL_CTX *context, const struct settings *settings,
     return 0;
 }
 
+/* Returns true if name (the server name a client asked for, maybe NULL) is
+ * one of the --sni names; names are compared without regard to case, as
+ * DNS does. */
+static bool tls_server_name_listed(const char *name)
+{
+    for (size_t i = 0; name != NULL && i < state.settings->sni_count; i++)
+        if (strcasecmp(name, state.settings->sni_names[i]) == 0)
+            return true;
+    return false;
+}
+
+/* OpenSSL calls this during a handshake when --sni names are given, after
+ * reading the ClientHello. A listed name goes on; another goes on too when
+ * there is a decoy (the conversation then hands the client to it, section
+ * 9); without a decoy the handshake fails with the "unrecognized_name"
+ * alert, as a strict web server would. Counts matches and misses. */
+static int tls_check_server_name(SSL *tls, int *alert, void *unused)
+{
+    (void)unused;
+    bool listed = tls_server_name_listed(
+        SSL_get_servername(tls, TLSEXT_NAMETYPE_host_name));
+    counter_add(listed ? COUNTER_SNI_MATCHED : COUNTER_SNI_MISSED, 1);
+    if (listed || state.settings->decoy_enabled)
+        return SSL_TLSEXT_ERR_OK;
+    *alert = SSL_AD_UNRECOGNIZED_NAME;
+    return SSL_TLSEXT_ERR_ALERT_FATAL;
+}
+
 /* Makes the server TLS context with its certificate. Returns NULL with one
  * line in error on failure. The caller frees it with SSL_CTX_free(). */
 static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
@@ -1650,6 +1730,9 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
                       * much, like write(); section 10 keeps the rest. */
                      SSL_MODE_ENABLE_PARTIAL_WRITE |
                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* --sni: a secret server name works like a password (section 9). */
+    if (settings->sni_count > 0)
+        SSL_CTX_set_tlsext_servername_callback(context, tls_check_server_name);
 
     int loaded = settings->cert_file[0] != '\0'
                      ? tls_load_chain(context, settings, error, error_size)
@@ -1917,15 +2000,15 @@ failed:;
     return -1;
 }
 
-/* Connects to the media upstream, or to the chat pool in round-robin order
- * trying up to UPSTREAM_TRIES_MAX servers that are up (all of them when
- * none is). Returns the connected socket or -1. Each failed try is counted
+/* Connects to one pool of servers: the chat pool (pool_size of them, in
+ * round-robin order), or the media server or the decoy (one each). Tries up
+ * to UPSTREAM_TRIES_MAX servers that are up (all of them when none is).
+ * Returns the connected socket or -1. Each failed try is counted
  * (COUNTER_UPSTREAM_CONNECT_FAILED) and recorded against its server. */
-static int upstream_connect(bool media)
+static int upstream_connect(struct upstream *pool, size_t pool_size)
 {
-    size_t pool_size = media ? 1 : state.settings->chat_upstream_count;
-    struct upstream *pool = media ? state.media_upstream : state.chat_upstreams;
-    unsigned first = media ? 0 : atomic_fetch_add(&state.next_chat_upstream, 1);
+    unsigned first = pool_size == 1
+                         ? 0 : atomic_fetch_add(&state.next_chat_upstream, 1);
     bool any_up = false;
     for (size_t i = 0; i < pool_size; i++)
         any_up |= upstream_is_up(&pool[i]);
@@ -2162,10 +2245,16 @@ static void listener_describe(const struct listener_spec *spec, uint16_t port,
  *     closed at once, so that its app tries another proxy quickly, and every
  *     existing connection carries on untouched.
  *
- *   - CONVERSATIONS_AT_ONCE (1,024): conversation threads at once. When all
- *     are busy the acceptor simply stops accepting (section 12). New clients
- *     then wait in the kernel's listen backlog, which costs no thread, until
- *     a conversation ends and frees its slot.
+ *   - CONVERSATIONS_AT_ONCE (1,024): conversations at once. When all are
+ *     under way the acceptor simply stops accepting (section 13). New
+ *     clients then wait in the kernel's listen backlog, which costs no
+ *     thread, until a conversation ends and frees its slot.
+ *
+ * And one optional rule: --max-per-ip, connections at once from one client
+ * address (the real one, after any PROXY header), so that one scanner or
+ * one abuser cannot use up --maxconn for everyone. It needs a table from
+ * address to count: a hash table of PER_IP_BUCKETS lists, under one mutex,
+ * with an entry only while that address has a connection open.
  */
 
 /* Takes a conversation slot if one is free. Returns false if all are busy.
@@ -2225,6 +2314,76 @@ static bool connection_admit(struct listener *listener)
     return true;
 }
 
+/* One client address and its connections open now. */
+struct per_ip {
+    uint8_t address[16];   /* 4 bytes for IPv4, 16 for IPv6 */
+    uint8_t length;
+    unsigned connections;
+    size_t bucket;         /* its index in state.per_ip_buckets */
+    struct per_ip *next;   /* in that bucket */
+};
+
+#define PER_IP_BUCKETS ARRAY_LENGTH(state.per_ip_buckets)
+
+/* Takes one connection for the client at address, if it has fewer than
+ * --max-per-ip. Returns its table entry (give it back with
+ * per_ip_release()), or NULL when the address is over the limit. Takes
+ * per_ip_lock. */
+static struct per_ip *per_ip_take(const struct sockaddr_storage *address)
+{
+    const uint8_t *bytes;
+    uint8_t length;
+    if (address->ss_family == AF_INET) {
+        bytes = (const uint8_t *)&((const struct sockaddr_in *)address)->sin_addr;
+        length = 4;
+    } else {
+        bytes = ((const struct sockaddr_in6 *)address)->sin6_addr.s6_addr;
+        length = 16;
+    }
+    uint32_t hash = 2166136261u; /* FNV-1a: simple and spreads well */
+    for (uint8_t i = 0; i < length; i++)
+        hash = (hash ^ bytes[i]) * 16777619u;
+    size_t bucket_index = hash % PER_IP_BUCKETS;
+    struct per_ip **bucket = &state.per_ip_buckets[bucket_index];
+
+    pthread_mutex_lock(&state.per_ip_lock);
+    struct per_ip *entry = *bucket;
+    while (entry != NULL && (entry->length != length ||
+                             memcmp(entry->address, bytes, length) != 0))
+        entry = entry->next;
+    if (entry == NULL) {
+        entry = xcalloc(1, sizeof *entry);
+        memcpy(entry->address, bytes, length);
+        entry->length = length;
+        entry->bucket = bucket_index;
+        entry->next = *bucket;
+        *bucket = entry;
+    }
+    if (entry->connections < state.settings->max_per_ip)
+        entry->connections++;
+    else
+        entry = NULL;
+    pthread_mutex_unlock(&state.per_ip_lock);
+    return entry;
+}
+
+/* Gives back a connection taken with per_ip_take(); the entry is removed
+ * when its address has none left. NULL is allowed. Takes per_ip_lock. */
+static void per_ip_release(struct per_ip *entry)
+{
+    if (entry == NULL)
+        return;
+    pthread_mutex_lock(&state.per_ip_lock);
+    if (--entry->connections == 0) {
+        struct per_ip **link = &state.per_ip_buckets[entry->bucket];
+        while (*link != entry)
+            link = &(*link)->next;
+        *link = entry->next;
+        free(entry);
+    }
+    pthread_mutex_unlock(&state.per_ip_lock);
+}
+
 /* Counts the end of an admitted client's connection, wherever it ends.
  * The last one to end while the proxy stops wakes proxy_run(). */
 static void connection_ended(struct listener *listener)
@@ -2272,6 +2431,30 @@ static void connection_ended(struct listener *listener)
  * many bytes. If the header is not complete yet, every byte we saw belongs to
  * it, so we take them all and wait for more. The client's first payload
  * bytes stay in the socket for the relay.
+ *
+ * Probes and the decoy (--decoy, --sni). Censors find proxies by scanning:
+ * they connect to open ports and block whatever answers like a proxy. With
+ * --decoy HOST:PORT (an ordinary web site, a local nginx say), a
+ * conversation reads the client's first bytes (inside TLS on TLS ports)
+ * before it chooses where to relay. A WhatsApp client speaks first, so this
+ * costs it nothing but a moment; a client whose first bytes are clearly not
+ * WhatsApp goes to the web site instead, bytes and all, so a prober gets
+ * that site's real pages. decoy_classify() decides, by one of two rules:
+ *
+ *   http    (default) an HTTP request line or a TLS record is a probe.
+ *           WhatsApp's stream starts with 'W' 'A' or 'E' 'D', never with
+ *           those, so a real client can never be sent to the decoy.
+ *   strict  anything that does not start with WhatsApp's connection
+ *           header is a probe: 'W' 'A' and two version bytes, optionally
+ *           after the routing prefix 'E' 'D' 0 1, a 3-byte length and that
+ *           many bytes (the header as public reimplementations write it).
+ *
+ * With --sni NAME, a TLS client that asks for another server name (or for
+ * none, as a scanner that only knows the address does) goes to the decoy
+ * without a word read. A wildcard certificate and a secret name then work
+ * as a password. And --max-per-ip (section 8) limits what one address can
+ * take. What none of this hides: the traffic's shape and timing, and the
+ * server's address once it is known.
  */
 
 /* One client between accept() and the relay. Owned by the queue, then by
@@ -2280,15 +2463,112 @@ struct conversation {
     int client_fd;
     struct listener *listener;
     struct proxy_addresses addresses; /* the client and what it dialled */
+    struct per_ip *per_ip;            /* with --max-per-ip, its address */
     struct conversation *next;        /* in the queue */
 };
 
-/* Hands a connected client and upstream to a relay thread (section 10). The
- * relay thread owns both sockets and tls from then on. Defined in section 10,
+/* Hands a connected client and upstream to a relay thread (section 10),
+ * with the bytes already read from the client (first[0..first_length),
+ * copied) to send upstream before anything else. The relay thread owns both
+ * sockets, tls and the per_ip entry from then on. Defined in section 10,
  * declared here so that this section can be read in the order a connection
  * lives it. */
 static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
-                        int upstream_fd);
+                        int upstream_fd, const uint8_t *first,
+                        size_t first_length, struct per_ip *per_ip);
+
+/* The most routing information a WhatsApp client sends before 'W' 'A'
+ * (a few bytes in practice), and so the most bytes read to decide. */
+#define DECOY_ROUTING_MAX 1024
+#define DECOY_FIRST_BYTES_MAX (4 + 3 + DECOY_ROUTING_MAX + 4)
+
+/* Classifies a client's first bytes; see whatsapp_proxy.h and the section
+ * comment. A pure function: bytes in, verdict out. */
+enum decoy_verdict decoy_classify(const uint8_t *data, size_t length,
+                                  bool strict)
+{
+    static const char *const HTTP_METHODS[] = {
+        "GET ", "HEAD ", "POST ", "PUT ", "DELETE ", "OPTIONS ", "CONNECT ",
+        "TRACE ", "PATCH ", "PRI "};
+    static const uint8_t EDGE_PREFIX[4] = {'E', 'D', 0, 1};
+
+    if (length == 0)
+        return DECOY_NEED_MORE;
+    if (!strict) {
+        if (data[0] == 0x16) /* a TLS handshake record: 0x16 0x03 ... */
+            return length < 2 ? DECOY_NEED_MORE
+                   : data[1] == 0x03 ? DECOY_PROBE : DECOY_WHATSAPP;
+        for (size_t i = 0; i < ARRAY_LENGTH(HTTP_METHODS); i++) {
+            size_t method_length = strlen(HTTP_METHODS[i]);
+            size_t compared = length < method_length ? length : method_length;
+            if (memcmp(data, HTTP_METHODS[i], compared) == 0)
+                return length < method_length ? DECOY_NEED_MORE : DECOY_PROBE;
+        }
+        return DECOY_WHATSAPP;
+    }
+
+    /* strict: [E D 0 1, 3-byte length, routing] W A major minor */
+    size_t header_at = 0;
+    size_t compared = length < 4 ? length : 4;
+    if (memcmp(data, EDGE_PREFIX, compared) == 0) {
+        if (length < 7)
+            return DECOY_NEED_MORE;
+        size_t routing = (size_t)data[4] << 16 | (size_t)data[5] << 8 | data[6];
+        if (routing > DECOY_ROUTING_MAX)
+            return DECOY_PROBE;
+        header_at = 7 + routing;
+    }
+    for (size_t i = 0; i < 2; i++)
+        if (length > header_at + i && data[header_at + i] != "WA"[i])
+            return DECOY_PROBE;
+    return length < header_at + 4 ? DECOY_NEED_MORE : DECOY_WHATSAPP;
+}
+
+/* Reads the client's first bytes (through tls if not NULL) into first
+ * until decoy_classify() can tell, or deadline_ms. On STEP_DONE *to_decoy
+ * holds the verdict and first[0..*length) the bytes read, which must be
+ * relayed before anything else. */
+static enum step_result first_bytes_read(int fd, SSL *tls, long long deadline_ms,
+                                         uint8_t *first, size_t *length,
+                                         bool *to_decoy)
+{
+    *length = 0;
+    for (;;) {
+        size_t got = 0;
+        short wanted = POLLIN;
+        if (tls != NULL) {
+            ERR_clear_error();
+            if (SSL_read_ex(tls, first + *length,
+                            DECOY_FIRST_BYTES_MAX - *length, &got) != 1) {
+                int reason = SSL_get_error(tls, 0);
+                if (reason != SSL_ERROR_WANT_READ &&
+                    reason != SSL_ERROR_WANT_WRITE)
+                    return STEP_FAILED;
+                wanted = reason == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN;
+            }
+        } else {
+            ssize_t count = recv(fd, first + *length,
+                                 DECOY_FIRST_BYTES_MAX - *length, 0);
+            if (count == 0 || (count < 0 && errno != EAGAIN && errno != EINTR))
+                return STEP_FAILED;
+            got = count > 0 ? (size_t)count : 0;
+        }
+        if (got == 0) {
+            enum wait_result waited = socket_wait(fd, wanted, deadline_ms);
+            if (waited != WAIT_READY)
+                return waited == WAIT_TIMED_OUT ? STEP_TIMED_OUT
+                                                : STEP_STOPPING;
+            continue;
+        }
+        *length += got;
+        enum decoy_verdict verdict =
+            decoy_classify(first, *length, state.settings->decoy_strict);
+        if (verdict != DECOY_NEED_MORE || *length == DECOY_FIRST_BYTES_MAX) {
+            *to_decoy = verdict != DECOY_WHATSAPP;
+            return STEP_DONE;
+        }
+    }
+}
 
 /* Reads exactly one PROXY header from fd (see the section comment) before
  * deadline_ms. On STEP_DONE, if the header carried addresses, they replace
@@ -2403,11 +2683,41 @@ static void conversation_serve(struct conversation *conversation)
     if (step != STEP_DONE)
         goto out;
 
+    if (state.settings->max_per_ip > 0) {
+        conversation->per_ip = per_ip_take(&conversation->addresses.source);
+        if (conversation->per_ip == NULL) {
+            counter_add(COUNTER_REJECTED_PER_IP, 1);
+            conversation_log(conversation, LOG_DEBUG, "over --max-per-ip");
+            goto out;
+        }
+    }
+
+    /* With --decoy: WhatsApp, or a probe for the decoy web site? */
+    uint8_t first[DECOY_FIRST_BYTES_MAX];
+    size_t first_length = 0;
+    bool to_decoy = false;
+    if (state.settings->decoy_enabled && !spec->media) {
+        if (tls != NULL && state.settings->sni_count > 0 &&
+            !tls_server_name_listed(
+                SSL_get_servername(tls, TLSEXT_NAMETYPE_host_name)))
+            to_decoy = true; /* a server name that is not ours */
+        else
+            step = first_bytes_read(client_fd, tls, deadline_ms, first,
+                                    &first_length, &to_decoy);
+        if (step == STEP_TIMED_OUT)
+            counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
+        if (step != STEP_DONE)
+            goto out;
+    }
+
     /* SHORTCUT: a media client goes to the one media server whatever name
      * it asks for in its TLS ClientHello; reading that name (SNI) and
      * allowing only WhatsApp's media hosts would be stricter (tutorial.md,
      * exercise "an allow-list of media host names"). */
-    upstream_fd = upstream_connect(spec->media);
+    upstream_fd = to_decoy ? upstream_connect(state.decoy_upstream, 1)
+                  : spec->media ? upstream_connect(state.media_upstream, 1)
+                                : upstream_connect(state.chat_upstreams,
+                                       state.settings->chat_upstream_count);
     if (upstream_fd < 0) {
         if (errno != ECANCELED) {
             counter_add(COUNTER_UPSTREAM_UNREACHABLE, 1);
@@ -2416,20 +2726,24 @@ static void conversation_serve(struct conversation *conversation)
         }
         goto out;
     }
-    if (!spec->media && state.settings->send_proxy != SEND_PROXY_NONE &&
+    if (!spec->media && !to_decoy &&
+        state.settings->send_proxy != SEND_PROXY_NONE &&
         !proxyhdr_send(upstream_fd, &conversation->addresses)) {
         counter_add(COUNTER_RELAY_ERROR, 1);
         goto out;
     }
 
-    counter_add(COUNTER_CONNECTIONS_RELAYED, 1);
-    relay_adopt(conversation->listener, client_fd, tls, upstream_fd);
+    counter_add(to_decoy ? COUNTER_DECOYED : COUNTER_CONNECTIONS_RELAYED, 1);
+    relay_adopt(conversation->listener, client_fd, tls, upstream_fd, first,
+                first_length, conversation->per_ip);
     client_fd = upstream_fd = -1; /* the relay thread owns them now */
     tls = NULL;
+    conversation->per_ip = NULL;
 out:
     if (client_fd >= 0) {
         SSL_free(tls);
         close(client_fd);
+        per_ip_release(conversation->per_ip);
         connection_ended(conversation->listener);
     }
     if (upstream_fd >= 0)
@@ -2636,6 +2950,7 @@ struct relay_pair {
     struct relay_flow to_upstream;
     struct relay_flow to_client;
     struct listener *listener;
+    struct per_ip *per_ip;      /* with --max-per-ip, the client's address */
     long long last_active_ms;   /* now_ms() of the last byte moved */
     struct pair_list *list;     /* the list it is in (open or closing) */
     struct relay_pair *newer;   /* neighbours in that list */
@@ -2913,6 +3228,7 @@ static void relay_close(struct relay_thread *thread, struct relay_pair *pair)
     }
     free(pair->to_upstream.pending);
     free(pair->to_client.pending);
+    per_ip_release(pair->per_ip);
     connection_ended(pair->listener);
     pair->closed = true;
     pair->older = thread->closed_pairs;
@@ -3080,10 +3396,12 @@ static void *relay_thread_run(void *argument)
 /* Hands a pair to the next relay thread; see the declaration in section 9.
  * Takes that thread's inbox_lock. */
 static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
-                        int upstream_fd)
+                        int upstream_fd, const uint8_t *first,
+                        size_t first_length, struct per_ip *per_ip)
 {
     struct relay_pair *pair = xcalloc(1, sizeof *pair);
     pair->listener = listener;
+    pair->per_ip = per_ip;
     pair->client = (struct relay_side){.fd = client_fd, .tls = tls,
                                        .pair = pair};
     pair->upstream = (struct relay_side){.fd = upstream_fd, .pair = pair};
@@ -3093,6 +3411,13 @@ static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
     pair->to_client = (struct relay_flow){
         .from = &pair->upstream, .to = &pair->client,
         .byte_counter = COUNTER_BYTES_TO_CLIENTS};
+    if (first_length > 0) {
+        /* Bytes read to choose the server go first, as if left over. */
+        pair->to_upstream.pending = xmalloc(first_length);
+        memcpy(pair->to_upstream.pending, first, first_length);
+        pair->to_upstream.pending_length = first_length;
+        counter_add(COUNTER_BYTES_FROM_CLIENTS, first_length);
+    }
 
     unsigned which = atomic_fetch_add(&state.next_relay_thread, 1) %
                      state.relay_thread_count;
@@ -3190,6 +3515,18 @@ static int check_summary_print(const struct settings *settings)
     printf("\nMedia server:\n");
     struct upstream media = {.spec = settings->media_upstream};
     ready &= check_upstream(&media);
+
+    if (settings->decoy_enabled) {
+        printf("\nDecoy web site for clients that are not WhatsApp (rule "
+               "%s):\n", settings->decoy_strict ? "strict" : "http");
+        struct upstream decoy = {.spec = settings->decoy};
+        ready &= check_upstream(&decoy);
+    }
+    for (size_t i = 0; i < settings->sni_count; i++)
+        printf("%s%s", i == 0 ? "\nTLS server names served (--sni): " : ", ",
+               settings->sni_names[i]);
+    if (settings->sni_count > 0)
+        printf("\n");
 
     printf("\nLimits: --maxconn %u; timeouts in seconds: connect %.1f, idle "
            "%.1f, fin %.1f, handshake %.1f\n", settings->maxconn,
@@ -3303,6 +3640,14 @@ static const struct {
         "Bytes relayed from clients to servers."},
     [COUNTER_BYTES_TO_CLIENTS] = {"bytes_to_clients_total",
         "Bytes relayed from servers to clients."},
+    [COUNTER_DECOYED] = {"decoyed_total",
+        "Clients that were not WhatsApp, handed to the decoy web site."},
+    [COUNTER_SNI_MATCHED] = {"sni_matched_total",
+        "TLS handshakes that asked for a server name given with --sni."},
+    [COUNTER_SNI_MISSED] = {"sni_missed_total",
+        "TLS handshakes that asked for another server name, or none."},
+    [COUNTER_REJECTED_PER_IP] = {"rejected_per_ip_total",
+        "Client connections closed at once because of max-per-ip."},
 };
 
 /* The counters shown as "problems" on the HTML page, with plain names. */
@@ -3319,6 +3664,10 @@ static const struct {
     {COUNTER_IDLE_TIMEOUT, "idle timeouts"},
     {COUNTER_FIN_TIMEOUT, "fin timeouts"},
     {COUNTER_RELAY_ERROR, "resets while relaying"},
+    {COUNTER_REJECTED_PER_IP, "over --max-per-ip"},
+    {COUNTER_DECOYED, "not WhatsApp: sent to the decoy"},
+    {COUNTER_SNI_MISSED, "TLS server name not in --sni"},
+    {COUNTER_SNI_MATCHED, "TLS server name in --sni (not a problem)"},
 };
 
 /* A text that grows as it is written, for building answers. */
@@ -3554,7 +3903,7 @@ static void stats_render_page(struct text *out)
                     atomic_load(&state.listeners[i].connections_total));
     }
 
-    text_printf(out, "</table>\n<h2>Problems</h2>\n<table>"
+    text_printf(out, "</table>\n<h2>Problems and probes</h2>\n<table>"
                 "<tr><th>kind</th><th>since start</th></tr>\n");
     for (size_t i = 0; i < ARRAY_LENGTH(STATS_PROBLEMS); i++)
         text_printf(out, "<tr><td>%s</td><td>%llu</td></tr>\n",
@@ -3888,7 +4237,8 @@ static void proxy_free(void)
     state.stats_listener = NULL;
     free(state.chat_upstreams);
     free(state.media_upstream);
-    state.chat_upstreams = state.media_upstream = NULL;
+    free(state.decoy_upstream);
+    state.chat_upstreams = state.media_upstream = state.decoy_upstream = NULL;
     SSL_CTX_free(state.tls_context);
     state.tls_context = NULL;
     if (state.abort_fd >= 0)
@@ -3921,6 +4271,14 @@ static void upstreams_prepare(const struct settings *settings)
         if (upstream_resolve(upstream, warning, sizeof warning) < 0)
             log_line(LOG_WARN, "%s (will try again when a client needs it)",
                      warning);
+    }
+    if (settings->decoy_enabled) {
+        state.decoy_upstream = xcalloc(1, sizeof *state.decoy_upstream);
+        state.decoy_upstream->spec = settings->decoy;
+        state.decoy_upstream->up = true;
+        char warning[300];
+        if (upstream_resolve(state.decoy_upstream, warning, sizeof warning) < 0)
+            log_line(LOG_WARN, "--decoy: %s", warning);
     }
 }
 

@@ -29,7 +29,7 @@ struct settings;
 struct settings *settings_new(void);
 void settings_free(struct settings *settings);
 
-/* ==== 3. The command line ==== */
+/* ==== 3. Command line ==== */
 
 /* One --listen value, "[ADDR:]PORT[/tls][/accept-proxy][/media]". */
 struct listener_spec {
@@ -68,7 +68,7 @@ enum parse_result {
 enum parse_result settings_parse(struct settings *settings, int argc,
                                  char **argv, char *error, size_t error_size);
 
-/* ==== 4. The PROXY protocol ==== */
+/* ==== 4. PROXY protocol ==== */
 
 /* What a PROXY header says about a connection. */
 struct proxy_addresses {
@@ -104,7 +104,24 @@ size_t proxyhdr_encode_v1(const struct proxy_addresses *addresses,
 size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
                           uint8_t *out, size_t out_size);
 
-/* ==== 11. The --check summary ==== */
+/* ==== 9. Conversation ==== */
+
+/* What the first bytes a client sends say about it (--decoy). */
+enum decoy_verdict {
+    DECOY_NEED_MORE, /* too few bytes to tell yet */
+    DECOY_WHATSAPP,  /* relay to WhatsApp */
+    DECOY_PROBE      /* not WhatsApp: hand it to the decoy web site */
+};
+
+/* Classifies the first bytes of a client's stream, data[0..length), by the
+ * --decoy-rule: with strict false ("http") only an HTTP request line or a
+ * TLS record is a probe; with strict true anything that does not start
+ * with WhatsApp's connection header ('W' 'A' and two version bytes,
+ * optionally after an 'E' 'D' 0 1 routing prefix) is. */
+enum decoy_verdict decoy_classify(const uint8_t *data, size_t length,
+                                  bool strict);
+
+/* ==== 11. Check summary ==== */
 
 /* Writes the share link for WhatsApp users into out, for example
  * "https://wa.me/proxy?host=proxy.example.org&chatPort=443&mediaPort=587&chatTLS=true".
@@ -148,6 +165,10 @@ enum counter {
     COUNTER_RELAY_ERROR,           /* a reset or other error while relaying */
     COUNTER_BYTES_FROM_CLIENTS,    /* payload bytes client -> upstream */
     COUNTER_BYTES_TO_CLIENTS,      /* payload bytes upstream -> client */
+    COUNTER_DECOYED,               /* probes handed to the --decoy site */
+    COUNTER_SNI_MATCHED,           /* TLS server name in the --sni list */
+    COUNTER_SNI_MISSED,            /* TLS server name missing or not listed */
+    COUNTER_REJECTED_PER_IP,       /* closed at once: over --max-per-ip */
     COUNTER_COUNT
 };
 
