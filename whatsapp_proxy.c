@@ -3320,9 +3320,11 @@ static int relay_expire(struct relay_thread *thread, long long now)
     return idle;
 }
 
-/* Takes the pairs waiting in the inbox into the epoll loop and serves each
- * once (a TLS client may have sent bytes already). Returns true if the
- * thread was asked to stop. */
+/* Takes the pairs waiting in the inbox into the epoll loop. A pair with
+ * bytes that no socket event will announce (read by the conversation, or
+ * held decrypted by OpenSSL) is served at once; for the others epoll will
+ * say when there is something to do. Returns true if the thread was asked
+ * to stop. */
 static bool relay_take_inbox(struct relay_thread *thread, long long now)
 {
     eventfd_t ignored;
@@ -3347,7 +3349,11 @@ static bool relay_take_inbox(struct relay_thread *thread, long long now)
         }
         pair->last_active_ms = now;
         pair_list_push(&thread->open_pairs, pair);
-        relay_service(thread, pair, now);
+        flow_wait(&pair->to_upstream, &pair->client, EPOLLIN);
+        flow_wait(&pair->to_client, &pair->upstream, EPOLLIN);
+        if (pair->to_upstream.pending != NULL ||
+            (pair->client.tls != NULL && SSL_has_pending(pair->client.tls)))
+            relay_service(thread, pair, now);
     }
     return stop;
 }
