@@ -2406,9 +2406,10 @@ static void connection_ended(struct listener *listener)
  *
  *   1. read the PROXY header, if the listener expects one;
  *   2. do the TLS handshake, if the listener is TLS;
- *   3. connect to an upstream (chat pool or media server);
- *   4. send our PROXY header to it (chat listeners only);
- *   5. hand both sockets to a relay thread.
+ *   3. with --decoy, choose: WhatsApp, or the decoy web site (see below);
+ *   4. connect to an upstream (chat pool, media server, or decoy);
+ *   5. send our PROXY header to it (chat servers only);
+ *   6. hand both sockets to a relay thread.
  *
  * The threads are "workers" that take conversations from a queue, one at a
  * time. Starting a new thread for every client would cost about a quarter
@@ -2419,7 +2420,7 @@ static void connection_ended(struct listener *listener)
  * So a burst of clients gets its threads, and idle chat connections, which
  * live in the relay threads, still hold no thread at all.
  *
- * Steps 1 and 2 together must finish within --timeout-handshake, so a client
+ * Steps 1 to 3 together must finish within --timeout-handshake, so a client
  * that connects and says nothing (a scanner, or a "slowloris" attack that
  * sends one byte a second) holds a thread for a few seconds at most. Each
  * wait goes through socket_wait(), which also returns at once when the
@@ -2624,6 +2625,23 @@ static bool proxyhdr_send(int upstream_fd,
     return send(upstream_fd, header, length, MSG_NOSIGNAL) == (ssize_t)length;
 }
 
+/* With --decoy: decides whether this client is WhatsApp or a probe for the
+ * decoy web site. A TLS server name that is not one of the --sni names is
+ * enough; otherwise the first bytes are read (into first[0..*length), to be
+ * relayed) and classified. Sets *to_decoy on STEP_DONE. */
+static enum step_result decoy_choose(int fd, SSL *tls, long long deadline_ms,
+                                     uint8_t *first, size_t *length,
+                                     bool *to_decoy)
+{
+    if (tls != NULL && state.settings->sni_count > 0 &&
+        !tls_server_name_listed(
+            SSL_get_servername(tls, TLSEXT_NAMETYPE_host_name))) {
+        *to_decoy = true;
+        return STEP_DONE;
+    }
+    return first_bytes_read(fd, tls, deadline_ms, first, length, to_decoy);
+}
+
 /* Logs what happened to one client at the given level. The client's
  * address is written only with --log-clients (see section 2). */
 static void conversation_log(const struct conversation *conversation,
@@ -2657,7 +2675,7 @@ static void conversation_count_failure(const struct conversation *conversation,
     }
 }
 
-/* Serves one conversation: steps 1 to 5 of the section comment. Frees the
+/* Serves one conversation: steps 1 to 6 of the section comment. Frees the
  * conversation and gives its slot back when done. */
 static void conversation_serve(struct conversation *conversation)
 {
@@ -2692,18 +2710,12 @@ static void conversation_serve(struct conversation *conversation)
         }
     }
 
-    /* With --decoy: WhatsApp, or a probe for the decoy web site? */
     uint8_t first[DECOY_FIRST_BYTES_MAX];
     size_t first_length = 0;
     bool to_decoy = false;
     if (state.settings->decoy_enabled && !spec->media) {
-        if (tls != NULL && state.settings->sni_count > 0 &&
-            !tls_server_name_listed(
-                SSL_get_servername(tls, TLSEXT_NAMETYPE_host_name)))
-            to_decoy = true; /* a server name that is not ours */
-        else
-            step = first_bytes_read(client_fd, tls, deadline_ms, first,
-                                    &first_length, &to_decoy);
+        step = decoy_choose(client_fd, tls, deadline_ms, first, &first_length,
+                            &to_decoy);
         if (step == STEP_TIMED_OUT)
             counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
         if (step != STEP_DONE)
