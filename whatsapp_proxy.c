@@ -2280,17 +2280,23 @@ static bool conversation_slot_free(void)
 
 /* Gives a conversation slot back. If the acceptor had stopped for lack of
  * slots it is woken; if this was the last conversation, a stopping
- * proxy_run() is woken. Takes conversation_lock. */
-static void conversation_slot_release(void)
+ * proxy_run() is woken. The caller holds conversation_lock. */
+static void conversation_slot_release_locked(void)
 {
-    pthread_mutex_lock(&state.conversation_lock);
     bool was_full = state.conversations_now == CONVERSATIONS_AT_ONCE;
     state.conversations_now--;
     if (state.conversations_now == 0)
         pthread_cond_broadcast(&state.ended);
-    pthread_mutex_unlock(&state.conversation_lock);
     if (was_full)
         eventfd_write(state.acceptor_wake_fd, 1);
+}
+
+/* The same, taking conversation_lock. */
+static void conversation_slot_release(void)
+{
+    pthread_mutex_lock(&state.conversation_lock);
+    conversation_slot_release_locked();
+    pthread_mutex_unlock(&state.conversation_lock);
 }
 
 /* Counts a newly accepted client of listener. Returns false, after counting
@@ -2676,7 +2682,7 @@ static void conversation_count_failure(const struct conversation *conversation,
 }
 
 /* Serves one conversation: steps 1 to 6 of the section comment. Frees the
- * conversation and gives its slot back when done. */
+ * conversation; its worker gives its slot back. */
 static void conversation_serve(struct conversation *conversation)
 {
     const struct listener_spec *spec = &conversation->listener->spec;
@@ -2761,7 +2767,6 @@ out:
     if (upstream_fd >= 0)
         close(upstream_fd);
     free(conversation);
-    conversation_slot_release();
 }
 
 /* The body of a worker thread: serves queued conversations one after the
@@ -2793,7 +2798,11 @@ static void *conversation_worker_run(void *unused)
         state.queue_length--;
         pthread_mutex_unlock(&state.conversation_lock);
         conversation_serve(conversation);
+        /* The slot is given back under the same lock hold in which this
+         * worker turns idle, so the next client finds it idle instead of
+         * starting yet another worker. */
         pthread_mutex_lock(&state.conversation_lock);
+        conversation_slot_release_locked();
     }
     state.workers_now--;
     if (state.workers_now == 0)
