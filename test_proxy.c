@@ -53,10 +53,13 @@
 
 /* ==== Helpers shared by every section ==== */
 
+/* Every wait below is multiplied by this: 1 normally, more under valgrind
+ * (`make valgrind` sets TEST_TIME_SCALE), where everything is slower. */
+static int time_scale = 1;
 /* How long a test waits for something that should happen at once. */
-#define PROMPTLY_MS 3000
+#define PROMPTLY_MS (3000 * time_scale)
 /* How long a test waits for something slow (a large transfer). */
-#define SLOWLY_MS 30000
+#define SLOWLY_MS (30000 * time_scale)
 
 static long long clock_ms(void)
 {
@@ -3293,7 +3296,7 @@ static void proxy_stop_if_running(void)
 static TCase *section(const char *name, int timeout_seconds)
 {
     TCase *test_case = tcase_create(name);
-    tcase_set_timeout(test_case, timeout_seconds);
+    tcase_set_timeout(test_case, timeout_seconds * time_scale);
     tcase_add_checked_fixture(test_case, NULL, proxy_stop_if_running);
     return test_case;
 }
@@ -3423,6 +3426,9 @@ int main(void)
     limit.rlim_cur = limit.rlim_max;
     setrlimit(RLIMIT_NOFILE, &limit);
     signal(SIGPIPE, SIG_IGN);
+    const char *scale = getenv("TEST_TIME_SCALE");
+    if (scale != NULL && atoi(scale) > 0)
+        time_scale = atoi(scale);
 
     SRunner *runner = srunner_create(proxy_suite());
     srunner_run_all(runner, CK_NORMAL);
