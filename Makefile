@@ -48,8 +48,15 @@ run: deps whatsapp_proxy
 	./whatsapp_proxy $(ARGS)
 
 # Runs the Check suite; CK_RUN_CASE="PROXY protocol" make test runs one section.
+# First it checks that every name tutorial.md uses still exists in the code.
 test: deps whatsapp_proxy test_proxy
+	@out=$$(sh scripts/check-tutorial.sh --names) || { echo "$$out"; exit 1; }; \
+	echo "tutorial.md names: $$(echo "$$out" | tail -n 1)"
 	./test_proxy
+
+# Runs tutorial.md's checkpoints against the demo (needs nc, curl, openssl).
+tutorial-check: whatsapp_proxy demo/demo_upstream
+	sh scripts/check-tutorial.sh
 
 # The same suite under AddressSanitizer + UndefinedBehaviorSanitizer, under
 # ThreadSanitizer (data races), and under valgrind (leaks, bad reads).
@@ -98,4 +105,4 @@ install: whatsapp_proxy
 clean:
 	rm -f whatsapp_proxy test_proxy *.o demo/demo_upstream demo/*.o
 
-.PHONY: all deps demo run test test-asan test-tsan valgrind fuzz test-peers soak bench bench-quick certs install clean
+.PHONY: all deps demo run test tutorial-check test-asan test-tsan valgrind fuzz test-peers soak bench bench-quick certs install clean

@@ -835,15 +835,60 @@ END_TEST
 
 /* ==== 2. Logging and errors ==== */
 
+/* Sends this process's stderr (where the proxy logs) to a temporary file
+ * until stderr_capture_end(). */
+struct stderr_capture {
+    int file_fd;
+    int saved_stderr;
+};
+
+static struct stderr_capture stderr_capture_begin(void)
+{
+    char path[] = "/tmp/wp_log_XXXXXX";
+    struct stderr_capture capture = {.file_fd = mkstemp(path)};
+    unlink(path); /* the open descriptor keeps it until closed */
+    fflush(stderr);
+    capture.saved_stderr = dup(STDERR_FILENO);
+    dup2(capture.file_fd, STDERR_FILENO);
+    return capture;
+}
+
+/* Waits until what was logged so far contains needle. */
+static bool stderr_capture_shows(struct stderr_capture *capture,
+                                 const char *needle, int timeout_ms)
+{
+    char log[8192];
+    long long deadline = clock_ms() + timeout_ms;
+    for (;;) {
+        fflush(stderr);
+        ssize_t length = pread(capture->file_fd, log, sizeof log - 1, 0);
+        log[length > 0 ? length : 0] = '\0';
+        if (strstr(log, needle) != NULL)
+            return true;
+        if (clock_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+}
+
+/* Puts stderr back and copies what was logged into log (size bytes). */
+static void stderr_capture_end(struct stderr_capture *capture, char *log,
+                               size_t size)
+{
+    fflush(stderr);
+    dup2(capture->saved_stderr, STDERR_FILENO);
+    close(capture->saved_stderr);
+    ssize_t length = pread(capture->file_fd, log, size - 1, 0);
+    log[length > 0 ? length : 0] = '\0';
+    close(capture->file_fd);
+}
+
 /* Runs one client through an accept-proxy port whose header says it comes
  * from 203.0.113.7, to an unreachable server (which logs a warning), and
  * returns whether the log mentioned that address. */
 static bool log_mentions_client(bool log_clients)
 {
-    char log_path[] = "/tmp/wp_log_XXXXXX";
-    int log_fd = mkstemp(log_path);
-    int saved_stderr = dup(STDERR_FILENO);
-    dup2(log_fd, STDERR_FILENO);
+    struct stderr_capture capture = stderr_capture_begin();
 
     proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
                 address_text("127.0.0.1:%u", closed_port()),
@@ -855,14 +900,8 @@ static bool log_mentions_client(bool log_clients)
     close(client);
     proxy_stop();
 
-    fflush(stderr);
-    dup2(saved_stderr, STDERR_FILENO);
-    close(saved_stderr);
-    char log[8192] = "";
-    ssize_t length = pread(log_fd, log, sizeof log - 1, 0);
-    log[length > 0 ? length : 0] = '\0';
-    close(log_fd);
-    unlink(log_path);
+    char log[8192];
+    stderr_capture_end(&capture, log, sizeof log);
     ck_assert_msg(strstr(log, "no server reachable") != NULL,
                   "the failure should be logged");
     return strstr(log, "203.0.113.7") != NULL;
@@ -1448,7 +1487,13 @@ START_TEST(test_given_certificate_is_served_and_reload_keeps_old_on_bad_file)
     FILE *file = fopen(cert, "w");
     fputs("not a certificate\n", file);
     fclose(file);
+    struct stderr_capture capture = stderr_capture_begin();
     proxy_request_reload();
+    bool refused = stderr_capture_shows(&capture, "keeping the old one",
+                                        PROMPTLY_MS);
+    char log[4096];
+    stderr_capture_end(&capture, log, sizeof log);
+    ck_assert_msg(refused, "the log says why the reload failed: %s", log);
     tls_send_all(tls, "still here", 10);
     char back[10];
     ck_assert_uint_eq(tls_receive_exactly(tls, back, 10), 10);

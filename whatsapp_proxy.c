@@ -53,7 +53,7 @@
  *    6. Upstreams               WhatsApp's servers: dialling, health checks
  *    7. Listeners               the ports clients connect to
  *    8. Admission               maxconn and the number of conversations
- *    9. Conversation            one thread per new client, until relaying
+ *    9. Conversation            each new client, until relaying: workers
  *   10. Relay                   a few threads that move all the bytes
  *   11. Check summary           --check and what to tell WhatsApp users
  *   12. Statistics              the HTML page, /metrics and /healthz
@@ -68,7 +68,7 @@
  *   1. The acceptor (the main thread, section 13) accepts the client, and
  *      the admission rules (section 8) decide: over --maxconn it is closed
  *      at once.
- *   2. A conversation thread (section 9) does everything that happens once
+ *   2. A conversation worker (section 9) does everything that happens once
  *      per connection, as plain blocking code: read the PROXY header, do the
  *      TLS handshake, connect to an upstream, send the PROXY header there.
  *   3. It hands the two connected sockets to a relay thread (section 10) and
@@ -83,11 +83,15 @@
  * idle connection in an epoll loop costs only its sockets and a small struct
  * (a few hundred bytes). But the first steps of a connection (headers,
  * handshakes, retries) are much easier to read as straight-line code, and
- * they last only a moment, so a short-lived thread does them.
+ * they last only a moment, so a thread does them for that moment only.
+ * Measured by `make bench`: 0.25 KiB of process memory per idle plain
+ * connection (HAProxy's reference configuration: 3.5 KiB) and 14 KiB per
+ * idle TLS connection, nearly all of it OpenSSL's state for that client.
  *
- * The threads, all told: the main thread accepts (section 13); a
- * conversation thread per new client (9); one relay thread per CPU (10);
- * one health-check thread (6); one statistics thread (12).
+ * The threads, all told: the main thread accepts (section 13); conversation
+ * workers, as many as clients in their first steps, up to 1,024 (9); one
+ * relay thread per CPU (10); one health-check thread (6); one statistics
+ * thread (12).
  *
  * Error policy: problems at startup stop the program with one line that
  * names the flag, port or file and the fix (exit 2). Problems with one
@@ -804,7 +808,10 @@ static void help_print(void)
         snprintf(left, sizeof left, "%s%s%s", OPTIONS[i].name,
                  OPTIONS[i].value_name ? " " : "",
                  OPTIONS[i].value_name ? OPTIONS[i].value_name : "");
-        printf("  %-44s %s\n", left, OPTIONS[i].help);
+        if (strlen(left) > 40) /* too wide for the column: a line of its own */
+            printf("  %s\n  %-40s %s\n", left, "", OPTIONS[i].help);
+        else
+            printf("  %-40s %s\n", left, OPTIONS[i].help);
     }
     printf("\nSignals: SIGTERM or SIGINT stops (after --grace); SIGHUP reloads "
            "the certificate.\nRead tutorial.md to learn more.\n");
@@ -1604,8 +1611,16 @@ static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
         goto out;
     result = 0;
 
+    if (settings->check_only)
+        goto out; /* --check may run beside a live proxy: leave its files */
     char path[PATH_MAX + 16];
-    mkdir(settings->cert_dir, 0700); /* best effort: it may exist already */
+    /* The folder may exist already: that is fine. */
+    if (mkdir(settings->cert_dir, 0700) != 0 && errno != EEXIST) {
+        log_line(LOG_WARN, "made a new certificate for %s but cannot make "
+                 "the folder %s: %s (serving it anyway)", leaf_name,
+                 settings->cert_dir, strerror(errno));
+        goto out;
+    }
     snprintf(path, sizeof path, "%s/key.pem", settings->cert_dir);
     bool written = tls_write_pem(path, NULL, NULL, leaf_key);
     snprintf(path, sizeof path, "%s/cert.pem", settings->cert_dir);
@@ -2128,27 +2143,34 @@ struct listener {
     atomic_ullong connections_total; /* its clients since the start */
 };
 
-/* Writes the message for a failed bind() of port into error and returns -1. */
+/* Writes the message for a failed bind() of port into error and returns -1.
+ * flag_name is the flag that chose the port (--listen or --stats). */
 static int listener_bind_failure(const struct listener_spec *spec,
-                                 int error_number, char *error,
-                                 size_t error_size)
+                                 const char *flag_name, int error_number,
+                                 char *error, size_t error_size)
 {
+    char program[PATH_MAX] = "./" PROGRAM_NAME;
+    ssize_t length;
     switch (error_number) {
     case EADDRINUSE:
         return parse_failure(error, error_size,
                              "cannot listen on port %u: it is already in use "
                              "by another program (see which with: sudo ss "
                              "-ltnp 'sport = :%u'). Stop that program, or "
-                             "choose another port with --listen",
-                             spec->port, spec->port);
+                             "choose another port with %s",
+                             spec->port, spec->port, flag_name);
     case EACCES:
+        /* Name this very program in the setcap command, wherever it is. */
+        length = readlink("/proc/self/exe", program, sizeof program - 1);
+        if (length > 0)
+            program[length] = '\0';
         return parse_failure(error, error_size,
                              "cannot listen on port %u: permission denied. "
                              "Ports below 1024 need root: run with sudo, or "
                              "allow this program once with: sudo setcap "
-                             "cap_net_bind_service=+ep ./" PROGRAM_NAME
-                             " (or choose a port above 1023 with --listen)",
-                             spec->port);
+                             "cap_net_bind_service=+ep %s (or choose a port "
+                             "above 1023 with %s)", spec->port, program,
+                             flag_name);
     case EADDRNOTAVAIL:
         return parse_failure(error, error_size,
                              "cannot listen on %s port %u: this machine has "
@@ -2160,10 +2182,11 @@ static int listener_bind_failure(const struct listener_spec *spec,
     }
 }
 
-/* Opens, binds and listens on listener->spec; fills listener->fd and
- * listener->port. Returns 0, or -1 with one line in error. */
-static int listener_open(struct listener *listener, char *error,
-                         size_t error_size)
+/* Opens, binds and listens on listener->spec, chosen by flag_name; fills
+ * listener->fd and listener->port. Returns 0, or -1 with one line in
+ * error. */
+static int listener_open(struct listener *listener, const char *flag_name,
+                         char *error, size_t error_size)
 {
     const struct listener_spec *spec = &listener->spec;
     struct sockaddr_storage address = {0};
@@ -2212,7 +2235,8 @@ static int listener_open(struct listener *listener, char *error,
         listen(fd, LISTEN_BACKLOG) < 0) {
         int saved = errno;
         close(fd);
-        return listener_bind_failure(spec, saved, error, error_size);
+        return listener_bind_failure(spec, flag_name, saved, error,
+                                     error_size);
     }
     length = sizeof address;
     getsockname(fd, (struct sockaddr *)&address, &length);
@@ -4321,7 +4345,8 @@ static int listeners_open(const struct settings *settings, char *error,
         state.listeners[i].fd = -1;
     for (size_t i = 0; i < settings->listener_count; i++) {
         state.listeners[i].spec = settings->listeners[i];
-        if (listener_open(&state.listeners[i], error, error_size) < 0)
+        if (listener_open(&state.listeners[i], "--listen", error,
+                          error_size) < 0)
             return -1;
     }
     if (!settings->stats_enabled)
@@ -4329,12 +4354,9 @@ static int listeners_open(const struct settings *settings, char *error,
     state.stats_listener = xcalloc(1, sizeof *state.stats_listener);
     state.stats_listener->fd = -1;
     state.stats_listener->spec = settings->stats;
-    if (listener_open(state.stats_listener, error, error_size) < 0) {
-        size_t used = strlen(error);
-        snprintf(error + used, error_size - used, " (this is the statistics "
-                 "port: choose another with --stats, or --stats off)");
+    if (listener_open(state.stats_listener, "--stats (or --stats off)",
+                      error, error_size) < 0)
         return -1;
-    }
     return 0;
 }
 

@@ -10,7 +10,9 @@
 set -eu
 state=/var/lib/whatsapp_proxy
 [ -n "${RENEWED_LINEAGE:-}" ] || { echo "run me from certbot" >&2; exit 1; }
-owner=$(stat -c %u "$state" 2>/dev/null || echo 0)
+# The state folder is a symbolic link under DynamicUser: -L follows it to
+# the folder itself, which systemd gives to the service's user.
+owner=$(stat -L -c %u "$state" 2>/dev/null || echo 0)
 install -m 0644 -o "$owner" "$RENEWED_LINEAGE/fullchain.pem" "$state/fullchain.pem"
 install -m 0600 -o "$owner" "$RENEWED_LINEAGE/privkey.pem" "$state/privkey.pem"
 systemctl reload whatsapp_proxy

@@ -12,7 +12,7 @@
  *
  * It reads the header with proxyhdr_decode() from whatsapp_proxy.c: the
  * same decoder the proxy uses on its accept-proxy ports. Read with
- * tutorial.md, step 2.
+ * tutorial.md, Part 1 ("The offline demo").
  */
 
 #include "../whatsapp_proxy.h"

@@ -8,7 +8,7 @@
 #                  127.0.0.1:7587   media port (passthrough, no header)
 #                  127.0.0.1:8199   statistics (http://127.0.0.1:8199/)
 #
-# Both stop with Ctrl-C. Another terminal then follows tutorial.md, step 2.
+# Both stop with Ctrl-C. Another terminal then follows tutorial.md, Part 1.
 set -eu
 cd "$(dirname "$0")/.."
 ./demo/demo_upstream 9000 &
