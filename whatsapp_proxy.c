@@ -4367,6 +4367,8 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     atomic_store(&state.log_level, settings->log_level);
     for (size_t i = 0; i < COUNTER_COUNT; i++)
         atomic_store(&state.counters[i], 0);
+    atomic_store(&state.next_chat_upstream, 0); /* the first client goes to */
+    atomic_store(&state.next_relay_thread, 0);  /* the first server */
     stop_requested = 0;
     state.reload_requested = 0;
     state.workers_quit = false;

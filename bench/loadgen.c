@@ -13,6 +13,11 @@
  *                 'G'  generate: send bytes as fast as possible (download)
  *              It is epoll based (one loop per thread, level-triggered), so
  *              two threads hold tens of thousands of connections.
+ *              With --tls --cert F --key F it terminates TLS instead (the
+ *              same certificate the proxies serve) and serves the same
+ *              three modes on the decrypted bytes, one blocking thread per
+ *              connection: the "TLS direct" reference of the TLS bulk rows,
+ *              the client's TLS straight to a TLS server, with no proxy.
  *
  *   clients    the "WhatsApp apps". Each mode measures one thing and prints
  *              one line starting with RESULT (key=value pairs) for run.sh:
@@ -53,12 +58,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
+#include <openssl/objects.h>
 #include <openssl/ssl.h>
 
 /* ==== 1. Options and small helpers ==== */
@@ -98,6 +105,8 @@ struct options {
     unsigned steps[16];      /* --steps (idle): connection counts */
     unsigned step_count;
     unsigned cap;            /* --cap (maxconn) */
+    const char *cert_file;   /* --cert (TLS upstream): PEM chain */
+    const char *key_file;    /* --key (TLS upstream): PEM private key */
 };
 
 static struct options options = {
@@ -113,7 +122,8 @@ static struct options options = {
 /* Set by the main thread when the measuring time is over. */
 static atomic_bool stop_now;
 
-/* The client TLS context, made once before any thread starts. */
+/* The TLS context (client, or server for the TLS upstream), made once
+ * before any thread starts. */
 static SSL_CTX *tls_context;
 
 static void die(const char *format, ...) __attribute__((format(printf, 1, 2)));
@@ -464,14 +474,26 @@ static int mode_bulk(void)
     uint64_t end = now_ns();
     atomic_store(&stop_now, true);
 
-    for (unsigned i = 0; i < n; i++) {
+    for (unsigned i = 0; i < n; i++)
         pthread_join(workers[i].thread, NULL);
-        client_close(&workers[i].client);
+    /* What was negotiated, so a reader can check that every target got
+     * the same (version/cipher/group of the first connection). */
+    char negotiated[128] = "plain";
+    if (workers[0].client.tls != NULL) {
+        char group[32] = "?";
+        int nid = SSL_get_negotiated_group(workers[0].client.tls);
+        if (nid > 0 && OBJ_nid2sn(nid) != NULL)
+            snprintf(group, sizeof group, "%s", OBJ_nid2sn(nid));
+        snprintf(negotiated, sizeof negotiated, "%s/%s/%s",
+                 SSL_get_version(workers[0].client.tls),
+                 SSL_get_cipher_name(workers[0].client.tls), group);
     }
+    for (unsigned i = 0; i < n; i++)
+        client_close(&workers[i].client);
     double elapsed = (double)(end - start) / 1e9;
-    printf("RESULT mbytes_per_s=%.1f bytes=%llu seconds=%.3f\n",
+    printf("RESULT mbytes_per_s=%.1f bytes=%llu seconds=%.3f tls=%s\n",
            (double)(bytes_after - bytes_before) / elapsed / 1e6,
-           bytes_after - bytes_before, elapsed);
+           bytes_after - bytes_before, elapsed, negotiated);
     free(workers);
     return 0;
 }
@@ -1031,12 +1053,136 @@ static int mode_upstream(void)
     return 0;
 }
 
+/* ==== 8b. TLS upstream: the reference for the TLS rows ==== */
+
+/*
+ * `loadgen upstream --tls`: the same three modes as above behind a TLS
+ * server, so that "direct" in a TLS row is what this machine does with
+ * the client's TLS and no proxy: the same certificate (ECDSA P-256), the
+ * same negotiation (TLS 1.3, X25519, TLS_AES_256_GCM_SHA384) and the same
+ * 64 KiB writes as the proxies' TLS side. It serves only the direct
+ * client, so it is simple rather than scalable: one blocking thread per
+ * connection (a bulk test has at most 8). A PROXY header in front of the
+ * mode byte is still skipped, inside the TLS stream.
+ */
+
+/* Makes the server TLS context from --cert and --key. */
+static void tls_server_context_make(void)
+{
+    if (options.cert_file == NULL || options.key_file == NULL)
+        die("upstream --tls needs --cert FILE and --key FILE");
+    tls_context = SSL_CTX_new(TLS_server_method());
+    if (tls_context == NULL ||
+        SSL_CTX_use_certificate_chain_file(tls_context, options.cert_file) != 1 ||
+        SSL_CTX_use_PrivateKey_file(tls_context, options.key_file,
+                                    SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(tls_context) != 1)
+        die("upstream: cannot load %s and %s", options.cert_file,
+            options.key_file);
+    SSL_CTX_set_min_proto_version(tls_context, TLS1_2_VERSION);
+}
+
+/* Writes all length bytes on tls. Returns false when the connection broke
+ * (for the generator: the client has gone). */
+static bool tls_write_all(SSL *tls, const uint8_t *data, size_t length)
+{
+    while (length > 0) {
+        size_t sent = 0;
+        if (SSL_write_ex(tls, data, length, &sent) != 1)
+            return false;
+        data += sent;
+        length -= sent;
+    }
+    return true;
+}
+
+/* Serves one TLS connection (the descriptor is the argument) until the
+ * client ends it or it breaks. */
+static void *tls_upstream_conn_run(void *argument)
+{
+    int fd = (int)(intptr_t)argument;
+    SSL *tls = SSL_new(tls_context);
+    uint8_t *buffer = malloc(CHUNK_BYTES);
+    uint8_t start[START_BUFFER_BYTES];
+    size_t start_length = 0, got = 0;
+    int header = -1;
+    if (tls == NULL || buffer == NULL || SSL_set_fd(tls, fd) != 1 ||
+        SSL_accept(tls) != 1)
+        goto done;
+    /* The PROXY header (if any) and the mode byte, as in PHASE_START. */
+    while (header < 0 || (size_t)header >= start_length) {
+        if (start_length == sizeof start ||
+            SSL_read_ex(tls, start + start_length,
+                        sizeof start - start_length, &got) != 1)
+            goto done;
+        start_length += got;
+        header = proxy_header_length(start, start_length);
+        if (header == -2)
+            goto done;
+    }
+    const uint8_t *payload = start + header + 1;
+    size_t payload_length = start_length - (size_t)header - 1;
+    switch (start[header]) {
+    case MODE_ECHO:
+        if (!tls_write_all(tls, payload, payload_length))
+            break;
+        while (SSL_read_ex(tls, buffer, CHUNK_BYTES, &got) == 1 &&
+               tls_write_all(tls, buffer, got))
+            continue;
+        break;
+    case MODE_SINK:
+        while (SSL_read_ex(tls, buffer, CHUNK_BYTES, &got) == 1)
+            continue;
+        break;
+    case MODE_GENERATE:
+        memset(buffer, 0, CHUNK_BYTES);
+        while (tls_write_all(tls, buffer, CHUNK_BYTES))
+            continue;
+        break;
+    }
+done:
+    ERR_clear_error();
+    SSL_free(tls);
+    close(fd);
+    free(buffer);
+    return NULL;
+}
+
+/* Accepts TLS connections for ever, one detached thread each. */
+static int mode_upstream_tls(void)
+{
+    int listen_fd = upstream_listen();
+    int flags = 0; /* blocking accept: the listener was made non-blocking */
+    ioctl(listen_fd, FIONBIO, &flags);
+    pthread_attr_t attributes;
+    pthread_attr_init(&attributes);
+    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
+    printf("LISTENING\n");
+    fflush(stdout);
+    for (;;) {
+        int fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+        if (fd < 0) {
+            if (errno == EMFILE || errno == ENFILE)
+                sleep_seconds(0.01);
+            continue;
+        }
+        int one = 1;
+        setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        pthread_t thread;
+        if (pthread_create(&thread, &attributes, tls_upstream_conn_run,
+                           (void *)(intptr_t)fd) != 0)
+            close(fd);
+    }
+    return 0; /* not reached: run.sh stops it by PID */
+}
+
 /* ==== 9. Command line and main ==== */
 
 static void usage(void)
 {
     fputs(
         "usage: loadgen upstream --listen ADDR:PORT [--threads N]\n"
+        "       loadgen upstream --listen ADDR:PORT --tls --cert F --key F\n"
         "       loadgen MODE --connect ADDR:PORT [--tls] [options]\n"
         "modes and their options:\n"
         "  bulk     --conns N --direction up|down --seconds S [--warmup S]\n"
@@ -1090,6 +1236,8 @@ static void options_parse(int argc, char **argv)
         {"threads", required_argument, NULL, 'j'},
         {"steps", required_argument, NULL, 'S'},
         {"cap", required_argument, NULL, 'm'},
+        {"cert", required_argument, NULL, 'k'},
+        {"key", required_argument, NULL, 'K'},
         {NULL, 0, NULL, 0},
     };
     bool have_address = false;
@@ -1133,6 +1281,12 @@ static void options_parse(int argc, char **argv)
         case 'm':
             options.cap = (unsigned)number_parse(optarg, "--cap");
             break;
+        case 'k':
+            options.cert_file = optarg;
+            break;
+        case 'K':
+            options.key_file = optarg;
+            break;
         default:
             usage();
         }
@@ -1149,11 +1303,14 @@ int main(int argc, char **argv)
     options_parse(argc - 1, argv + 1);
     descriptor_limit_raise();
     signal(SIGPIPE, SIG_IGN);
-    if (options.tls)
+    bool upstream = strcmp(mode, "upstream") == 0;
+    if (options.tls && upstream)
+        tls_server_context_make();
+    else if (options.tls)
         tls_context_make();
 
-    if (strcmp(mode, "upstream") == 0)
-        return mode_upstream();
+    if (upstream)
+        return options.tls ? mode_upstream_tls() : mode_upstream();
     if (strcmp(mode, "bulk") == 0)
         return mode_bulk();
     if (strcmp(mode, "rate") == 0)
