@@ -21,9 +21,10 @@
  *   client  ------------> | listener               |
  *                         |  [PROXY header in] (4) |
  *                         |  [TLS handshake]   (5) |
- *                         |  pick upstream     (6) | -------> chat server
- *                         |  [PROXY header out](4) |          or media server
- *                         |  relay bytes      (10) | <------>
+ *                         |  [decoy or not]    (9) |
+ *                         |  pick upstream     (6) | -------> chat server,
+ *                         |  [PROXY header out](4) |          media server,
+ *                         |  relay bytes      (10) | <------> or decoy site
  *                         +------------------------+
  *
  * The chat stream is end-to-end encrypted by WhatsApp itself. The proxy never
@@ -46,14 +47,14 @@
  * -------------------------
  *
  *    1. Settings and limits     every knob, its default and its reason
- *    2. Logging and errors      log lines, allocation that cannot fail
+ *    2. Logging and errors      log lines, allocation, waiting with deadlines
  *    3. Command line            flags into settings
  *    4. PROXY protocol          the header that carries a client's address
  *    5. TLS termination         certificates and the TLS handshake
  *    6. Upstreams               WhatsApp's servers: dialling, health checks
  *    7. Listeners               the ports clients connect to
- *    8. Admission               maxconn and the number of conversations
- *    9. Conversation            each new client, until relaying: workers
+ *    8. Admission               maxconn, conversations at once, per address
+ *    9. Conversation            each new client until relaying; the decoy
  *   10. Relay                   a few threads that move all the bytes
  *   11. Check summary           --check and what to tell WhatsApp users
  *   12. Statistics              the HTML page, /metrics and /healthz
@@ -70,7 +71,8 @@
  *      at once.
  *   2. A conversation worker (section 9) does everything that happens once
  *      per connection, as plain blocking code: read the PROXY header, do the
- *      TLS handshake, connect to an upstream, send the PROXY header there.
+ *      TLS handshake, check --max-per-ip, choose WhatsApp or the decoy,
+ *      connect to an upstream, send the PROXY header there.
  *   3. It hands the two connected sockets to a relay thread (section 10) and
  *      ends. The relay thread moves bytes both ways until both sides close,
  *      or the connection is idle for too long.
@@ -165,6 +167,11 @@
  * ones wait in the kernel's listen backlog, which costs no thread. */
 #define CONVERSATIONS_AT_ONCE 1024
 
+/* Lists in the table of connections per client address (--max-per-ip,
+ * section 8): 4,096 pointers, 32 KiB, keep the lists short for the
+ * reference's 27,500 connections. */
+#define PER_IP_BUCKETS 4096
+
 /* A conversation worker with nothing to do for this long ends (section 9),
  * so a quiet proxy keeps no idle threads, and a busy one starts none. */
 #define WORKER_IDLE_MS 10000
@@ -173,10 +180,10 @@
  * silently caps it at net.core.somaxconn (4096 since Linux 5.4). */
 #define LISTEN_BACKLOG 4096
 
-/* A conversation thread's stack. The deepest call is OpenSSL's handshake
+/* A conversation worker's stack. The deepest call is OpenSSL's handshake
  * (well under 64 KiB even with RSA 4096); the default 8 MiB would only be
- * reserved address space, but a small stack keeps 1,024 threads cheap. */
-#define CONVERSATION_STACK_BYTES (256 * 1024)
+ * reserved address space, but a small stack keeps 1,024 workers cheap. */
+#define WORKER_STACK_BYTES (256 * 1024)
 
 /* Each relay thread reads into one scratch buffer of this size and writes
  * straight on. Bigger means fewer system calls on bulk transfers; it exists
@@ -285,12 +292,13 @@ static const struct listener_spec DEFAULT_LISTENERS[] = {
  *
  * Which thread owns what:
  *   - the acceptor (main thread) owns the listening sockets;
- *   - a conversation thread owns its client until it hands it to a relay;
+ *   - a conversation worker owns its client until it hands it to a relay;
  *   - a relay thread owns every connection in its epoll loop;
  *   - nothing else is shared except what is below.
  */
 struct listener;     /* section 7 */
 struct per_ip;       /* section 8 */
+struct conversation; /* section 9 */
 struct upstream;     /* section 6 */
 struct relay_thread; /* section 10 */
 
@@ -304,12 +312,12 @@ static struct proxy_state {
     unsigned relay_thread_count;
     pthread_t health_thread;         /* section 6 */
     pthread_t stats_thread;          /* section 12 */
-    bool helper_threads_started;     /* both of the above are running */
     time_t started_at;               /* wall-clock time of proxy_open() */
     int abort_fd;         /* eventfd, readable once every wait must end */
     int acceptor_wake_fd; /* eventfd: a slot freed, a stop or a reload */
 
-    /* Guarded by tls_lock: replaced by a certificate reload (SIGHUP). */
+    /* Guarded by tls_lock: replaced by a certificate reload (SIGHUP). The
+     * acceptor, the only thread that replaces it, reads it without. */
     pthread_mutex_t tls_lock;
     SSL_CTX *tls_context;            /* NULL when no listener is TLS */
 
@@ -329,7 +337,7 @@ static struct proxy_state {
 
     /* Guarded by per_ip_lock: connections per client address (section 8). */
     pthread_mutex_t per_ip_lock;
-    struct per_ip *per_ip_buckets[4096];
+    struct per_ip *per_ip_buckets[PER_IP_BUCKETS];
 
     /* Guarded by conversation_lock: the conversations (section 9). */
     pthread_mutex_t conversation_lock;
@@ -364,6 +372,18 @@ static void counter_add(enum counter which, unsigned long long amount)
 {
     atomic_fetch_add_explicit(&state.counters[which], amount,
                               memory_order_relaxed);
+}
+
+/* The value of one counter; see whatsapp_proxy.h. */
+unsigned long long proxy_counter(enum counter which)
+{
+    return atomic_load(&state.counters[which]);
+}
+
+/* Client connections open now; see whatsapp_proxy.h. */
+unsigned proxy_connections_now(void)
+{
+    return atomic_load(&state.connections_now);
 }
 
 static void *xcalloc(size_t count, size_t size);
@@ -452,8 +472,8 @@ static void log_line(enum log_level level, const char *format, ...)
     fprintf(stderr, "%s %s: %s\n", when, LOG_LEVEL_NAMES[level], message);
 }
 
-/* Prints "whatsapp_proxy: <reason>: <why>" and aborts. For allocation
- * failure only (see the section comment). */
+/* Prints "whatsapp_proxy: out of memory allocating N bytes" and aborts.
+ * For allocation failure only (see the section comment). */
 static void out_of_memory(size_t bytes)
 {
     fprintf(stderr, PROGRAM_NAME ": out of memory allocating %zu bytes\n",
@@ -479,7 +499,7 @@ static void *xcalloc(size_t count, size_t size)
     return memory;
 }
 
-/* Appends the newest OpenSSL error reason (or "unknown reason") to buffer
+/* Writes the newest OpenSSL error reason (or "unknown reason") into buffer
  * and clears OpenSSL's error queue of this thread. */
 static void tls_error_text(char *buffer, size_t buffer_size)
 {
@@ -499,6 +519,54 @@ static long long now_ms(void)
     clock_gettime(CLOCK_MONOTONIC, &now);
     return (long long)now.tv_sec * 1000 + now.tv_nsec / 1000000;
 }
+
+/*
+ * Waiting with a deadline. Every step that waits for a client or a server
+ * (a PROXY header, a TLS handshake, a connect, the first bytes) waits in
+ * socket_wait(), with a deadline, and gives up at once when the proxy's
+ * grace period ends (abort_fd, section 13). Its verdict, and the verdict of
+ * a whole step, have names of their own.
+ */
+
+/* What socket_wait() saw. */
+enum wait_result {
+    WAIT_READY,     /* the socket is ready (or has an error to report) */
+    WAIT_TIMED_OUT, /* the deadline passed first */
+    WAIT_STOPPING   /* the proxy's grace period is over: give up now */
+};
+
+/* Waits until fd is ready for events (POLLIN or POLLOUT), the deadline (a
+ * now_ms() value) passes, or the proxy's grace period ends (abort_fd).
+ * Every blocking step of a conversation goes through here, so a silent or
+ * slow client can hold a thread only until its deadline, and a stopping
+ * proxy never waits longer than its grace period for one. */
+static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
+{
+    for (;;) {
+        long long left_ms = deadline_ms - now_ms();
+        if (left_ms <= 0)
+            return WAIT_TIMED_OUT;
+        struct pollfd watched[2] = {
+            {.fd = fd, .events = events},
+            {.fd = state.abort_fd, .events = POLLIN},
+        };
+        int ready = poll(watched, 2, (int)left_ms);
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready < 0 || watched[1].revents != 0)
+            return WAIT_STOPPING;
+        if (watched[0].revents != 0)
+            return WAIT_READY;
+    }
+}
+
+/* How a conversation step ended: done, or why not. */
+enum step_result {
+    STEP_DONE,
+    STEP_FAILED,    /* the peer broke the protocol or the network failed */
+    STEP_TIMED_OUT, /* the deadline passed */
+    STEP_STOPPING   /* the proxy is stopping */
+};
 
 /* ==== 3. Command line ==== */
 
@@ -628,7 +696,9 @@ static int address_port_split(const char *text, char *host, size_t host_size,
     return 0;
 }
 
-/* Parses "HOST:PORT"; see whatsapp_proxy.h. */
+/* Parses "HOST:PORT"; see whatsapp_proxy.h. A host is a DNS name (letters,
+ * digits, dots and hyphens), an IPv4 address, or an IPv6 one in brackets:
+ * so no host name can carry quotes or markup into the statistics page. */
 int host_port_parse(const char *text, char *host, size_t host_size,
                     uint16_t *port, char *error, size_t error_size)
 {
@@ -637,6 +707,16 @@ int host_port_parse(const char *text, char *host, size_t host_size,
     if (host[0] == '\0')
         return parse_failure(error, error_size, "'%s': the host is missing",
                              text);
+    struct in6_addr ignored;
+    bool ipv6 = text[0] == '[';
+    if (ipv6 && inet_pton(AF_INET6, host, &ignored) != 1)
+        return parse_failure(error, error_size,
+                             "'%s': not an IPv6 address", text);
+    for (const char *c = host; !ipv6 && *c != '\0'; c++)
+        if (!isalnum((unsigned char)*c) && *c != '.' && *c != '-')
+            return parse_failure(error, error_size,
+                                 "'%s': a host name has only letters, "
+                                 "digits, dots and hyphens", text);
     if (*port == 0)
         return parse_failure(error, error_size, "'%s': port 0 cannot be "
                              "dialled", text);
@@ -871,7 +951,7 @@ static int option_apply(struct settings *settings, const char *name,
         if (host_port_parse(value, spec.host, sizeof spec.host, &spec.port,
                             detail, sizeof detail) < 0)
             return parse_failure(error, error_size, "bad %s %s", name, detail);
-        if (name[2] == 'm') {
+        if (strcmp(name, "--media-upstream") == 0) {
             settings->media_upstream = spec;
             return 0;
         }
@@ -1024,6 +1104,19 @@ enum parse_result settings_parse(struct settings *settings, int argc,
     }
     if (ip_list_check(settings->ssl_ip, error, error_size) < 0)
         return PARSE_ERROR;
+    bool any_tls = false;
+    for (size_t i = 0; i < settings->listener_count; i++)
+        any_tls |= settings->listeners[i].tls;
+    if (settings->sni_count > 0 && !any_tls) {
+        parse_failure(error, error_size,
+                      "--sni needs a TLS listener (--listen PORT/tls)");
+        return PARSE_ERROR;
+    }
+    if (settings->decoy_strict && !settings->decoy_enabled) {
+        parse_failure(error, error_size,
+                      "--decoy-rule needs --decoy HOST:PORT");
+        return PARSE_ERROR;
+    }
     return PARSE_RUN;
 }
 
@@ -1351,38 +1444,6 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
     return 16 + body_length;
 }
 
-/* What socket_wait() saw. */
-enum wait_result {
-    WAIT_READY,     /* the socket is ready (or has an error to report) */
-    WAIT_TIMED_OUT, /* the deadline passed first */
-    WAIT_STOPPING   /* the proxy's grace period is over: give up now */
-};
-
-/* Waits until fd is ready for events (POLLIN or POLLOUT), the deadline (a
- * now_ms() value) passes, or the proxy's grace period ends (abort_fd).
- * Every blocking step of a conversation goes through here, so a silent or
- * slow client can hold a thread only until its deadline, and a stopping
- * proxy never waits longer than its grace period for one. */
-static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
-{
-    for (;;) {
-        long long left_ms = deadline_ms - now_ms();
-        if (left_ms <= 0)
-            return WAIT_TIMED_OUT;
-        struct pollfd watched[2] = {
-            {.fd = fd, .events = events},
-            {.fd = state.abort_fd, .events = POLLIN},
-        };
-        int ready = poll(watched, 2, (int)left_ms);
-        if (ready < 0 && errno == EINTR)
-            continue;
-        if (ready < 0 || watched[1].revents != 0)
-            return WAIT_STOPPING;
-        if (watched[0].revents != 0)
-            return WAIT_READY;
-    }
-}
-
 /* ==== 5. TLS termination ==== */
 
 /*
@@ -1584,7 +1645,10 @@ static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
 {
     char ca_name[TLS_RANDOM_NAME_LENGTH + 1];
     char leaf_name[TLS_RANDOM_NAME_LENGTH + 5];
-    char alt_names[2400];
+    /* Each item of the lists grows by at most 3 times ("a," becomes
+     * ",DNS:a"), so this always fits both lists whole. */
+    char alt_names[3 * (sizeof settings->ssl_dns + sizeof settings->ssl_ip) +
+                   TLS_RANDOM_NAME_LENGTH + 16];
     EVP_PKEY *ca_key = tls_make_key(settings->cert_key);
     EVP_PKEY *leaf_key = tls_make_key(settings->cert_key);
     X509 *ca = NULL;
@@ -1735,6 +1799,8 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
                          * the payload has its own integrity (WhatsApp's
                          * encryption), so truncation attacks do not apply. */
                         SSL_OP_IGNORE_UNEXPECTED_EOF |
+                        /* Our order of ciphers wins over the client's, so
+                         * an old client cannot pick the weakest we allow. */
                         SSL_OP_CIPHER_SERVER_PREFERENCE);
     SSL_CTX_set_mode(context,
                      /* Free OpenSSL's 16 KiB+ read and write buffers while a
@@ -1744,6 +1810,9 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
                      /* Let SSL_write_ex() send part of a buffer and say how
                       * much, like write(); section 10 keeps the rest. */
                      SSL_MODE_ENABLE_PARTIAL_WRITE |
+                     /* After WANT_WRITE, OpenSSL wants the same bytes
+                      * again; section 10 offers them from its pending
+                      * buffer, at another address than the first time. */
                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* --sni: a secret server name works like a password (section 9). */
     if (settings->sni_count > 0)
@@ -1782,14 +1851,6 @@ static void tls_reload(void)
     SSL_CTX_free(old);
     log_line(LOG_INFO, "certificate reloaded");
 }
-
-/* How a conversation step ended: done, or why not. */
-enum step_result {
-    STEP_DONE,
-    STEP_FAILED,    /* the peer broke the protocol or the network failed */
-    STEP_TIMED_OUT, /* the deadline passed */
-    STEP_STOPPING   /* the proxy is stopping */
-};
 
 /* Does the server side of the TLS handshake on the non-blocking socket fd
  * before deadline_ms. On STEP_DONE *out is the new SSL object, which the
@@ -2044,10 +2105,10 @@ static int upstream_connect(struct upstream *pool, size_t pool_size)
             upstream_record(upstream, true, NULL, false);
             return fd;
         }
-        if (errno == ECANCELED)
+        if (length > 0 && errno == ECANCELED)
             return -1; /* the proxy is stopping: not the server's fault */
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
-            errno == ENOMEM) {
+        if (length > 0 && (errno == EMFILE || errno == ENFILE ||
+                           errno == ENOBUFS || errno == ENOMEM)) {
             log_line(LOG_WARN, "cannot make a socket: %s", strerror(errno));
             errno = EHOSTUNREACH;
             return -1; /* our own shortage: not held against the server */
@@ -2259,6 +2320,21 @@ static void listener_describe(const struct listener_spec *spec, uint16_t port,
              spec->accept_proxy ? ", PROXY header in" : "");
 }
 
+/* Writes a listener's label, "[ADDR:]PORT[/tls][/accept-proxy][/media]",
+ * as --listen would take it: the short form, for the statistics (section
+ * 12); listener_describe() above is the long form, for people. */
+static void listener_label(const struct listener *listener, char *out,
+                           size_t out_size)
+{
+    const struct listener_spec *spec = &listener->spec;
+    bool ipv6 = strchr(spec->address, ':') != NULL;
+    snprintf(out, out_size, "%s%s%s%s%u%s%s%s", ipv6 ? "[" : "",
+             spec->address, ipv6 ? "]" : "", spec->address[0] ? ":" : "",
+             listener->port, spec->tls ? "/tls" : "",
+             spec->accept_proxy ? "/accept-proxy" : "",
+             spec->media ? "/media" : "");
+}
+
 /* ==== 8. Admission ==== */
 
 /*
@@ -2325,9 +2401,10 @@ static void conversation_slot_release(void)
 
 /* Counts a newly accepted client of listener. Returns false, after counting
  * the rejection, when it is over --maxconn: the caller then closes it.
- * SHORTCUT: one client address may use every slot up to --maxconn; a limit
- * on new connections per second from one address would stop a single
- * abuser (tutorial.md, exercise "a rate limit per address"). */
+ * SHORTCUT: --max-per-ip limits connections at once, not how fast one
+ * address opens them; a limit on new connections per second would stop a
+ * client that connects and leaves in a loop (tutorial.md, exercise "a
+ * rate limit per address"). */
 static bool connection_admit(struct listener *listener)
 {
     counter_add(COUNTER_CONNECTIONS_ACCEPTED, 1);
@@ -2353,12 +2430,13 @@ struct per_ip {
     struct per_ip *next;   /* in that bucket */
 };
 
-#define PER_IP_BUCKETS ARRAY_LENGTH(state.per_ip_buckets)
-
 /* Takes one connection for the client at address, if it has fewer than
  * --max-per-ip. Returns its table entry (give it back with
  * per_ip_release()), or NULL when the address is over the limit. Takes
- * per_ip_lock. */
+ * per_ip_lock.
+ * SHORTCUT: an IPv6 address is counted whole, but one home usually has a
+ * whole /64 network of them; counting by the first 8 bytes would stop
+ * that (tutorial.md, exercise "a rate limit per address" can do both). */
 static struct per_ip *per_ip_take(const struct sockaddr_storage *address)
 {
     const uint8_t *bytes;
@@ -2436,10 +2514,11 @@ static void connection_ended(struct listener *listener)
  *
  *   1. read the PROXY header, if the listener expects one;
  *   2. do the TLS handshake, if the listener is TLS;
- *   3. with --decoy, choose: WhatsApp, or the decoy web site (see below);
- *   4. connect to an upstream (chat pool, media server, or decoy);
- *   5. send our PROXY header to it (chat servers only);
- *   6. hand both sockets to a relay thread.
+ *   3. with --max-per-ip, count the client's address (section 8);
+ *   4. with --decoy, choose: WhatsApp, or the decoy web site (see below);
+ *   5. connect to an upstream (chat pool, media server, or decoy);
+ *   6. send our PROXY header to it (chat servers only);
+ *   7. hand both sockets to a relay thread.
  *
  * The threads are "workers" that take conversations from a queue, one at a
  * time. Starting a new thread for every client would cost about a quarter
@@ -2450,7 +2529,7 @@ static void connection_ended(struct listener *listener)
  * So a burst of clients gets its threads, and idle chat connections, which
  * live in the relay threads, still hold no thread at all.
  *
- * Steps 1 to 3 together must finish within --timeout-handshake, so a client
+ * Steps 1 to 4 together must finish within --timeout-handshake, so a client
  * that connects and says nothing (a scanner, or a "slowloris" attack that
  * sends one byte a second) holds a thread for a few seconds at most. Each
  * wait goes through socket_wait(), which also returns at once when the
@@ -2689,15 +2768,18 @@ static void conversation_log(const struct conversation *conversation,
              port, what);
 }
 
-/* Counts and logs why a conversation step did not finish. STEP_STOPPING is
- * not a fault of the client and is not counted. */
+/* Counts and logs why a conversation step did not finish: a failure in
+ * failed_counter (COUNTER_COUNT: log it only), a timeout in
+ * COUNTER_HANDSHAKE_TIMEOUT. STEP_STOPPING is not the client's fault and is
+ * not counted. */
 static void conversation_count_failure(const struct conversation *conversation,
                                        enum step_result step,
                                        enum counter failed_counter,
                                        const char *failed_text)
 {
     if (step == STEP_FAILED) {
-        counter_add(failed_counter, 1);
+        if (failed_counter != COUNTER_COUNT)
+            counter_add(failed_counter, 1);
         conversation_log(conversation, LOG_DEBUG, failed_text);
     } else if (step == STEP_TIMED_OUT) {
         counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
@@ -2705,7 +2787,7 @@ static void conversation_count_failure(const struct conversation *conversation,
     }
 }
 
-/* Serves one conversation: steps 1 to 6 of the section comment. Frees the
+/* Serves one conversation: steps 1 to 7 of the section comment. Frees the
  * conversation; its worker gives its slot back. */
 static void conversation_serve(struct conversation *conversation)
 {
@@ -2731,7 +2813,9 @@ static void conversation_serve(struct conversation *conversation)
     if (step != STEP_DONE)
         goto out;
 
-    if (state.settings->max_per_ip > 0) {
+    if (state.settings->max_per_ip > 0 && spec->accept_proxy) {
+        /* The real address came with the PROXY header (for the others,
+         * conversation_start() counted it already). */
         conversation->per_ip = per_ip_take(&conversation->addresses.source);
         if (conversation->per_ip == NULL) {
             counter_add(COUNTER_REJECTED_PER_IP, 1);
@@ -2746,8 +2830,8 @@ static void conversation_serve(struct conversation *conversation)
     if (state.settings->decoy_enabled && !spec->media) {
         step = decoy_choose(client_fd, tls, deadline_ms, first, &first_length,
                             &to_decoy);
-        if (step == STEP_TIMED_OUT)
-            counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
+        conversation_count_failure(conversation, step, COUNTER_COUNT,
+                                   "closed before its first bytes");
         if (step != STEP_DONE)
             goto out;
     }
@@ -2843,7 +2927,7 @@ static bool conversation_worker_add(void)
     pthread_t thread;
     pthread_attr_init(&attributes);
     pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attributes, CONVERSATION_STACK_BYTES);
+    pthread_attr_setstacksize(&attributes, WORKER_STACK_BYTES);
     int failure = pthread_create(&thread, &attributes,
                                  conversation_worker_run, NULL);
     pthread_attr_destroy(&attributes);
@@ -2875,11 +2959,20 @@ static void conversation_start(struct listener *listener, int client_fd,
     address_unmap_ipv4(&conversation->addresses.destination);
     socket_set_nodelay(client_fd);
 
+    /* --max-per-ip: where the address is already known (no PROXY header to
+     * wait for), count it now, before the client can hold a slot. */
+    bool over_limit = false;
+    if (state.settings->max_per_ip > 0 && !listener->spec.accept_proxy) {
+        conversation->per_ip = per_ip_take(&conversation->addresses.source);
+        over_limit = conversation->per_ip == NULL;
+    }
+
     /* Every queued conversation needs a worker of its own: an idle one that
      * no earlier conversation has claimed yet, or a new one. */
     pthread_mutex_lock(&state.conversation_lock);
-    bool served = state.queue_length + 1 <= state.workers_idle ||
-                  conversation_worker_add() || state.workers_now > 0;
+    bool served = !over_limit &&
+                  (state.queue_length + 1 <= state.workers_idle ||
+                   conversation_worker_add() || state.workers_now > 0);
     if (served) {
         if (state.queue_last != NULL)
             state.queue_last->next = conversation;
@@ -2891,7 +2984,10 @@ static void conversation_start(struct listener *listener, int client_fd,
     }
     pthread_mutex_unlock(&state.conversation_lock);
     if (!served) {
+        if (over_limit)
+            counter_add(COUNTER_REJECTED_PER_IP, 1);
         close(client_fd);
+        per_ip_release(conversation->per_ip);
         connection_ended(listener);
         free(conversation);
         conversation_slot_release();
@@ -2988,7 +3084,7 @@ struct relay_flow {
     enum counter byte_counter;     /* where the moved bytes are counted */
 };
 
-/* One client connection in a relay thread: about 200 bytes while idle. */
+/* One client connection in a relay thread: 248 bytes while idle. */
 struct relay_pair {
     struct relay_side client;
     struct relay_side upstream;
@@ -3268,7 +3364,7 @@ static void relay_close(struct relay_thread *thread, struct relay_pair *pair)
     struct relay_side *sides[2] = {&pair->client, &pair->upstream};
     pair_list_remove(pair);
     for (size_t i = 0; i < 2; i++) {
-        SSL_free(sides[i]->tls); /* before close(): SSL_free may still write */
+        SSL_free(sides[i]->tls); /* does not close fd: we do, here */
         close(sides[i]->fd);     /* close() also removes fd from epoll */
     }
     free(pair->to_upstream.pending);
@@ -3676,7 +3772,8 @@ static const struct {
     [COUNTER_TLS_HANDSHAKE_FAILED] = {"tls_handshake_failed_total",
         "Connections whose TLS handshake failed."},
     [COUNTER_HANDSHAKE_TIMEOUT] = {"handshake_timeout_total",
-        "Connections closed because the PROXY header or TLS took too long."},
+        "Connections closed because the PROXY header, TLS or (with a decoy) "
+        "the first bytes took too long."},
     [COUNTER_UPSTREAM_UNREACHABLE] = {"upstream_unreachable_total",
         "Connections closed because no server could be reached."},
     [COUNTER_UPSTREAM_CONNECT_FAILED] = {"upstream_connect_failed_total",
@@ -3794,20 +3891,6 @@ int stats_request_parse(const uint8_t *data, size_t length, char *path,
     }
     path[path_length] = '\0';
     return get ? STATS_REQUEST_GET : STATS_REQUEST_HEAD;
-}
-
-/* Writes a listener's label, "[ADDR:]PORT[/tls][/accept-proxy][/media]",
- * as --listen would take it. */
-static void listener_label(const struct listener *listener, char *out,
-                           size_t out_size)
-{
-    const struct listener_spec *spec = &listener->spec;
-    bool ipv6 = strchr(spec->address, ':') != NULL;
-    snprintf(out, out_size, "%s%s%s%s%u%s%s%s", ipv6 ? "[" : "",
-             spec->address, ipv6 ? "]" : "", spec->address[0] ? ":" : "",
-             listener->port, spec->tls ? "/tls" : "",
-             spec->accept_proxy ? "/accept-proxy" : "",
-             spec->media ? "/media" : "");
 }
 
 /* A copy of one server's state, taken under upstream_lock. */
@@ -4146,7 +4229,8 @@ static void *stats_run(void *unused)
  *      seconds (30): a chat connection usually lasts longer, but a transfer
  *      under way gets to finish;
  *   3. write abort_fd: every conversation, the health thread and the
- *      statistics thread give up their waits and end; wait for them;
+ *      statistics thread give up their waits and end; wait for them, then
+ *      tell the idle conversation workers to quit (workers_quit);
  *   4. tell every relay thread to close what is left, and join them;
  *   5. free everything, so that proxy_open() can run again (the tests do).
  *
@@ -4235,13 +4319,19 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
         struct epoll_event wake = {.events = EPOLLIN, .data.ptr = NULL};
         if (thread->epoll_fd < 0 || thread->wake_fd < 0 ||
             epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, thread->wake_fd,
-                      &wake) < 0 ||
-            pthread_create(&thread->thread, NULL, relay_thread_run,
-                           thread) != 0) {
+                      &wake) < 0) {
             thread->thread = 0;
             return parse_failure(error, error_size,
                                  "cannot start relay thread %u: %s", i,
                                  strerror(errno));
+        }
+        int failure = pthread_create(&thread->thread, NULL, relay_thread_run,
+                                     thread);
+        if (failure != 0) {
+            thread->thread = 0;
+            return parse_failure(error, error_size,
+                                 "cannot start relay thread %u: %s", i,
+                                 strerror(failure));
         }
     }
     return 0;
@@ -4619,16 +4709,6 @@ uint16_t proxy_stats_port(void)
     return state.stats_listener != NULL ? state.stats_listener->port : 0;
 }
 
-unsigned long long proxy_counter(enum counter which)
-{
-    return atomic_load(&state.counters[which]);
-}
-
-unsigned proxy_connections_now(void)
-{
-    return atomic_load(&state.connections_now);
-}
-
 static void on_signal(int signal_number)
 {
     if (signal_number == SIGHUP)
@@ -4648,6 +4728,25 @@ static void signals_install(void)
     sigaction(SIGHUP, &action, NULL);
 }
 
+/* Logs what the proxy serves, one line per port, then the "ready" line
+ * (scripts wait for it). */
+static void log_ready(void)
+{
+    for (size_t i = 0; i < state.listener_count; i++) {
+        char line[160];
+        listener_describe(&state.listeners[i].spec, state.listeners[i].port,
+                          line, sizeof line);
+        log_line(LOG_INFO, "listening on %s", line);
+    }
+    if (state.stats_listener != NULL)
+        log_line(LOG_INFO, "statistics on http://%s:%u/",
+                 state.stats_listener->spec.address,
+                 state.stats_listener->port);
+    log_line(LOG_INFO, PROGRAM_NAME " " PROGRAM_VERSION " ready; %u relay "
+             "threads; --maxconn %u", state.relay_thread_count,
+             state.settings->maxconn);
+}
+
 int main(int argc, char **argv)
 {
     char error[512];
@@ -4664,7 +4763,7 @@ int main(int argc, char **argv)
         status = 2;
         goto out;
     }
-    atomic_store(&state.log_level, settings->log_level);
+    atomic_store(&state.log_level, settings->log_level); /* for --check too */
 
     if (settings->check_only) {                 /* --check: report and exit */
         status = check_summary_print(settings);
@@ -4676,19 +4775,7 @@ int main(int argc, char **argv)
         status = 2;
         goto out;
     }
-    for (size_t i = 0; i < state.listener_count; i++) {
-        char line[160];
-        listener_describe(&state.listeners[i].spec, state.listeners[i].port,
-                          line, sizeof line);
-        log_line(LOG_INFO, "listening on %s", line);
-    }
-    if (state.stats_listener != NULL)
-        log_line(LOG_INFO, "statistics on http://%s:%u/",
-                 state.stats_listener->spec.address,
-                 state.stats_listener->port);
-    log_line(LOG_INFO, PROGRAM_NAME " " PROGRAM_VERSION " ready; %u relay "
-             "threads; --maxconn %u", state.relay_thread_count,
-             settings->maxconn);
+    log_ready();                                /* "listening on ..." */
     proxy_run();                                /* until a stop signal */
     log_line(LOG_INFO, "stopped");
 out:

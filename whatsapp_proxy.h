@@ -29,6 +29,34 @@ struct settings;
 struct settings *settings_new(void);
 void settings_free(struct settings *settings);
 
+/* Counters every part of the proxy adds to. Read with proxy_counter(). */
+enum counter {
+    COUNTER_CONNECTIONS_ACCEPTED,  /* every accepted client, over limit too */
+    COUNTER_CONNECTIONS_RELAYED,   /* clients that reached an upstream */
+    COUNTER_CONNECTIONS_CLOSED,    /* clients whose connection has ended */
+    COUNTER_REJECTED_MAXCONN,      /* closed at once: over --maxconn */
+    COUNTER_BAD_PROXY_HEADER,      /* malformed or missing PROXY header */
+    COUNTER_TLS_HANDSHAKE_FAILED,  /* plain bytes on a TLS port, bad hello */
+    COUNTER_HANDSHAKE_TIMEOUT,     /* header or TLS not done in time */
+    COUNTER_UPSTREAM_UNREACHABLE,  /* every upstream try failed */
+    COUNTER_UPSTREAM_CONNECT_FAILED, /* one failed try (refused, timeout) */
+    COUNTER_IDLE_TIMEOUT,          /* closed after --timeout-idle */
+    COUNTER_FIN_TIMEOUT,           /* closed after --timeout-fin */
+    COUNTER_RELAY_ERROR,           /* a reset or other error while relaying */
+    COUNTER_BYTES_FROM_CLIENTS,    /* payload bytes client -> upstream */
+    COUNTER_BYTES_TO_CLIENTS,      /* payload bytes upstream -> client */
+    COUNTER_DECOYED,               /* probes handed to the --decoy site */
+    COUNTER_SNI_MATCHED,           /* TLS server name in the --sni list */
+    COUNTER_SNI_MISSED,            /* TLS server name missing or not listed */
+    COUNTER_REJECTED_PER_IP,       /* closed at once: over --max-per-ip */
+    COUNTER_COUNT
+};
+
+/* The value of one counter, and the number of client connections open
+ * right now (in a conversation or in a relay thread). */
+unsigned long long proxy_counter(enum counter which);
+unsigned proxy_connections_now(void);
+
 /* ==== 3. Command line ==== */
 
 /* One --listen value, "[ADDR:]PORT[/tls][/accept-proxy][/media]". */
@@ -149,33 +177,10 @@ int stats_request_parse(const uint8_t *data, size_t length, char *path,
 
 /* ==== 13. Starting and stopping ==== */
 
-/* Counters every part of the proxy adds to. Read with proxy_counter(). */
-enum counter {
-    COUNTER_CONNECTIONS_ACCEPTED,  /* every accepted client, over limit too */
-    COUNTER_CONNECTIONS_RELAYED,   /* clients that reached an upstream */
-    COUNTER_CONNECTIONS_CLOSED,    /* clients whose connection has ended */
-    COUNTER_REJECTED_MAXCONN,      /* closed at once: over --maxconn */
-    COUNTER_BAD_PROXY_HEADER,      /* malformed or missing PROXY header */
-    COUNTER_TLS_HANDSHAKE_FAILED,  /* plain bytes on a TLS port, bad hello */
-    COUNTER_HANDSHAKE_TIMEOUT,     /* header or TLS not done in time */
-    COUNTER_UPSTREAM_UNREACHABLE,  /* every upstream try failed */
-    COUNTER_UPSTREAM_CONNECT_FAILED, /* one failed try (refused, timeout) */
-    COUNTER_IDLE_TIMEOUT,          /* closed after --timeout-idle */
-    COUNTER_FIN_TIMEOUT,           /* closed after --timeout-fin */
-    COUNTER_RELAY_ERROR,           /* a reset or other error while relaying */
-    COUNTER_BYTES_FROM_CLIENTS,    /* payload bytes client -> upstream */
-    COUNTER_BYTES_TO_CLIENTS,      /* payload bytes upstream -> client */
-    COUNTER_DECOYED,               /* probes handed to the --decoy site */
-    COUNTER_SNI_MATCHED,           /* TLS server name in the --sni list */
-    COUNTER_SNI_MISSED,            /* TLS server name missing or not listed */
-    COUNTER_REJECTED_PER_IP,       /* closed at once: over --max-per-ip */
-    COUNTER_COUNT
-};
-
-/* Makes everything ready to serve: raises the descriptor limit, makes or
- * loads the certificate, resolves upstreams, binds every listener and the
- * statistics port, drops to --user, starts the relay, health and statistics
- * threads. Returns 0, or -1 with one line in error (the message a
+/* Makes everything ready to serve: makes or loads the certificate, resolves
+ * the upstreams, binds every listener and the statistics port, drops to
+ * --user, raises the descriptor limit, starts the relay, health and
+ * statistics threads. Returns 0, or -1 with one line in error (the message a
  * volunteer sees, naming the port or file and the fix). The proxy keeps the
  * settings pointer until proxy_run() returns; the caller frees them after. */
 int proxy_open(struct settings *settings, char *error, size_t error_size);
@@ -199,9 +204,5 @@ uint16_t proxy_stats_port(void);
  * and any thread; the acceptor does the work. */
 void proxy_request_reload(void);
 
-/* The current value of one counter, and the number of client connections
- * open right now (in the conversation or in a relay thread). */
-unsigned long long proxy_counter(enum counter which);
-unsigned proxy_connections_now(void);
 
 #endif
