@@ -188,8 +188,10 @@
 /* Each relay thread reads into one scratch buffer of this size and writes
  * straight on. Bigger means fewer system calls on bulk transfers; it exists
  * once per relay thread, not per connection, so it costs nothing per client.
- * (HAProxy's reference keeps two 4 KiB buffers for every connection.) */
-#define RELAY_SCRATCH_BYTES (128 * 1024)
+ * (HAProxy's reference keeps two 4 KiB buffers for every connection.)
+ * Measured by make bench on 2 CPUs, 8 plain connections: 128 KiB moved
+ * 0.43-0.52x of direct loopback, 1 MiB 0.54-0.66x. */
+#define RELAY_SCRATCH_BYTES (1024 * 1024)
 
 /* Bytes one direction may move in one turn before the relay thread serves
  * other connections, so that one bulk transfer cannot starve the rest. */
@@ -3167,8 +3169,20 @@ static enum io_status side_read(struct relay_side *side, uint8_t *buffer,
         return errno == EAGAIN || errno == EINTR ? IO_BLOCKED : IO_ERROR;
     }
 
-    ERR_clear_error(); /* SSL_get_error() reads this thread's queue */
-    if (SSL_read_ex(side->tls, buffer, capacity, got) == 1)
+    /* One SSL_read_ex() returns at most one TLS record (16 KiB): read as
+     * many as are here, so the other side gets one large write instead of
+     * many small ones. A failure after some bytes is met again next time. */
+    *got = 0;
+    for (;;) {
+        size_t count = 0;
+        ERR_clear_error(); /* SSL_get_error() reads this thread's queue */
+        if (SSL_read_ex(side->tls, buffer + *got, capacity - *got, &count) != 1)
+            break;
+        *got += count;
+        if (*got == capacity)
+            return IO_DONE;
+    }
+    if (*got > 0)
         return IO_DONE;
     switch (SSL_get_error(side->tls, 0)) {
     case SSL_ERROR_WANT_READ:
