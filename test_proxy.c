@@ -608,7 +608,7 @@ static int upstream_connections(struct fake_upstream *upstream)
 
 /* Waits until the upstream has accepted `count` connections. (Two clients
  * that connect one after the other may reach the round-robin in either
- * order: their conversation threads race. Waiting settles the order.) */
+ * order: their conversation workers race. Waiting settles the order.) */
 static bool upstream_connections_become(struct fake_upstream *upstream,
                                         int count)
 {
@@ -896,7 +896,8 @@ static bool log_mentions_client(bool log_clients)
                 log_clients ? "--log-clients" : NULL, NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
-    ck_assert(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS),
+                  "the proxy finds no server reachable for the client");
     close(client);
     proxy_stop();
 
@@ -929,16 +930,19 @@ START_TEST(test_listener_spec_accepts_every_documented_form)
     char error[256];
     ck_assert_int_eq(listener_spec_parse("443/tls", &spec, error, sizeof error),
                      0);
-    ck_assert(spec.port == 443 && spec.tls && !spec.accept_proxy &&
-              !spec.media && spec.address[0] == '\0');
+    ck_assert_msg(spec.port == 443 && spec.tls && !spec.accept_proxy &&
+                  !spec.media && spec.address[0] == '\0',
+                  "443/tls is TLS on port 443 of every address, no header");
     ck_assert_int_eq(listener_spec_parse("[::1]:8443/tls/accept-proxy", &spec,
                                          error, sizeof error), 0);
     ck_assert_str_eq(spec.address, "::1");
-    ck_assert(spec.port == 8443 && spec.tls && spec.accept_proxy);
+    ck_assert_msg(spec.port == 8443 && spec.tls && spec.accept_proxy,
+                  "the port is 8443, with TLS and a PROXY header in");
     ck_assert_int_eq(listener_spec_parse("127.0.0.1:7777/media/accept-proxy",
                                          &spec, error, sizeof error), 0);
     ck_assert_str_eq(spec.address, "127.0.0.1");
-    ck_assert(spec.port == 7777 && spec.media && spec.accept_proxy);
+    ck_assert_msg(spec.port == 7777 && spec.media && spec.accept_proxy,
+                  "the port is 7777, for media, with a PROXY header in");
     ck_assert_int_eq(listener_spec_parse("0", &spec, error, sizeof error), 0);
     ck_assert_int_eq(spec.port, 0);
 }
@@ -1141,11 +1145,12 @@ START_TEST(test_proxyhdr_v1_tcp4_round_trips)
     size_t length = proxyhdr_encode_v1(&sent, header, sizeof header);
     const char expected[] = "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n";
     ck_assert_uint_eq(length, strlen(expected));
-    ck_assert(memcmp(header, expected, length) == 0);
+    ck_assert_msg(memcmp(header, expected, length) == 0,
+                  "the v1 header is the expected text line");
 
     struct proxy_addresses decoded = {0};
     ck_assert_int_eq(proxyhdr_decode(header, length, &decoded), (int)length);
-    ck_assert(decoded.known);
+    ck_assert_msg(decoded.known, "a TCP4 header carries known addresses");
     expect_address(&decoded.source, "203.0.113.7:40000");
     expect_address(&decoded.destination, "192.0.2.1:443");
 }
@@ -1170,7 +1175,8 @@ START_TEST(test_proxyhdr_v1_tcp6_and_unknown_decode)
     uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
     struct proxy_addresses nothing = {.known = false};
     size_t length = proxyhdr_encode_v1(&nothing, header, sizeof header);
-    ck_assert(length == 15 && memcmp(header, "PROXY UNKNOWN\r\n", 15) == 0);
+    ck_assert_msg(length == 15 && memcmp(header, "PROXY UNKNOWN\r\n", 15) == 0,
+                  "with no addresses, v1 is PROXY UNKNOWN");
 }
 END_TEST
 
@@ -1186,12 +1192,14 @@ START_TEST(test_proxyhdr_v2_round_trips_ipv4_and_ipv6)
         uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
         size_t length = proxyhdr_encode_v2(&cases[i], header, sizeof header);
         ck_assert_uint_eq(length, lengths[i]);
-        ck_assert(memcmp(header, "\r\n\r\n\0\r\nQUIT\n", 12) == 0);
+        ck_assert_msg(memcmp(header, "\r\n\r\n\0\r\nQUIT\n", 12) == 0,
+                      "a v2 header starts with the 12-byte signature");
         ck_assert_int_eq(header[12], 0x21);
         struct proxy_addresses decoded = {0};
         ck_assert_int_eq(proxyhdr_decode(header, length, &decoded),
                          (int)length);
-        ck_assert(decoded.known);
+        ck_assert_msg(decoded.known,
+                      "a v2 PROXY command carries known addresses");
         char expected[80], got[80];
         address_format(&cases[i].source, expected, sizeof expected);
         address_format(&decoded.source, got, sizeof got);
@@ -1233,11 +1241,11 @@ START_TEST(test_proxyhdr_v2_local_and_unspec_mean_real_addresses)
     uint8_t local[16] = "\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00";
     struct proxy_addresses decoded = {.known = true};
     ck_assert_int_eq(proxyhdr_decode(local, 16, &decoded), 16);
-    ck_assert(!decoded.known);
+    ck_assert_msg(!decoded.known, "LOCAL means: use the real addresses");
     uint8_t unspec[16] = "\r\n\r\n\0\r\nQUIT\n\x21\x00\x00\x00";
     decoded.known = true;
     ck_assert_int_eq(proxyhdr_decode(unspec, 16, &decoded), 16);
-    ck_assert(!decoded.known);
+    ck_assert_msg(!decoded.known, "UNSPEC means: use the real addresses");
 }
 END_TEST
 
@@ -1321,7 +1329,8 @@ START_TEST(test_accept_proxy_passes_the_incoming_address_upstream)
     send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
     expect_echo(client, "hello");
     struct proxy_addresses seen;
-    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_msg(upstream_header_within(upstream, &seen, PROMPTLY_MS),
+                  "the upstream receives a PROXY header");
     ck_assert_int_eq(upstream->header_bytes[12], 0x21); /* v2 by default */
     expect_address(&seen.source, "203.0.113.7:40000");
     expect_address(&seen.destination, "192.0.2.1:443");
@@ -1346,7 +1355,8 @@ START_TEST(test_incoming_unknown_header_sends_the_real_address)
     char expected[80];
     address_format(&mine, expected, sizeof expected);
     struct proxy_addresses seen;
-    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_msg(upstream_header_within(upstream, &seen, PROMPTLY_MS),
+                  "the upstream receives a PROXY header");
     expect_address(&seen.source, expected);
     close(client);
     proxy_stop();
@@ -1363,7 +1373,8 @@ START_TEST(test_send_proxy_v1_and_none_are_honoured)
     int client = connect_local(proxy_listener_port(0));
     expect_echo(client, "hello");
     struct proxy_addresses seen;
-    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_msg(upstream_header_within(upstream, &seen, PROMPTLY_MS),
+                  "the upstream receives a PROXY header");
     ck_assert_msg(memcmp(upstream->header_bytes, "PROXY TCP4 127.0.0.1 ", 21)
                       == 0, "--send-proxy v1 sends a v1 line");
     close(client);
@@ -1378,7 +1389,8 @@ START_TEST(test_send_proxy_v1_and_none_are_honoured)
     client = connect_local(proxy_listener_port(0));
     expect_echo(client, "PROXY-less hello");
     pthread_mutex_lock(&upstream->lock);
-    ck_assert(memcmp(upstream->first_payload, "PROXY-less", 10) == 0);
+    ck_assert_msg(memcmp(upstream->first_payload, "PROXY-less", 10) == 0,
+                  "the upstream first gets the client's own bytes");
     pthread_mutex_unlock(&upstream->lock);
     close(client);
     proxy_stop();
@@ -1541,7 +1553,8 @@ START_TEST(test_tls_1_1_is_refused)
     SSL *tls = tls_client_start(fd, TLS1_1_VERSION);
     ck_assert_msg(tls == NULL, "a TLS 1.1 client is refused");
     close(fd);
-    ck_assert(counter_reaches(COUNTER_TLS_HANDSHAKE_FAILED, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_TLS_HANDSHAKE_FAILED, 1, PROMPTLY_MS),
+                  "the refused handshake is counted");
     proxy_stop();
 }
 END_TEST
@@ -1599,7 +1612,8 @@ START_TEST(test_client_is_closed_promptly_when_no_server_answers)
     send_all(client, "hello", 5);
     ck_assert_msg(closed_within(client, 2000),
                   "the client is closed within 2 s");
-    ck_assert(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS),
+                  "the client is counted as finding no server");
     ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 2);
     close(client);
     proxy_stop();
@@ -1625,12 +1639,14 @@ START_TEST(test_connect_timeout_gives_up_on_a_silent_server)
                 "--upstream", address_text("127.0.0.1:%u", port), NULL);
     long long started = clock_ms();
     int client = connect_local(proxy_listener_port(0));
-    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                  "the client is closed when the connect times out");
     long long took = clock_ms() - started;
     ck_assert_msg(took >= 250, "the proxy waited for the connect (%lld ms)",
                   took);
     ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 1);
-    ck_assert(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS),
+                  "the client is counted as finding no server");
     close(client);
     proxy_stop();
     for (int i = 0; i < 4; i++)
@@ -1722,13 +1738,15 @@ START_TEST(test_when_every_server_is_down_they_are_still_tried)
     char down[128];
     snprintf(down, sizeof down, "whatsapp_proxy_upstream_up{upstream="
              "\"127.0.0.1:%u\",pool=\"chat\"} 0\n", dead);
-    ck_assert(metrics_show(down, PROMPTLY_MS));
+    ck_assert_msg(metrics_show(down, PROMPTLY_MS),
+                  "the only server, which is dead, is marked down");
     char answer[4096];
     ck_assert_int_eq(http_get(proxy_stats_port(), "/healthz", answer,
                               sizeof answer), 503);
     unsigned long long failed = proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED);
     int client = connect_local(proxy_listener_port(0));
-    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                  "the client is closed when its one server refuses");
     ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) == failed + 1,
                   "a server that is down is still tried when all are");
     close(client);
@@ -1760,7 +1778,8 @@ START_TEST(test_listener_without_address_takes_ipv4_and_ipv6)
     int client = connect_to("127.0.0.1", proxy_listener_port(0));
     expect_echo(client, "over IPv4");
     struct proxy_addresses seen;
-    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
+    ck_assert_msg(upstream_header_within(upstream, &seen, PROMPTLY_MS),
+                  "the upstream receives a PROXY header");
     ck_assert_msg(seen.source.ss_family == AF_INET,
                   "an IPv4 client is sent upstream as TCP4");
     close(client);
@@ -1815,10 +1834,14 @@ START_TEST(test_privileged_port_without_permission_names_the_fixes)
         if (geteuid() == 0 && (setgid(65534) != 0 || setuid(65534) != 0))
             _exit(3);
         struct settings *settings = settings_new();
+        /* Servers given as addresses: the default names would be looked
+         * up in DNS, which can take seconds without a network. */
         char *argv[] = {"whatsapp_proxy", "--listen", "127.0.0.1:1000",
-                        "--stats", "off", "--log-level", "error"};
+                        "--stats", "off", "--log-level", "error",
+                        "--upstream", "127.0.0.1:5222", "--media-upstream",
+                        "127.0.0.1:443"};
         char error[512] = "";
-        settings_parse(settings, 7, argv, error, sizeof error);
+        settings_parse(settings, 11, argv, error, sizeof error);
         int opened = proxy_open(settings, error, sizeof error);
         ssize_t ignored = write(report[1], error, strlen(error) + 1);
         (void)ignored;
@@ -1927,7 +1950,8 @@ START_TEST(test_over_maxconn_a_new_client_is_closed_and_others_carry_on)
     close(third);
     /* When one leaves, there is room again. */
     close(first);
-    ck_assert(connections_become(1, PROMPTLY_MS));
+    ck_assert_msg(connections_become(1, PROMPTLY_MS),
+                  "one connection is left open after the other closed");
     int fourth = connect_local(proxy_listener_port(0));
     expect_echo(fourth, "four");
     close(fourth);
@@ -2016,13 +2040,15 @@ START_TEST(test_a_thousand_clients_at_once_are_all_served)
                                   .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     for (int i = 0; i < CLIENTS; i++) {
         clients[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-        ck_assert(connect(clients[i], (struct sockaddr *)&address,
-                          sizeof address) == 0 || errno == EINPROGRESS);
+        ck_assert_msg(connect(clients[i], (struct sockaddr *)&address,
+                              sizeof address) == 0 || errno == EINPROGRESS,
+                      "each non-blocking connect starts");
     }
     int served = 0;
     for (int i = 0; i < CLIENTS; i++) {
         struct pollfd watched = {.fd = clients[i], .events = POLLOUT};
-        ck_assert(poll(&watched, 1, SLOWLY_MS) == 1);
+        ck_assert_msg(poll(&watched, 1, SLOWLY_MS) == 1,
+                      "each connection completes");
         fcntl(clients[i], F_SETFL, fcntl(clients[i], F_GETFL) & ~O_NONBLOCK);
         send_all(clients[i], "at once", 7);
     }
@@ -2034,6 +2060,60 @@ START_TEST(test_a_thousand_clients_at_once_are_all_served)
     ck_assert_msg(served == CLIENTS, "all %d served (%d)", CLIENTS, served);
     proxy_stop();
     echo_server_stop(&server);
+}
+END_TEST
+
+/* At most 1,024 conversations (PROXY header, TLS, choice of server) are
+ * under way at once (CONVERSATIONS_AT_ONCE in whatsapp_proxy.c). When all
+ * are busy the proxy stops accepting: one more client waits in the kernel's
+ * listen backlog, and is served as soon as a slot frees. Here 1,024 silent
+ * clients hold every slot until the 1 s handshake timeout closes them. */
+START_TEST(test_a_client_beyond_the_conversation_slots_waits_and_is_served)
+{
+    enum { SLOTS = 1024 }; /* CONVERSATIONS_AT_ONCE */
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    char handshake_seconds[16];
+    snprintf(handshake_seconds, sizeof handshake_seconds, "%d", time_scale);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy",
+                "--timeout-handshake", handshake_seconds,
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    static int silent[SLOTS];
+    for (int i = 0; i < SLOTS; i++)
+        silent[i] = connect_local(proxy_listener_port(0));
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, SLOTS,
+                                  PROMPTLY_MS),
+                  "the %d silent clients are all accepted", SLOTS);
+
+    int waiting = connect_local(proxy_listener_port(0));
+    const char header[] = "PROXY UNKNOWN\r\n", message[] = "served at last";
+    send_all(waiting, header, strlen(header));
+    send_all(waiting, message, strlen(message));
+    unsigned long long accepted = proxy_counter(COUNTER_CONNECTIONS_ACCEPTED);
+    ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
+                  "the silent clients still hold every slot");
+    ck_assert_msg(accepted == SLOTS,
+                  "the client beyond the slots is not accepted yet (%llu)",
+                  accepted);
+
+    /* The echo is the sign that it was served; the counter read right
+     * after it tells whether a silent client had given up its slot. */
+    char back[sizeof message - 1];
+    size_t got = receive_exactly(waiting, back, sizeof back,
+                                 PROMPTLY_MS + 1000 * time_scale);
+    unsigned long long timed_out = proxy_counter(COUNTER_HANDSHAKE_TIMEOUT);
+    ck_assert_msg(got == sizeof back && memcmp(back, message, got) == 0,
+                  "the waiting client is served once a slot is free");
+    ck_assert_msg(timed_out > 0, "the waiting client is served only after "
+                  "a silent client timed out and freed its slot");
+    ck_assert_msg(counter_reaches(COUNTER_HANDSHAKE_TIMEOUT, SLOTS,
+                                  PROMPTLY_MS),
+                  "every silent client is closed at the handshake timeout");
+    ck_assert_int_eq(proxy_counter(COUNTER_CONNECTIONS_ACCEPTED), SLOTS + 1);
+    close(waiting);
+    for (int i = 0; i < SLOTS; i++)
+        close(silent[i]);
+    proxy_stop();
+    fake_upstream_stop(echo);
 }
 END_TEST
 
@@ -2061,7 +2141,8 @@ START_TEST(test_max_per_ip_holds_with_addresses_from_proxy_headers)
     send_all(other, other_client, strlen(other_client));
     expect_echo(other, "another address is not affected");
     close(clients[0]);
-    ck_assert(connections_become(2, PROMPTLY_MS));
+    ck_assert_msg(connections_become(2, PROMPTLY_MS),
+                  "two connections are left after the first one closed");
     int again = connect_local(proxy_listener_port(0));
     send_all(again, first_client, strlen(first_client));
     expect_echo(again, "room again after one left");
@@ -2087,11 +2168,13 @@ START_TEST(test_silent_client_is_dropped_at_the_handshake_timeout)
         int client = connect_local(proxy_listener_port(i));
         if (i == 0)
             send_all(client, "PROXY TCP4 ", 11); /* a header never ended */
-        ck_assert(closed_within(client, PROMPTLY_MS));
+        ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                      "a client that never ends its handshake is closed");
         ck_assert_msg(clock_ms() - started >= 250,
                       "not closed before the timeout");
-        ck_assert(counter_reaches(COUNTER_HANDSHAKE_TIMEOUT, i + 1,
-                                  PROMPTLY_MS));
+        ck_assert_msg(counter_reaches(COUNTER_HANDSHAKE_TIMEOUT, i + 1,
+                                      PROMPTLY_MS),
+                      "the handshake timeout is counted");
         close(client);
     }
     proxy_stop();
@@ -2108,7 +2191,8 @@ START_TEST(test_malformed_header_closes_only_that_client)
     expect_echo(good, "before");
     int bad = connect_local(proxy_listener_port(0));
     send_all(bad, "PROXY BOGUS\r\nsecret", 19);
-    ck_assert(closed_within(bad, PROMPTLY_MS));
+    ck_assert_msg(closed_within(bad, PROMPTLY_MS),
+                  "the client with a malformed header is closed");
     ck_assert_int_eq(proxy_counter(COUNTER_BAD_PROXY_HEADER), 1);
     ck_assert_msg(upstream_connections(upstream) == 1,
                   "nothing of the bad client reached a server");
@@ -2127,8 +2211,10 @@ START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
                 address_text("127.0.0.1:%u", upstream->port), NULL);
     int plain = connect_local(proxy_listener_port(0));
     send_all(plain, "GET / HTTP/1.1\r\n\r\n", 18);
-    ck_assert(closed_within(plain, PROMPTLY_MS));
-    ck_assert(counter_reaches(COUNTER_TLS_HANDSHAKE_FAILED, 1, PROMPTLY_MS));
+    ck_assert_msg(closed_within(plain, PROMPTLY_MS),
+                  "the client sending plain bytes is closed");
+    ck_assert_msg(counter_reaches(COUNTER_TLS_HANDSHAKE_FAILED, 1, PROMPTLY_MS),
+                  "the failed TLS handshake is counted");
     close(plain);
     int fd;
     SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
@@ -2138,6 +2224,31 @@ START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
     ck_assert_int_eq(upstream_connections(upstream), 1);
     tls_client_close(tls);
     close(fd);
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* A header that arrives one byte at a time is still read exactly, and the
+ * payload right behind it reaches the server intact. */
+START_TEST(test_header_split_across_reads_is_read_exactly)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    uint8_t header[200];
+    size_t length = v2_header_with_tlv(header);
+    int client = connect_local(proxy_listener_port(0));
+    for (size_t i = 0; i < length; i++) {
+        send_all(client, header + i, 1);
+        usleep(1000); /* not synchronisation: makes separate segments */
+    }
+    expect_echo(client, "payload right after");
+    struct proxy_addresses seen;
+    ck_assert_msg(upstream_header_within(upstream, &seen, PROMPTLY_MS),
+                  "the upstream receives the header sent byte by byte");
+    expect_address(&seen.source, "203.0.113.7:40000");
+    close(client);
     proxy_stop();
     fake_upstream_stop(upstream);
 }
@@ -2309,7 +2420,8 @@ START_TEST(test_whatsapp_like_client_reaches_the_upstream_under_both_rules)
             close(fd);
         }
         pthread_mutex_lock(&whatsapp->lock);
-        ck_assert(memcmp(whatsapp->first_payload, hello, 11) == 0);
+        ck_assert_msg(memcmp(whatsapp->first_payload, hello, 11) == 0,
+                      "WhatsApp's server gets the client's bytes unchanged");
         pthread_mutex_unlock(&whatsapp->lock);
         ck_assert_int_eq(upstream_connections(site), 0);
         ck_assert_int_eq(proxy_counter(COUNTER_DECOYED), 0);
@@ -2366,30 +2478,6 @@ START_TEST(test_wrong_server_name_goes_to_the_decoy_and_right_one_through)
 }
 END_TEST
 
-/* A header that arrives one byte at a time is still read exactly, and the
- * payload right behind it reaches the server intact. */
-START_TEST(test_header_split_across_reads_is_read_exactly)
-{
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
-    uint8_t header[200];
-    size_t length = v2_header_with_tlv(header);
-    int client = connect_local(proxy_listener_port(0));
-    for (size_t i = 0; i < length; i++) {
-        send_all(client, header + i, 1);
-        usleep(1000); /* not synchronisation: makes separate segments */
-    }
-    expect_echo(client, "payload right after");
-    struct proxy_addresses seen;
-    ck_assert(upstream_header_within(upstream, &seen, PROMPTLY_MS));
-    expect_address(&seen.source, "203.0.113.7:40000");
-    close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
-}
-END_TEST
-
 /* ==== 10. Relay ==== */
 
 /* The byte at position `index` of the test stream named by seed: a
@@ -2403,6 +2491,81 @@ static uint8_t stream_byte(uint64_t seed, uint64_t index)
     z ^= z >> 31;
     return (uint8_t)(z >> (8 * (index % 8)));
 }
+
+/* How a test client reaches a listener: which header to send first, and
+ * whether to speak TLS. */
+struct listener_kind {
+    const char *listen;  /* the --listen value */
+    const char *header;  /* sent first: "v1", "v2" or NULL */
+    bool tls;
+    bool media;
+};
+
+START_TEST(test_bytes_arrive_intact_on_every_kind_of_listener)
+{
+    static const struct listener_kind kinds[] = {
+        {"127.0.0.1:0", NULL, false, false},
+        {"127.0.0.1:0/tls", NULL, true, false},
+        {"127.0.0.1:0/accept-proxy", "v1", false, false},
+        {"127.0.0.1:0/accept-proxy", "v2", false, false},
+        {"127.0.0.1:0/tls/accept-proxy", "v2", true, false},
+        {"127.0.0.1:0/media", NULL, false, true},
+        {"127.0.0.1:0/media/accept-proxy", "v1", false, true},
+    };
+    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
+        const struct listener_kind *kind = &kinds[k];
+        struct fake_upstream *upstream =
+            fake_upstream_start(UPSTREAM_ECHO, !kind->media);
+        const char *server = address_text("127.0.0.1:%u", upstream->port);
+        proxy_start("--listen", kind->listen, "--upstream", server,
+                    "--media-upstream", server, NULL);
+        int fd = connect_local(proxy_listener_port(0));
+        socket_timeout(fd, SLOWLY_MS);
+        if (kind->header != NULL) {
+            struct proxy_addresses addresses = {
+                .known = true, .source = ipv4_address("203.0.113.7", 40000),
+                .destination = ipv4_address("192.0.2.1", 443)};
+            uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+            size_t length = kind->header[1] == '1'
+                ? proxyhdr_encode_v1(&addresses, header, sizeof header)
+                : proxyhdr_encode_v2(&addresses, header, sizeof header);
+            send_all(fd, header, length);
+        }
+        SSL *tls = kind->tls ? tls_client_start(fd, 0) : NULL;
+        ck_assert_msg(!kind->tls || tls != NULL, "TLS on %s", kind->listen);
+
+        /* 256 KiB in 16 KiB steps, each echoed back and checked. */
+        uint8_t out[16384], back[16384];
+        for (size_t offset = 0; offset < (256u << 10); offset += sizeof out) {
+            for (size_t i = 0; i < sizeof out; i++)
+                out[i] = stream_byte(k, offset + i);
+            size_t got;
+            if (tls != NULL) {
+                tls_send_all(tls, out, sizeof out);
+                got = tls_receive_exactly(tls, back, sizeof back);
+            } else {
+                send_all(fd, out, sizeof out);
+                got = receive_exactly(fd, back, sizeof back, SLOWLY_MS);
+            }
+            ck_assert_msg(got == sizeof back && memcmp(out, back, got) == 0,
+                          "bytes at %zu come back intact on %s (%s)", offset,
+                          kind->listen, kind->header ? kind->header : "");
+        }
+        if (kind->media) {
+            pthread_mutex_lock(&upstream->lock);
+            ck_assert_msg(upstream->header_length == 0 &&
+                              upstream->first_payload[0] == stream_byte(k, 0),
+                          "a media server gets the client's bytes, no header");
+            pthread_mutex_unlock(&upstream->lock);
+        }
+        if (tls != NULL)
+            tls_client_close(tls);
+        close(fd);
+        proxy_stop();
+        fake_upstream_stop(upstream);
+    }
+}
+END_TEST
 
 /* One end of a two-way bulk transfer: sends `to_send` bytes of the stream
  * send_seed while it receives and checks `to_receive` bytes of the stream
@@ -2589,81 +2752,6 @@ START_TEST(test_64_mib_each_way_at_once_arrive_intact_over_tls)
 }
 END_TEST
 
-/* How a test client reaches a listener: which header to send first, and
- * whether to speak TLS. */
-struct listener_kind {
-    const char *listen;  /* the --listen value */
-    const char *header;  /* sent first: "v1", "v2" or NULL */
-    bool tls;
-    bool media;
-};
-
-START_TEST(test_bytes_arrive_intact_on_every_kind_of_listener)
-{
-    static const struct listener_kind kinds[] = {
-        {"127.0.0.1:0", NULL, false, false},
-        {"127.0.0.1:0/tls", NULL, true, false},
-        {"127.0.0.1:0/accept-proxy", "v1", false, false},
-        {"127.0.0.1:0/accept-proxy", "v2", false, false},
-        {"127.0.0.1:0/tls/accept-proxy", "v2", true, false},
-        {"127.0.0.1:0/media", NULL, false, true},
-        {"127.0.0.1:0/media/accept-proxy", "v1", false, true},
-    };
-    for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
-        const struct listener_kind *kind = &kinds[k];
-        struct fake_upstream *upstream =
-            fake_upstream_start(UPSTREAM_ECHO, !kind->media);
-        const char *server = address_text("127.0.0.1:%u", upstream->port);
-        proxy_start("--listen", kind->listen, "--upstream", server,
-                    "--media-upstream", server, NULL);
-        int fd = connect_local(proxy_listener_port(0));
-        socket_timeout(fd, SLOWLY_MS);
-        if (kind->header != NULL) {
-            struct proxy_addresses addresses = {
-                .known = true, .source = ipv4_address("203.0.113.7", 40000),
-                .destination = ipv4_address("192.0.2.1", 443)};
-            uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
-            size_t length = kind->header[1] == '1'
-                ? proxyhdr_encode_v1(&addresses, header, sizeof header)
-                : proxyhdr_encode_v2(&addresses, header, sizeof header);
-            send_all(fd, header, length);
-        }
-        SSL *tls = kind->tls ? tls_client_start(fd, 0) : NULL;
-        ck_assert_msg(!kind->tls || tls != NULL, "TLS on %s", kind->listen);
-
-        /* 256 KiB in 16 KiB steps, each echoed back and checked. */
-        uint8_t out[16384], back[16384];
-        for (size_t offset = 0; offset < (256u << 10); offset += sizeof out) {
-            for (size_t i = 0; i < sizeof out; i++)
-                out[i] = stream_byte(k, offset + i);
-            size_t got;
-            if (tls != NULL) {
-                tls_send_all(tls, out, sizeof out);
-                got = tls_receive_exactly(tls, back, sizeof back);
-            } else {
-                send_all(fd, out, sizeof out);
-                got = receive_exactly(fd, back, sizeof back, SLOWLY_MS);
-            }
-            ck_assert_msg(got == sizeof back && memcmp(out, back, got) == 0,
-                          "bytes at %zu come back intact on %s (%s)", offset,
-                          kind->listen, kind->header ? kind->header : "");
-        }
-        if (kind->media) {
-            pthread_mutex_lock(&upstream->lock);
-            ck_assert_msg(upstream->header_length == 0 &&
-                              upstream->first_payload[0] == stream_byte(k, 0),
-                          "a media server gets the client's bytes, no header");
-            pthread_mutex_unlock(&upstream->lock);
-        }
-        if (tls != NULL)
-            tls_client_close(tls);
-        close(fd);
-        proxy_stop();
-        fake_upstream_stop(upstream);
-    }
-}
-END_TEST
-
 /* Ends a test client's sending half: TLS close_notify first, then FIN. */
 static void client_end_sending(int fd, SSL *tls)
 {
@@ -2790,7 +2878,8 @@ START_TEST(test_idle_connection_is_closed_after_idle_timeout)
     int client = connect_local(proxy_listener_port(0));
     expect_echo(client, "hello");
     long long last_byte = clock_ms();
-    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                  "the idle client is closed");
     ck_assert_msg(clock_ms() - last_byte >= 250, "not closed before 0.3 s");
     ck_assert_int_eq(proxy_counter(COUNTER_IDLE_TIMEOUT), 1);
     close(client);
@@ -2807,15 +2896,54 @@ START_TEST(test_half_closed_connection_is_closed_after_fin_timeout)
                 NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "bye", 3);
-    ck_assert(counter_reaches(COUNTER_CONNECTIONS_RELAYED, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_RELAYED, 1, PROMPTLY_MS),
+                  "the client is relayed to the server");
     shutdown(client, SHUT_WR);
     long long half_closed = clock_ms();
-    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                  "the half-closed connection is closed");
     ck_assert_msg(clock_ms() - half_closed >= 250, "not closed before 0.3 s");
     ck_assert_int_eq(proxy_counter(COUNTER_FIN_TIMEOUT), 1);
     close(client);
     proxy_stop();
     fake_upstream_stop(upstream);
+}
+END_TEST
+
+/* Two thousand clients open at the same time, each with its own message:
+ * every one gets exactly its own bytes back. */
+START_TEST(test_two_thousand_connections_at_once_all_echo)
+{
+    enum { CLIENTS = 2000 };
+    struct echo_server server;
+    echo_server_start(&server);
+    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+
+    static int clients[CLIENTS];
+    for (int i = 0; i < CLIENTS; i++) {
+        clients[i] = connect_local(proxy_listener_port(0));
+        char message[32];
+        int length = snprintf(message, sizeof message, "client %05d", i);
+        send_all(clients[i], message, (size_t)length);
+    }
+    ck_assert_msg(connections_become(CLIENTS, SLOWLY_MS),
+                  "all %d clients are connected at once (%u)", CLIENTS,
+                  proxy_connections_now());
+    for (int i = 0; i < CLIENTS; i++) {
+        char expected[32], back[32];
+        int length = snprintf(expected, sizeof expected, "client %05d", i);
+        ck_assert_msg(receive_exactly(clients[i], back, (size_t)length,
+                                      SLOWLY_MS) == (size_t)length &&
+                          memcmp(back, expected, (size_t)length) == 0,
+                      "client %d gets its own bytes back", i);
+    }
+    for (int i = 0; i < CLIENTS; i++)
+        close(clients[i]);
+    ck_assert_msg(connections_become(0, SLOWLY_MS),
+                  "every connection ends once its client closed");
+    proxy_stop();
+    echo_server_stop(&server);
 }
 END_TEST
 
@@ -2847,17 +2975,20 @@ START_TEST(test_upstream_reset_mid_transfer_closes_only_that_client)
                 "--upstream", address_text("127.0.0.1:%u", resetting->port),
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
     int victim = connect_local(proxy_listener_port(0)); /* to `resetting` */
-    ck_assert(upstream_connections_become(resetting, 1));
+    ck_assert_msg(upstream_connections_become(resetting, 1),
+                  "the first client goes to the resetting server");
     int other = connect_local(proxy_listener_port(0));  /* to `echo` */
     expect_echo(other, "before");
     send_all(victim, "some bytes", 10);
     ck_assert_msg(closed_within(victim, PROMPTLY_MS),
                   "the client of the reset server is closed");
-    ck_assert(counter_reaches(COUNTER_RELAY_ERROR, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_RELAY_ERROR, 1, PROMPTLY_MS),
+                  "the reset is counted as a relay error");
     expect_echo(other, "after");
     close(victim);
     close(other);
-    ck_assert(connections_become(0, PROMPTLY_MS));
+    ck_assert_msg(connections_become(0, PROMPTLY_MS),
+                  "no connection is left open");
     proxy_stop();
     fake_upstream_stop(resetting);
     fake_upstream_stop(echo);
@@ -2874,7 +3005,8 @@ START_TEST(test_server_that_never_reads_stalls_only_its_client)
                 "--upstream", address_text("127.0.0.1:%u", deaf->port),
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
     int stalled = connect_local(proxy_listener_port(0)); /* to `deaf` */
-    ck_assert(upstream_connections_become(deaf, 1));
+    ck_assert_msg(upstream_connections_become(deaf, 1),
+                  "the first client goes to the server that never reads");
     int other = connect_local(proxy_listener_port(0));   /* to `echo` */
     size_t sent = send_until_stalled(stalled, 256u << 20);
     ck_assert_msg(sent < (256u << 20),
@@ -2909,40 +3041,6 @@ START_TEST(test_client_that_stops_reading_is_closed_at_idle_timeout)
     close(other);
     proxy_stop();
     fake_upstream_stop(echo);
-}
-END_TEST
-
-START_TEST(test_two_thousand_connections_at_once_all_echo)
-{
-    enum { CLIENTS = 2000 };
-    struct echo_server server;
-    echo_server_start(&server);
-    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
-                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
-
-    static int clients[CLIENTS];
-    for (int i = 0; i < CLIENTS; i++) {
-        clients[i] = connect_local(proxy_listener_port(0));
-        char message[32];
-        int length = snprintf(message, sizeof message, "client %05d", i);
-        send_all(clients[i], message, (size_t)length);
-    }
-    ck_assert_msg(connections_become(CLIENTS, SLOWLY_MS),
-                  "all %d clients are connected at once (%u)", CLIENTS,
-                  proxy_connections_now());
-    for (int i = 0; i < CLIENTS; i++) {
-        char expected[32], back[32];
-        int length = snprintf(expected, sizeof expected, "client %05d", i);
-        ck_assert_msg(receive_exactly(clients[i], back, (size_t)length,
-                                      SLOWLY_MS) == (size_t)length &&
-                          memcmp(back, expected, (size_t)length) == 0,
-                      "client %d gets its own bytes back", i);
-    }
-    for (int i = 0; i < CLIENTS; i++)
-        close(clients[i]);
-    ck_assert(connections_become(0, SLOWLY_MS));
-    proxy_stop();
-    echo_server_stop(&server);
 }
 END_TEST
 
@@ -3085,7 +3183,8 @@ START_TEST(test_metrics_are_strict_prometheus_text)
                 address_text("127.0.0.1:%u", upstream->port), NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY BOGUS\r\n", 13);
-    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                  "the client with a bogus header is closed");
     close(client);
 
     static char answer[65536];
@@ -3198,8 +3297,10 @@ static void bulk_first_mib(struct bulk_end *client, struct bulk_server *server)
     fcntl(client->fd, F_SETFL, fcntl(client->fd, F_GETFL) | O_NONBLOCK);
     while (client->sent < (1u << 20)) {
         struct pollfd watched = {.fd = client->fd, .events = POLLOUT};
-        ck_assert(poll(&watched, 1, SLOWLY_MS) == 1);
-        ck_assert(bulk_write_some(client));
+        ck_assert_msg(poll(&watched, 1, SLOWLY_MS) == 1,
+                      "the socket takes more bytes in time");
+        ck_assert_msg(bulk_write_some(client),
+                      "the connection stays open while the first MiB goes");
     }
     long long deadline = clock_ms() + SLOWLY_MS;
     while (atomic_load(&server->end.progress) == 0 && clock_ms() < deadline)
@@ -3255,14 +3356,16 @@ START_TEST(test_connections_left_after_the_grace_period_are_closed)
     proxy_start("--listen", "127.0.0.1:0", "--grace", "0.3", "--upstream",
                 address_text("127.0.0.1:%u", upstream->port), NULL);
     int client = connect_local(proxy_listener_port(0));
-    ck_assert(counter_reaches(COUNTER_CONNECTIONS_RELAYED, 1, PROMPTLY_MS));
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_RELAYED, 1, PROMPTLY_MS),
+                  "the client is relayed to the server");
     long long started = clock_ms();
     proxy_stop();
     long long took = clock_ms() - started;
     ck_assert_msg(took >= 250 && took < 2000,
                   "the stop waited for the grace period, then ended (%lld ms)",
                   took);
-    ck_assert(closed_within(client, PROMPTLY_MS));
+    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+                  "the connection left after the grace period is closed");
     close(client);
     fake_upstream_stop(upstream);
 }
@@ -3408,6 +3511,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_over_maxconn_a_new_client_is_closed_and_others_carry_on);
     tcase_add_test(t, test_out_of_descriptors_no_busy_loop_and_service_resumes);
     tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
+    tcase_add_test(t, test_a_client_beyond_the_conversation_slots_waits_and_is_served);
     tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
     suite_add_tcase(suite, t);
 
@@ -3471,6 +3575,10 @@ int main(void)
     limit.rlim_cur = limit.rlim_max;
     setrlimit(RLIMIT_NOFILE, &limit);
     signal(SIGPIPE, SIG_IGN);
+    /* Some tests keep the default servers (g.whatsapp.net, ...), which a
+     * test machine without DNS cannot resolve: let each lookup give up
+     * after one second instead of glibc's 5 s times 2 tries. */
+    setenv("RES_OPTIONS", "timeout:1 attempts:1", 1);
     const char *scale = getenv("TEST_TIME_SCALE");
     if (scale != NULL && atoi(scale) > 0)
         time_scale = atoi(scale);
