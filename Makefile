@@ -70,7 +70,7 @@ test-tsan: deps
 valgrind: deps
 	$(MAKE) clean
 	$(MAKE) CFLAGS="-O1 -g" whatsapp_proxy test_proxy
-	CK_FORK=no TEST_BULK_MIB=8 TEST_TIME_SCALE=5 valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9 --trace-children=no ./test_proxy
+	CK_FORK=no TEST_BULK_MIB=8 TEST_TIME_SCALE=5 valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9 --trace-children=no --max-threads=3000 ./test_proxy
 
 # Fuzzes the parsers with libFuzzer for FUZZ_SECONDS each (fuzz/README.md).
 FUZZ_SECONDS ?= 60
