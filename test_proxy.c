@@ -640,6 +640,24 @@ static bool upstream_header_within(struct fake_upstream *upstream,
     }
 }
 
+/* The most common start of a test: an echo fake upstream that expects a
+ * PROXY header, and the proxy with one listener (listen) in front of it. */
+static struct fake_upstream *proxy_start_before_echo(const char *listen)
+{
+    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", listen, "--upstream",
+                address_text("127.0.0.1:%u", upstream->port), NULL);
+    return upstream;
+}
+
+/* And its end: the proxy first, so that no connection to the upstream is
+ * left for it to wait on. */
+static void proxy_and_upstream_stop(struct fake_upstream *upstream)
+{
+    proxy_stop();
+    fake_upstream_stop(upstream);
+}
+
 /* Writes the IP address and port of a sockaddr as "1.2.3.4:5". */
 static void address_format(const struct sockaddr_storage *address, char *out,
                            size_t out_size)
@@ -1322,9 +1340,7 @@ END_TEST
  * balancer's header carried, not the balancer's own. */
 START_TEST(test_accept_proxy_passes_the_incoming_address_upstream)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
     expect_echo(client, "hello");
@@ -1335,17 +1351,14 @@ START_TEST(test_accept_proxy_passes_the_incoming_address_upstream)
     expect_address(&seen.source, "203.0.113.7:40000");
     expect_address(&seen.destination, "192.0.2.1:443");
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
 /* UNKNOWN (v1) or LOCAL (v2) from the balancer: the real addresses go up. */
 START_TEST(test_incoming_unknown_header_sends_the_real_address)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY UNKNOWN\r\n", 15);
     expect_echo(client, "hello");
@@ -1359,8 +1372,7 @@ START_TEST(test_incoming_unknown_header_sends_the_real_address)
                   "the upstream receives a PROXY header");
     expect_address(&seen.source, expected);
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -1378,8 +1390,7 @@ START_TEST(test_send_proxy_v1_and_none_are_honoured)
     ck_assert_msg(memcmp(upstream->header_bytes, "PROXY TCP4 127.0.0.1 ", 21)
                       == 0, "--send-proxy v1 sends a v1 line");
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 
     /* With none, the first bytes upstream are the client's own. */
     upstream = fake_upstream_start(UPSTREAM_ECHO, false);
@@ -1393,8 +1404,7 @@ START_TEST(test_send_proxy_v1_and_none_are_honoured)
                   "the upstream first gets the client's own bytes");
     pthread_mutex_unlock(&upstream->lock);
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -1447,8 +1457,7 @@ START_TEST(test_made_certificate_is_like_the_reference)
 
     tls_client_close(tls);
     close(fd);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -1536,8 +1545,7 @@ START_TEST(test_given_certificate_is_served_and_reload_keeps_old_on_bad_file)
     close(fd2);
     tls_client_close(tls);
     close(fd);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
     char command[128];
     snprintf(command, sizeof command, "rm -rf %s", dir);
     ck_assert_int_eq(system(command), 0);
@@ -1772,9 +1780,7 @@ static bool ipv6_available(void)
  * described upstream as IPv4 (not as ::ffff:127.0.0.1). */
 START_TEST(test_listener_without_address_takes_ipv4_and_ipv6)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "0", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo("0");
     int client = connect_to("127.0.0.1", proxy_listener_port(0));
     expect_echo(client, "over IPv4");
     struct proxy_addresses seen;
@@ -1788,8 +1794,7 @@ START_TEST(test_listener_without_address_takes_ipv4_and_ipv6)
         expect_echo(client, "over IPv6");
         close(client);
     }
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -1956,8 +1961,7 @@ START_TEST(test_over_maxconn_a_new_client_is_closed_and_others_carry_on)
     expect_echo(fourth, "four");
     close(fourth);
     close(second);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -2183,9 +2187,7 @@ END_TEST
 
 START_TEST(test_malformed_header_closes_only_that_client)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
     int good = connect_local(proxy_listener_port(0));
     send_all(good, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
     expect_echo(good, "before");
@@ -2199,16 +2201,13 @@ START_TEST(test_malformed_header_closes_only_that_client)
     expect_echo(good, "after");
     close(bad);
     close(good);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
 START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/tls", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/tls");
     int plain = connect_local(proxy_listener_port(0));
     send_all(plain, "GET / HTTP/1.1\r\n\r\n", 18);
     ck_assert_msg(closed_within(plain, PROMPTLY_MS),
@@ -2224,8 +2223,7 @@ START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
     ck_assert_int_eq(upstream_connections(upstream), 1);
     tls_client_close(tls);
     close(fd);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -2233,9 +2231,7 @@ END_TEST
  * payload right behind it reaches the server intact. */
 START_TEST(test_header_split_across_reads_is_read_exactly)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
     uint8_t header[200];
     size_t length = v2_header_with_tlv(header);
     int client = connect_local(proxy_listener_port(0));
@@ -2249,8 +2245,7 @@ START_TEST(test_header_split_across_reads_is_read_exactly)
                   "the upstream receives the header sent byte by byte");
     expect_address(&seen.source, "203.0.113.7:40000");
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -2804,8 +2799,7 @@ static void client_half_close(bool use_tls)
     if (tls != NULL)
         tls_client_close(tls);
     close(fd);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 
 /* The server ends its sending; the client reads to the end and then still
@@ -2841,8 +2835,7 @@ static void server_half_close(bool use_tls)
     if (tls != NULL)
         tls_client_close(tls);
     close(fd);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 
 START_TEST(test_client_half_close_still_gets_the_reply)
@@ -2883,8 +2876,7 @@ START_TEST(test_idle_connection_is_closed_after_idle_timeout)
     ck_assert_msg(clock_ms() - last_byte >= 250, "not closed before 0.3 s");
     ck_assert_int_eq(proxy_counter(COUNTER_IDLE_TIMEOUT), 1);
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -2905,8 +2897,7 @@ START_TEST(test_half_closed_connection_is_closed_after_fin_timeout)
     ck_assert_msg(clock_ms() - half_closed >= 250, "not closed before 0.3 s");
     ck_assert_int_eq(proxy_counter(COUNTER_FIN_TIMEOUT), 1);
     close(client);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -3234,8 +3225,7 @@ START_TEST(test_metrics_are_strict_prometheus_text)
              "_total{listener=\"127.0.0.1:%u/accept-proxy\"} 1\n",
              proxy_listener_port(0));
     ck_assert_msg(strstr(answer, listener), "per listener: %s", listener);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -3256,8 +3246,7 @@ START_TEST(test_stats_page_healthz_and_not_found)
                               sizeof answer), 200);
     ck_assert_int_eq(http_get(proxy_stats_port(), "/nothing", answer,
                               sizeof answer), 404);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -3281,8 +3270,7 @@ START_TEST(test_slow_stats_client_blocks_nobody)
                   "served without waiting for the silent client");
     close(client);
     close(silent);
-    proxy_stop();
-    fake_upstream_stop(upstream);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
