@@ -9,6 +9,7 @@
 # Conventions in tutorial.md:
 #   `name()`             a function of whatsapp_proxy.c, test_proxy.c or
 #                        demo/demo_upstream.c
+#   ```c                 a quote: each of its lines stands in the code
 #   `test_...`           a test of test_proxy.c
 #   §N Name              section N of whatsapp_proxy.c, called Name
 #   CK_RUN_CASE="Name"   a test case (TCase) of test_proxy.c
@@ -87,6 +88,27 @@ passed=$((passed + $(grep -c '^ok' /tmp/check-tutorial.$$)))
 failed=$((failed + $(grep -c '^not ok' /tmp/check-tutorial.$$)))
 cat /tmp/check-tutorial.$$
 rm -f /tmp/check-tutorial.$$ /tmp/check-tutorial-counts.$$
+
+# Code is quoted, never paraphrased: every line of a ```c block must stand,
+# word for word, in the code (a line of just ... marks a cut).
+awk '
+    /^```c$/ { n++; inside = 1; next }
+    /^```/ { inside = 0; next }
+    inside { print n "|" $0 }
+' tutorial.md | while IFS='|' read -r block line; do
+    trimmed=$(printf '%s' "$line" | sed 's/^[[:space:]]*//; s/[[:space:]]*$//')
+    case "$trimmed" in ""|"..."|"/* ... */") continue ;; esac
+    if grep -qF -- "$trimmed" $sources whatsapp_proxy.h; then :
+    else echo "not ok - quote $block of tutorial.md is not in the code: $trimmed"; fi
+done > /tmp/check-tutorial.$$
+quotes=$(grep -c '^```c$' tutorial.md)
+if [ -s /tmp/check-tutorial.$$ ]; then
+    failed=$((failed + $(grep -c '^not ok' /tmp/check-tutorial.$$)))
+    cat /tmp/check-tutorial.$$
+else
+    passed=$((passed + 1)); echo "ok - all $quotes code quotes stand in the code"
+fi
+rm -f /tmp/check-tutorial.$$
 
 if [ "${1:-}" = "--names" ]; then
     echo "$passed passed, $failed failed"
