@@ -890,13 +890,14 @@ static void help_print(void)
         snprintf(left, sizeof left, "%s%s%s", OPTIONS[i].name,
                  OPTIONS[i].value_name ? " " : "",
                  OPTIONS[i].value_name ? OPTIONS[i].value_name : "");
-        if (strlen(left) > 40) /* too wide for the column: a line of its own */
-            printf("  %s\n  %-40s %s\n", left, "", OPTIONS[i].help);
+        /* One line when it fits in 80 columns, else the help below. */
+        if (strlen(left) <= 30 && strlen(OPTIONS[i].help) <= 46)
+            printf("  %-30s %s\n", left, OPTIONS[i].help);
         else
-            printf("  %-40s %s\n", left, OPTIONS[i].help);
+            printf("  %s\n        %s\n", left, OPTIONS[i].help);
     }
-    printf("\nSignals: SIGTERM or SIGINT stops (after --grace); SIGHUP reloads "
-           "the certificate.\nRead tutorial.md to learn more.\n");
+    printf("\nSignals: SIGTERM or SIGINT stops (after --grace); SIGHUP "
+           "reloads\nthe certificate. Read tutorial.md to learn more.\n");
 }
 
 /* Applies one flag with its value (NULL for switches) to settings. The two
