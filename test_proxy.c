@@ -114,7 +114,21 @@ static void *proxy_thread_run(void *unused)
  * quiet defaults for tests: errors-only logging, no statistics port, no
  * health checks during the test, a fresh certificate folder. Fails the test
  * if the proxy does not start. */
-static void proxy_start(const char *first_flag, ...)
+/* Appends the flags of a NULL-terminated list (first, then flags) to
+ * argv[*argc], keeping room for the final NULL in 64 slots. */
+static void flags_append(char **argv, int *argc, const char *first,
+                         va_list flags)
+{
+    for (const char *flag = first; flag != NULL;
+         flag = va_arg(flags, const char *)) {
+        ck_assert_int_lt(*argc, 62);
+        argv[(*argc)++] = (char *)flag;
+    }
+}
+
+/* Starts the proxy with argv[0..argc) after the test defaults (see
+ * proxy_start()). */
+static void proxy_start_argv(char **flags, int flag_count)
 {
     char *argv[64];
     int argc = 0;
@@ -125,14 +139,9 @@ static void proxy_start(const char *first_flag, ...)
                               "--grace", "5", "--cert-dir", proxy.cert_dir};
     for (size_t i = 0; i < sizeof defaults / sizeof defaults[0]; i++)
         argv[argc++] = (char *)defaults[i];
-    va_list flags;
-    va_start(flags, first_flag);
-    for (const char *flag = first_flag; flag != NULL;
-         flag = va_arg(flags, const char *)) {
-        ck_assert_int_lt(argc, 63);
-        argv[argc++] = (char *)flag;
-    }
-    va_end(flags);
+    ck_assert_int_lt(argc + flag_count, 64);
+    for (int i = 0; i < flag_count; i++)
+        argv[argc++] = flags[i];
     argv[argc] = NULL;
 
     char error[512] = "";
@@ -145,6 +154,17 @@ static void proxy_start(const char *first_flag, ...)
     ck_assert_int_eq(pthread_create(&proxy.thread, NULL, proxy_thread_run,
                                     NULL), 0);
     proxy.running = true;
+}
+
+static void proxy_start(const char *first_flag, ...)
+{
+    char *flags[64];
+    int count = 0;
+    va_list rest;
+    va_start(rest, first_flag);
+    flags_append(flags, &count, first_flag, rest);
+    va_end(rest);
+    proxy_start_argv(flags, count);
 }
 
 /* Stops the proxy started by proxy_start() and waits for it to end. */
@@ -641,12 +661,21 @@ static bool upstream_header_within(struct fake_upstream *upstream,
 }
 
 /* The most common start of a test: an echo fake upstream that expects a
- * PROXY header, and the proxy with one listener (listen) in front of it. */
-static struct fake_upstream *proxy_start_before_echo(const char *listen)
+ * PROXY header, and the proxy started with the flags (a NULL-terminated
+ * list) and that upstream as its one chat server. */
+static struct fake_upstream *proxy_start_before_echo(const char *first_flag,
+                                                     ...)
 {
     struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", listen, "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    char *flags[64];
+    int count = 0;
+    va_list rest;
+    va_start(rest, first_flag);
+    flags_append(flags, &count, first_flag, rest);
+    va_end(rest);
+    flags[count++] = "--upstream";
+    flags[count++] = (char *)address_text("127.0.0.1:%u", upstream->port);
+    proxy_start_argv(flags, count);
     return upstream;
 }
 
@@ -1340,7 +1369,8 @@ END_TEST
  * balancer's header carried, not the balancer's own. */
 START_TEST(test_accept_proxy_passes_the_incoming_address_upstream)
 {
-    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/accept-proxy", NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
     expect_echo(client, "hello");
@@ -1358,7 +1388,8 @@ END_TEST
 /* UNKNOWN (v1) or LOCAL (v2) from the balancer: the real addresses go up. */
 START_TEST(test_incoming_unknown_header_sends_the_real_address)
 {
-    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/accept-proxy", NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY UNKNOWN\r\n", 15);
     expect_echo(client, "hello");
@@ -1378,10 +1409,9 @@ END_TEST
 
 START_TEST(test_send_proxy_v1_and_none_are_honoured)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "v1",
-                "--upstream", address_text("127.0.0.1:%u", upstream->port),
-                NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--send-proxy",
+                                "v1", NULL);
     int client = connect_local(proxy_listener_port(0));
     expect_echo(client, "hello");
     struct proxy_addresses seen;
@@ -1424,11 +1454,10 @@ static SSL *tls_connect_local(uint16_t port, int *fd_out)
 
 START_TEST(test_made_certificate_is_like_the_reference)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/tls", "--ssl-dns",
-                "proxy.example.org,alt.example.org", "--ssl-ip", "192.0.2.10",
-                "--upstream", address_text("127.0.0.1:%u", upstream->port),
-                NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/tls", "--ssl-dns",
+                                "proxy.example.org,alt.example.org",
+                                "--ssl-ip", "192.0.2.10", NULL);
     int fd;
     SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
     X509 *leaf = SSL_get1_peer_certificate(tls);
@@ -1493,10 +1522,9 @@ START_TEST(test_given_certificate_is_served_and_reload_keeps_old_on_bad_file)
     snprintf(key, sizeof key, "%s/key.pem", dir);
     pem_common_name(cert, expected, sizeof expected);
 
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/tls", "--cert", cert, "--key", key,
-                "--upstream", address_text("127.0.0.1:%u", upstream->port),
-                NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/tls", "--cert", cert,
+                                "--key", key, NULL);
     int fd;
     SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
     char served[128];
@@ -1780,7 +1808,8 @@ static bool ipv6_available(void)
  * described upstream as IPv4 (not as ::ffff:127.0.0.1). */
 START_TEST(test_listener_without_address_takes_ipv4_and_ipv6)
 {
-    struct fake_upstream *upstream = proxy_start_before_echo("0");
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "0", NULL);
     int client = connect_to("127.0.0.1", proxy_listener_port(0));
     expect_echo(client, "over IPv4");
     struct proxy_addresses seen;
@@ -1939,9 +1968,9 @@ static void echo_server_stop(struct echo_server *server)
 
 START_TEST(test_over_maxconn_a_new_client_is_closed_and_others_carry_on)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0", "--maxconn", "2", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--maxconn", "2",
+                                NULL);
     int first = connect_local(proxy_listener_port(0));
     int second = connect_local(proxy_listener_port(0));
     expect_echo(first, "one");
@@ -2187,7 +2216,8 @@ END_TEST
 
 START_TEST(test_malformed_header_closes_only_that_client)
 {
-    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/accept-proxy", NULL);
     int good = connect_local(proxy_listener_port(0));
     send_all(good, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
     expect_echo(good, "before");
@@ -2207,7 +2237,8 @@ END_TEST
 
 START_TEST(test_plain_bytes_on_a_tls_port_close_only_that_client)
 {
-    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/tls");
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/tls", NULL);
     int plain = connect_local(proxy_listener_port(0));
     send_all(plain, "GET / HTTP/1.1\r\n\r\n", 18);
     ck_assert_msg(closed_within(plain, PROMPTLY_MS),
@@ -2231,7 +2262,8 @@ END_TEST
  * payload right behind it reaches the server intact. */
 START_TEST(test_header_split_across_reads_is_read_exactly)
 {
-    struct fake_upstream *upstream = proxy_start_before_echo("127.0.0.1:0/accept-proxy");
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/accept-proxy", NULL);
     uint8_t header[200];
     size_t length = v2_header_with_tlv(header);
     int client = connect_local(proxy_listener_port(0));
@@ -2864,10 +2896,9 @@ END_TEST
 
 START_TEST(test_idle_connection_is_closed_after_idle_timeout)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0", "--timeout-idle", "0.3",
-                "--upstream", address_text("127.0.0.1:%u", upstream->port),
-                NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--timeout-idle",
+                                "0.3", NULL);
     int client = connect_local(proxy_listener_port(0));
     expect_echo(client, "hello");
     long long last_byte = clock_ms();
@@ -3168,10 +3199,9 @@ static size_t metric_sample_check(const char *line)
  * and counters end with _total. */
 START_TEST(test_metrics_are_strict_prometheus_text)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--stats",
-                "127.0.0.1:0", "--upstream",
-                address_text("127.0.0.1:%u", upstream->port), NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/accept-proxy",
+                                "--stats", "127.0.0.1:0", NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY BOGUS\r\n", 13);
     ck_assert_msg(closed_within(client, PROMPTLY_MS),
@@ -3231,10 +3261,9 @@ END_TEST
 
 START_TEST(test_stats_page_healthz_and_not_found)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
-                "--upstream", address_text("127.0.0.1:%u", upstream->port),
-                NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--stats",
+                                "127.0.0.1:0", NULL);
     static char answer[65536];
     ck_assert_int_eq(http_get(proxy_stats_port(), "/", answer, sizeof answer),
                      200);
@@ -3254,10 +3283,9 @@ END_TEST
  * clients nor the relay. */
 START_TEST(test_slow_stats_client_blocks_nobody)
 {
-    struct fake_upstream *upstream = fake_upstream_start(UPSTREAM_ECHO, true);
-    proxy_start("--listen", "127.0.0.1:0", "--stats", "127.0.0.1:0",
-                "--upstream", address_text("127.0.0.1:%u", upstream->port),
-                NULL);
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--stats",
+                                "127.0.0.1:0", NULL);
     int silent = connect_local(proxy_stats_port());
     send_all(silent, "GET / HT", 8);
     static char answer[65536];
