@@ -1468,7 +1468,7 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
  * The SSL_CTX ("context") holds the certificate and the rules; it is fully
  * configured before any thread starts and then only read, which OpenSSL
  * allows from many threads. Each client gets its own SSL object, used by one
- * thread at a time: first its conversation thread, then its relay thread.
+ * thread at a time: first its conversation worker, then its relay thread.
  * Using one SSL from two threads at once corrupts it (openssl-threads(7)).
  *
  * The server name. A TLS client says which name it wants in its first
