@@ -1098,6 +1098,27 @@ START_TEST(test_settings_parse_names_the_flag_that_is_wrong)
 }
 END_TEST
 
+/* Flags that only make sense with another, and host names that are not
+ * names, are refused with a line that says so. */
+START_TEST(test_settings_parse_refuses_what_cannot_work)
+{
+    char error[256] = "";
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", "80",
+                                 "--sni", "secret.example.org", NULL),
+                     PARSE_ERROR);
+    ck_assert_msg(strstr(error, "--sni needs a TLS listener") != NULL,
+                  "--sni without a TLS port says why: %s", error);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--decoy-rule",
+                                 "strict", NULL), PARSE_ERROR);
+    ck_assert_msg(strstr(error, "--decoy") != NULL,
+                  "--decoy-rule without --decoy says why: %s", error);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--upstream",
+                                 "a\"b<i>:80", NULL), PARSE_ERROR);
+    ck_assert_msg(strstr(error, "letters, digits, dots and hyphens") != NULL,
+                  "a host name with quotes or markup is refused: %s", error);
+}
+END_TEST
+
 START_TEST(test_help_lists_every_flag_and_exits_zero)
 {
     char out[16384], err[16384];
@@ -2185,6 +2206,26 @@ START_TEST(test_max_per_ip_holds_with_addresses_from_proxy_headers)
     close(clients[2]);
     proxy_stop();
     fake_upstream_stop(echo);
+}
+END_TEST
+
+/* On a port without PROXY headers the address is known at accept time:
+ * --max-per-ip counts it there, before the client can hold a slot. */
+START_TEST(test_max_per_ip_holds_on_a_plain_port)
+{
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--max-per-ip",
+                                "1", NULL);
+    int first = connect_local(proxy_listener_port(0));
+    expect_echo(first, "the first from 127.0.0.1");
+    int second = connect_local(proxy_listener_port(0));
+    ck_assert_msg(closed_within(second, PROMPTLY_MS),
+                  "the second connection from 127.0.0.1 is closed");
+    ck_assert_int_eq(proxy_counter(COUNTER_REJECTED_PER_IP), 1);
+    expect_echo(first, "the first carries on");
+    close(second);
+    close(first);
+    proxy_and_upstream_stop(upstream);
 }
 END_TEST
 
@@ -3485,6 +3526,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_host_port_parse_takes_names_and_bracketed_ipv6);
     tcase_add_test(t, test_seconds_parse_takes_decimals_and_refuses_nonsense);
     tcase_add_test(t, test_settings_parse_names_the_flag_that_is_wrong);
+    tcase_add_test(t, test_settings_parse_refuses_what_cannot_work);
     tcase_add_test(t, test_help_lists_every_flag_and_exits_zero);
     tcase_add_test(t, test_binary_refuses_bad_input_with_one_line_and_status_2);
     suite_add_tcase(suite, t);
@@ -3529,6 +3571,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
     tcase_add_test(t, test_a_client_beyond_the_conversation_slots_waits_and_is_served);
     tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
+    tcase_add_test(t, test_max_per_ip_holds_on_a_plain_port);
     suite_add_tcase(suite, t);
 
     t = section("Conversation", 30);
