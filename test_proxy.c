@@ -1677,23 +1677,42 @@ START_TEST(test_client_is_closed_promptly_when_no_server_answers)
 }
 END_TEST
 
-/* A server whose listen queue is full drops new SYNs: connect() hangs until
- * --timeout-connect. */
+/* A server that never finishes a connect: its listen queue (backlog 0) is
+ * filled first, and then the kernel drops new SYNs, so connect() hangs
+ * until --timeout-connect. */
+struct silent_server {
+    int listen_fd;
+    int queued[4];
+    uint16_t port;
+};
+
+static void silent_server_start(struct silent_server *server)
+{
+    server->listen_fd = listen_local(&server->port, 0);
+    struct sockaddr_in address = {.sin_family = AF_INET,
+                                  .sin_port = htons(server->port),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    for (int i = 0; i < 4; i++) {
+        /* Later connects may hang: do them non-blocking. */
+        server->queued[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+        connect(server->queued[i], (struct sockaddr *)&address,
+                sizeof address);
+    }
+}
+
+static void silent_server_stop(struct silent_server *server)
+{
+    for (int i = 0; i < 4; i++)
+        close(server->queued[i]);
+    close(server->listen_fd);
+}
+
 START_TEST(test_connect_timeout_gives_up_on_a_silent_server)
 {
-    uint16_t port;
-    int full = listen_local(&port, 0);
-    int waiting[4];
-    for (int i = 0; i < 4; i++) {
-        /* Fill the queue; later connects may hang: do them non-blocking. */
-        waiting[i] = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
-        struct sockaddr_in address = {.sin_family = AF_INET,
-                                      .sin_port = htons(port),
-                                      .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-        connect(waiting[i], (struct sockaddr *)&address, sizeof address);
-    }
+    struct silent_server silent;
+    silent_server_start(&silent);
     proxy_start("--listen", "127.0.0.1:0", "--timeout-connect", "0.3",
-                "--upstream", address_text("127.0.0.1:%u", port), NULL);
+                "--upstream", address_text("127.0.0.1:%u", silent.port), NULL);
     long long started = clock_ms();
     int client = connect_local(proxy_listener_port(0));
     ck_assert_msg(closed_within(client, PROMPTLY_MS),
@@ -1706,9 +1725,33 @@ START_TEST(test_connect_timeout_gives_up_on_a_silent_server)
                   "the client is counted as finding no server");
     close(client);
     proxy_stop();
-    for (int i = 0; i < 4; i++)
-        close(waiting[i]);
-    close(full);
+    silent_server_stop(&silent);
+}
+END_TEST
+
+/* The relay thread waits for connects in its epoll loop: one that times
+ * out goes on to the next server, and the client is served there. */
+START_TEST(test_connect_timeout_tries_the_next_server)
+{
+    struct silent_server silent;
+    silent_server_start(&silent);
+    struct fake_upstream *live = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-connect", "0.3",
+                "--upstream", address_text("127.0.0.1:%u", silent.port),
+                "--upstream", address_text("127.0.0.1:%u", live->port), NULL);
+    long long started = clock_ms();
+    int client = connect_local(proxy_listener_port(0)); /* to silent first */
+    expect_echo(client, "served by the second server");
+    long long took = clock_ms() - started;
+    ck_assert_msg(took >= 250, "the first server was given its %d ms "
+                  "(%lld ms)", 300, took);
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 1);
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_UNREACHABLE), 0);
+    ck_assert_int_eq(proxy_counter(COUNTER_CONNECTIONS_RELAYED), 1);
+    close(client);
+    proxy_stop();
+    fake_upstream_stop(live);
+    silent_server_stop(&silent);
 }
 END_TEST
 
@@ -2164,6 +2207,38 @@ START_TEST(test_a_client_beyond_the_conversation_slots_waits_and_is_served)
                   "every silent client is closed at the handshake timeout");
     ck_assert_int_eq(proxy_counter(COUNTER_CONNECTIONS_ACCEPTED), SLOTS + 1);
     close(waiting);
+    for (int i = 0; i < SLOTS; i++)
+        close(silent[i]);
+    proxy_stop();
+    fake_upstream_stop(echo);
+}
+END_TEST
+
+/* Clients of a plain port say nothing before their bytes, so they need no
+ * conversation slot: while 1,024 silent clients hold every slot on a PROXY
+ * port, a client of a plain port of the same proxy is served at once. */
+START_TEST(test_plain_port_clients_need_no_conversation_slot)
+{
+    enum { SLOTS = 1024 }; /* CONVERSATIONS_AT_ONCE */
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    char handshake_seconds[16];
+    snprintf(handshake_seconds, sizeof handshake_seconds, "%d",
+             10 * time_scale);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--listen",
+                "127.0.0.1:0", "--timeout-handshake", handshake_seconds,
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    static int silent[SLOTS];
+    for (int i = 0; i < SLOTS; i++)
+        silent[i] = connect_local(proxy_listener_port(0));
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, SLOTS,
+                                  PROMPTLY_MS),
+                  "the %d silent clients are all accepted", SLOTS);
+
+    int plain = connect_local(proxy_listener_port(1));
+    expect_echo(plain, "no slot needed");
+    ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
+                  "the silent clients still held every slot meanwhile");
+    close(plain);
     for (int i = 0; i < SLOTS; i++)
         close(silent[i]);
     proxy_stop();
@@ -3555,6 +3630,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_refused_server_is_skipped_for_the_next);
     tcase_add_test(t, test_client_is_closed_promptly_when_no_server_answers);
     tcase_add_test(t, test_connect_timeout_gives_up_on_a_silent_server);
+    tcase_add_test(t, test_connect_timeout_tries_the_next_server);
     tcase_add_test(t, test_health_checks_take_a_dead_server_out_and_back);
     tcase_add_test(t, test_when_every_server_is_down_they_are_still_tried);
     suite_add_tcase(suite, t);
@@ -3570,6 +3646,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_out_of_descriptors_no_busy_loop_and_service_resumes);
     tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
     tcase_add_test(t, test_a_client_beyond_the_conversation_slots_waits_and_is_served);
+    tcase_add_test(t, test_plain_port_clients_need_no_conversation_slot);
     tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
     tcase_add_test(t, test_max_per_ip_holds_on_a_plain_port);
     suite_add_tcase(suite, t);
