@@ -9,9 +9,13 @@
 # What runs (all on 127.0.0.1, all started and stopped here by PID):
 #
 #   loadgen client --+--------------------------------> loadgen upstream
-#                    +--> whatsapp_proxy (plain, TLS) --^   (skips the PROXY
-#                    +--> haproxy        (plain, TLS) --^    header, then echo,
-#                    |                                       sink or generate)
+#                    +--> whatsapp_proxy (plain, TLS) --> loadgen upstream
+#                    +--> haproxy        (plain, TLS) --> loadgen upstream
+#                    |                                   (three of them, one
+#                    |                                    each; they skip the
+#                    |                                    PROXY header, then
+#                    |                                    echo, sink or
+#                    |                                    generate)
 #                    +--(TLS)-------------------------> loadgen upstream --tls
 #                                                       (the same, behind TLS:
 #                                                        "direct" of the TLS
@@ -58,6 +62,14 @@ UPSTREAM_PORT=$PORT_BASE
 WP_PLAIN=$((PORT_BASE + 1)); WP_TLS=$((PORT_BASE + 2))
 HA_PLAIN=$((PORT_BASE + 3)); HA_TLS=$((PORT_BASE + 4))
 UPSTREAM_TLS_PORT=$((PORT_BASE + 5))
+# Each proxy dials an upstream of its own (the same program on another
+# port). Sharing one would let a test's TIME_WAIT sockets slow the next
+# target's connects: each connection to one address and port leaves its
+# local port in TIME_WAIT, and Linux may reuse such a port (tcp_tw_reuse)
+# only a second later. Measured with one shared upstream: "direct" made
+# about 28,000 connections in 1 s to it, and the proxy measured right
+# after it lost 0.15 to 0.9 of its connection rate, with 200 ms stalls.
+UPSTREAM_WP_PORT=$((PORT_BASE + 6)); UPSTREAM_HA_PORT=$((PORT_BASE + 7))
 CPUS=$(nproc)
 IDLE_STEPS="1000 5000"   # connections held in the memory test
 MAXCONN_CAP=27500        # the reference's maxconn
@@ -82,7 +94,8 @@ tools_check() {
 
 # ---- 2. Processes: started here, stopped here by PID -------------------
 
-UPSTREAM_PID=""; UPSTREAM_TLS_PID=""; WP_PID=""; HA_PID=""; CLIENT_PID=""
+UPSTREAM_PID=""; UPSTREAM_WP_PID=""; UPSTREAM_HA_PID=""; UPSTREAM_TLS_PID=""
+WP_PID=""; HA_PID=""; CLIENT_PID=""
 TMP=""
 
 # Stops one process by PID: SIGTERM, up to 5 s, then SIGKILL.
@@ -101,7 +114,8 @@ stop_pid() {
 
 cleanup() {
     stop_pid "$CLIENT_PID"; stop_pid "$HA_PID"; stop_pid "$WP_PID"
-    stop_pid "$UPSTREAM_PID"; stop_pid "$UPSTREAM_TLS_PID"
+    stop_pid "$UPSTREAM_PID"; stop_pid "$UPSTREAM_WP_PID"
+    stop_pid "$UPSTREAM_HA_PID"; stop_pid "$UPSTREAM_TLS_PID"
     [ -n "$TMP" ] && rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -129,11 +143,22 @@ line_wait() {
     return 1
 }
 
+# Starts one plain upstream on port $1, logging to $TMP/$2.log; its PID
+# goes in STARTED_PID.
+plain_upstream_start() {
+    "$LOADGEN" upstream --listen "$ADDRESS:$1" --threads "$CPUS" \
+        >"$TMP/$2.log" 2>&1 &
+    STARTED_PID=$!
+    line_wait "$TMP/$2.log" LISTENING 5 || exit 1
+}
+
 upstream_start() {
-    "$LOADGEN" upstream --listen "$ADDRESS:$UPSTREAM_PORT" --threads "$CPUS" \
-        >"$TMP/upstream.log" 2>&1 &
-    UPSTREAM_PID=$!
-    line_wait "$TMP/upstream.log" LISTENING 5 || exit 1
+    plain_upstream_start "$UPSTREAM_PORT" upstream
+    UPSTREAM_PID=$STARTED_PID
+    plain_upstream_start "$UPSTREAM_WP_PORT" upstream_wp
+    UPSTREAM_WP_PID=$STARTED_PID
+    plain_upstream_start "$UPSTREAM_HA_PORT" upstream_ha
+    UPSTREAM_HA_PID=$STARTED_PID
     # The TLS reference: the same upstream behind TLS, with the proxies'
     # certificate, for the "direct" column of the TLS bulk rows.
     "$LOADGEN" upstream --listen "$ADDRESS:$UPSTREAM_TLS_PORT" --tls \
@@ -152,8 +177,8 @@ wp_start() {
     "$PROXY" --help 2>&1 | grep -q -- '--stats' && extra="$extra --stats off"
     "$PROXY" --help 2>&1 | grep -q -- '--grace' && extra="$extra --grace 1"
     "$PROXY" --listen "$ADDRESS:$WP_PLAIN" --listen "$ADDRESS:$WP_TLS/tls" \
-        --upstream "$ADDRESS:$UPSTREAM_PORT" \
-        --media-upstream "$ADDRESS:$UPSTREAM_PORT" \
+        --upstream "$ADDRESS:$UPSTREAM_WP_PORT" \
+        --media-upstream "$ADDRESS:$UPSTREAM_WP_PORT" \
         --cert "$TMP/cert.pem" --key "$TMP/key.pem" --cert-dir "$TMP" \
         --log-level warn $extra >>"$TMP/whatsapp_proxy.log" 2>&1 &
     WP_PID=$!
@@ -189,14 +214,14 @@ setup() {
 
     sed -e "s/@NBTHREAD@/$CPUS/" -e "s/@ADDRESS@/$ADDRESS/g" \
         -e "s/@PLAIN_PORT@/$HA_PLAIN/" -e "s/@TLS_PORT@/$HA_TLS/" \
-        -e "s/@UPSTREAM_PORT@/$UPSTREAM_PORT/" \
+        -e "s/@UPSTREAM_PORT@/$UPSTREAM_HA_PORT/" \
         -e "s#@CERT_PEM@#$TMP/haproxy.pem#" \
         "$HERE/haproxy.cfg" >"$TMP/haproxy.cfg"
     haproxy -c -q -f "$TMP/haproxy.cfg" || {
         echo "haproxy rejected $TMP/haproxy.cfg" >&2; exit 1; }
 
     for port in $UPSTREAM_PORT $WP_PLAIN $WP_TLS $HA_PLAIN $HA_TLS \
-        $UPSTREAM_TLS_PORT; do
+        $UPSTREAM_TLS_PORT $UPSTREAM_WP_PORT $UPSTREAM_HA_PORT; do
         if (exec 3<>"/dev/tcp/$ADDRESS/$port") 2>/dev/null; then
             echo "port $port is in use; set BENCH_PORT_BASE" >&2; exit 1
         fi
@@ -270,11 +295,13 @@ available_kib() {
     done | sort -n | sed -n "$(((MEM_READINGS + 1) / 2))p"
 }
 
-# One memory snapshot: proxy RSS, MemAvailable, client RSS, upstream RSS.
+# One memory snapshot: proxy RSS, MemAvailable, client RSS, and the RSS of
+# the three plain upstreams together.
 snapshot() {
     local proxy_rss=0
     [ -n "$1" ] && proxy_rss=$(rss_kib "$1")
-    echo "$proxy_rss $(available_kib) $(rss_kib "$CLIENT_PID") $(rss_kib "$UPSTREAM_PID")"
+    echo "$proxy_rss $(available_kib) $(rss_kib "$CLIENT_PID")" \
+        "$(($(rss_kib "$UPSTREAM_PID") + $(rss_kib "$UPSTREAM_WP_PID") + $(rss_kib "$UPSTREAM_HA_PID")))"
 }
 
 # Idle memory: plain|tls, target. Opens 1,000 then 5,000 idle connections
