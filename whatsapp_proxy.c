@@ -194,6 +194,9 @@
  * 0.43-0.52x of direct loopback, 1 MiB 0.54-0.66x. */
 #define RELAY_SCRATCH_BYTES (1024 * 1024)
 
+/* The most bytes one TLS record carries (the protocol's limit). */
+#define TLS_RECORD_BYTES (16 * 1024)
+
 /* Bytes one direction may move in one turn before the relay thread serves
  * other connections, so that one bulk transfer cannot starve the rest. */
 #define RELAY_TURN_BYTES (1024 * 1024)
@@ -3342,8 +3345,9 @@ static enum io_status side_read(struct relay_side *side, uint8_t *buffer,
 /* Writes buffer[0..length) to side. *sent says how many bytes went; on
  * IO_BLOCKED the rest must be written again later (the same bytes, which
  * OpenSSL requires after a WANT_WRITE), when *wait is ready. */
-static enum io_status side_write(struct relay_side *side, const uint8_t *buffer,
-                                 size_t length, size_t *sent, uint32_t *wait)
+static enum io_status side_write_now(struct relay_side *side,
+                                     const uint8_t *buffer, size_t length,
+                                     size_t *sent, uint32_t *wait)
 {
     *sent = 0;
     *wait = EPOLLOUT;
@@ -3373,6 +3377,26 @@ static enum io_status side_write(struct relay_side *side, const uint8_t *buffer,
         *sent += count;
     }
     return IO_DONE;
+}
+
+/* The same as side_write_now(), but a TLS write of many records is
+ * "corked": OpenSSL writes each 16 KiB record with its own write(), and
+ * TCP_CORK makes the kernel hold them until the cork is pulled, then send
+ * them as a few large packets. Without it every record is a packet of its
+ * own, and the phone (or, on loopback, the receiving process) is woken for
+ * each one. Chat messages are much smaller than a record: not corked. */
+static enum io_status side_write(struct relay_side *side, const uint8_t *buffer,
+                                 size_t length, size_t *sent, uint32_t *wait)
+{
+    int cork = side->tls != NULL && length > TLS_RECORD_BYTES;
+    if (cork)
+        setsockopt(side->fd, IPPROTO_TCP, TCP_CORK, &cork, sizeof cork);
+    enum io_status status = side_write_now(side, buffer, length, sent, wait);
+    if (cork) {
+        int pulled = 0;
+        setsockopt(side->fd, IPPROTO_TCP, TCP_CORK, &pulled, sizeof pulled);
+    }
+    return status;
 }
 
 /* Ends the sending half of side: TLS close_notify (if TLS), then TCP FIN.
