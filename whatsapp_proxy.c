@@ -518,6 +518,15 @@ static void tls_error_text(char *buffer, size_t buffer_size)
     ERR_clear_error();
 }
 
+/* Returns whether error_number (an errno value) says that the process has
+ * run out of file descriptors or kernel memory: our own shortage, which
+ * passes when connections end, not a fault of a client or a server. */
+static bool out_of_descriptors(int error_number)
+{
+    return error_number == EMFILE || error_number == ENFILE ||
+           error_number == ENOBUFS || error_number == ENOMEM;
+}
+
 /* Monotonic milliseconds since some fixed moment: for deadlines, never for
  * the wall-clock time (which can jump when the clock is corrected). */
 static long long now_ms(void)
@@ -2150,7 +2159,8 @@ static void upstream_attempt_failed(struct upstream_attempts *attempts,
 
 /* Starts a connect to the next server worth trying: one that is up (any
  * of them, when none is), at most UPSTREAM_TRIES_MAX in all. Returns the
- * socket, its connect under way, or -1 when no server is left to try.
+ * socket, its connect under way, or -1 when no server is left to try
+ * (errno EHOSTUNREACH) or no socket can be made (see out_of_descriptors()).
  * A server whose name has not resolved yet is a failed try: resolving
  * here would stop the relay thread while DNS answers, so the health thread
  * does it (section 6, the top). */
@@ -2176,14 +2186,16 @@ static int upstream_attempt_next(struct upstream_attempts *attempts)
         int fd = socket_connect_start(&address, length);
         if (fd >= 0)
             return fd;
-        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS ||
-            errno == ENOMEM) {
+        if (out_of_descriptors(errno)) {
             /* Our own shortage: not held against the server. */
+            int shortage = errno;
             log_line(LOG_WARN, "cannot make a socket: %s", strerror(errno));
+            errno = shortage;
             return -1;
         }
         upstream_attempt_failed(attempts, strerror(errno));
     }
+    errno = EHOSTUNREACH;
     return -1;
 }
 
@@ -2598,6 +2610,60 @@ static void connection_ended(struct listener *listener)
     }
 }
 
+/* How long a thread rests from accepting when accept() fails for lack of
+ * descriptors or memory: long enough not to spin, short enough to resume
+ * quickly. */
+#define ACCEPT_PAUSE_MS 100
+
+/* While accept() keeps failing, say so at most this often in the log. */
+#define ACCEPT_WARNING_EVERY_MS 10000
+
+/* Accepts at most this many clients per listener per wake-up, so that one
+ * busy listener cannot starve the others. */
+#define ACCEPT_BATCH 64
+
+/* What accepting one client did. */
+enum accept_result {
+    ACCEPTED,      /* a new client, taken in: *fd and *peer are set */
+    REFUSED,       /* a new client over --maxconn, closed at once */
+    NONE_WAITING,  /* nobody waiting, or the client left before accept() */
+    OUT_OF_FILES,  /* no descriptor or memory left (errno): rest a while */
+    LISTENER_SHUT  /* the listening socket was shut: the proxy is stopping */
+};
+
+/* Accepts one waiting client of listener and applies --maxconn to it. */
+static enum accept_result client_accept(struct listener *listener, int *fd,
+                                        struct sockaddr_storage *peer)
+{
+    socklen_t length = sizeof *peer;
+    *fd = accept4(listener->fd, (struct sockaddr *)peer, &length,
+                  SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (*fd < 0) {
+        if (out_of_descriptors(errno))
+            return OUT_OF_FILES;
+        return errno == EINVAL ? LISTENER_SHUT : NONE_WAITING;
+    }
+    if (!connection_admit(listener)) {
+        close(*fd);
+        return REFUSED;
+    }
+    return ACCEPTED;
+}
+
+/* Logs that accepting rests for lack of descriptors (error_number says
+ * which), at most every ACCEPT_WARNING_EVERY_MS whichever thread asks. */
+static void accept_pause_warn(int error_number)
+{
+    static atomic_llong warned_ms = LLONG_MIN / 2;
+    long long now = now_ms();
+    long long last = atomic_load(&warned_ms);
+    if (now - last > ACCEPT_WARNING_EVERY_MS &&
+        atomic_compare_exchange_strong(&warned_ms, &last, now))
+        log_line(LOG_WARN, "cannot accept new clients: %s; trying again "
+                 "every %d ms (raise the open-file limit, or lower "
+                 "--maxconn)", strerror(error_number), ACCEPT_PAUSE_MS);
+}
+
 /* ==== 9. Conversation ==== */
 
 /*
@@ -2615,10 +2681,12 @@ static void connection_ended(struct listener *listener)
  *      to it (chat servers only) and relays (section 10).
  *
  * A client of a plain port with none of these (no PROXY header to read, no
- * decoy to choose) needs no such thread: conversation_start() hands it to a
- * relay thread at once. On a busy chat port that is most clients, and each
- * hand-over from one thread to another costs a wake-up; make bench measured
- * the connection rate of plain ports at 0.84x HAProxy's with the extra one.
+ * decoy to choose) needs no such thread: the relay threads accept it
+ * themselves (section 10). On a busy chat port that is most clients, and
+ * each hand-over from one thread to another costs a wake-up: make bench
+ * measured the connection rate of plain ports at 0.84x HAProxy's with two
+ * hand-overs (acceptor, worker, relay thread), 1.0x with one, and the
+ * slowest 1% of connections 1.66x slower than HAProxy's with one.
  *
  * The threads are "workers" that take conversations from a queue, one at a
  * time. Starting a new thread for every client would cost about a quarter
@@ -2927,7 +2995,7 @@ static void conversation_serve(struct conversation *conversation)
 
     if (state.settings->max_per_ip > 0 && spec->accept_proxy) {
         /* The real address came with the PROXY header (for the others,
-         * conversation_start() counted it already). */
+         * client_prepare() counted it already). */
         conversation->per_ip = per_ip_take(&conversation->addresses.source);
         if (conversation->per_ip == NULL) {
             counter_add(COUNTER_REJECTED_PER_IP, 1);
@@ -3042,57 +3110,59 @@ static bool listener_needs_conversation(const struct listener_spec *spec)
            (state.settings->decoy_enabled && !spec->media);
 }
 
-/* Starts serving an admitted client: straight to a relay thread when it
- * needs no conversation (see the section comment), else queued for a
- * worker, waking an idle one or starting a new one. For the latter the
- * caller holds a conversation slot, which the worker gives back. If there
- * is no worker and none can be started, the client is closed. Takes
- * conversation_lock. */
+/* Does what every admitted client needs first: notes its addresses (for
+ * the PROXY header we send), turns on TCP_NODELAY, and with --max-per-ip
+ * counts its address where it is known now (no PROXY header to wait for),
+ * before it can hold anything else. Returns false if that address is over
+ * --max-per-ip: then the client is counted and closed. */
+static bool client_prepare(struct listener *listener, int client_fd,
+                           const struct sockaddr_storage *peer,
+                           struct proxy_addresses *addresses,
+                           struct per_ip **per_ip)
+{
+    *addresses = (struct proxy_addresses){.known = true, .source = *peer};
+    socklen_t length = sizeof addresses->destination;
+    getsockname(client_fd, (struct sockaddr *)&addresses->destination,
+                &length);
+    address_unmap_ipv4(&addresses->source);
+    address_unmap_ipv4(&addresses->destination);
+    socket_set_nodelay(client_fd);
+
+    *per_ip = NULL;
+    if (state.settings->max_per_ip == 0 || listener->spec.accept_proxy)
+        return true;
+    *per_ip = per_ip_take(&addresses->source);
+    if (*per_ip != NULL)
+        return true;
+    counter_add(COUNTER_REJECTED_PER_IP, 1);
+    close(client_fd);
+    connection_ended(listener);
+    return false;
+}
+
+/* Queues an admitted client of a listener that needs conversations for a
+ * worker, waking an idle one or starting a new one. The caller holds a
+ * conversation slot for it, which the worker gives back. If there is no
+ * worker and none can be started, the client is closed and the slot given
+ * back here. Takes conversation_lock. */
 static void conversation_start(struct listener *listener, int client_fd,
                                const struct sockaddr_storage *peer)
 {
-    const struct listener_spec *spec = &listener->spec;
-    struct proxy_addresses addresses = {.known = true, .source = *peer};
-    socklen_t length = sizeof addresses.destination;
-    getsockname(client_fd, (struct sockaddr *)&addresses.destination,
-                &length);
-    address_unmap_ipv4(&addresses.source);
-    address_unmap_ipv4(&addresses.destination);
-    socket_set_nodelay(client_fd);
-
-    /* --max-per-ip: where the address is already known (no PROXY header to
-     * wait for), count it now, before the client can hold a slot. */
-    struct per_ip *per_ip = NULL;
-    bool over_limit = false;
-    if (state.settings->max_per_ip > 0 && !spec->accept_proxy) {
-        per_ip = per_ip_take(&addresses.source);
-        over_limit = per_ip == NULL;
-    }
-
-    if (!listener_needs_conversation(spec)) {
-        if (over_limit) {
-            counter_add(COUNTER_REJECTED_PER_IP, 1);
-            close(client_fd);
-            connection_ended(listener);
-            return;
-        }
-        relay_adopt(listener, client_fd, NULL,
-                    spec->media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS,
-                    &addresses, NULL, 0, per_ip);
+    struct conversation *conversation = xcalloc(1, sizeof *conversation);
+    conversation->client_fd = client_fd;
+    conversation->listener = listener;
+    if (!client_prepare(listener, client_fd, peer, &conversation->addresses,
+                        &conversation->per_ip)) {
+        free(conversation);
+        conversation_slot_release();
         return;
     }
 
     /* Every queued conversation needs a worker of its own: an idle one that
      * no earlier conversation has claimed yet, or a new one. */
-    struct conversation *conversation = xcalloc(1, sizeof *conversation);
-    conversation->client_fd = client_fd;
-    conversation->listener = listener;
-    conversation->addresses = addresses;
-    conversation->per_ip = per_ip;
     pthread_mutex_lock(&state.conversation_lock);
-    bool served = !over_limit &&
-                  (state.queue_length + 1 <= state.workers_idle ||
-                   conversation_worker_add() || state.workers_now > 0);
+    bool served = state.queue_length + 1 <= state.workers_idle ||
+                  conversation_worker_add() || state.workers_now > 0;
     if (served) {
         if (state.queue_last != NULL)
             state.queue_last->next = conversation;
@@ -3104,10 +3174,8 @@ static void conversation_start(struct listener *listener, int client_fd,
     }
     pthread_mutex_unlock(&state.conversation_lock);
     if (!served) {
-        if (over_limit)
-            counter_add(COUNTER_REJECTED_PER_IP, 1);
         close(client_fd);
-        per_ip_release(per_ip);
+        per_ip_release(conversation->per_ip);
         connection_ended(listener);
         free(conversation);
         conversation_slot_release();
@@ -3252,6 +3320,8 @@ struct relay_thread {
     bool stop;                    /* close everything and end */
 
     /* Owned by the thread alone: */
+    struct relay_side listening[MAX_LISTENERS]; /* see relay_accept() */
+    long long accept_rested_until_ms; /* 0, or resting (ACCEPT_PAUSE_MS) */
     struct pair_list connecting_pairs; /* timed by --timeout-connect */
     struct pair_list open_pairs;    /* timed by --timeout-idle */
     struct pair_list closing_pairs; /* half-closed, timed by --timeout-fin */
@@ -3285,6 +3355,49 @@ static void pair_list_remove(struct relay_pair *pair)
         list->oldest = pair->newer;
     pair->list = NULL;
     pair->newer = pair->older = NULL;
+}
+
+/* Makes the pair for a client of listener, to be connected to
+ * destination: the arguments are those of relay_adopt() (section 9). */
+static struct relay_pair *pair_new(struct listener *listener, int client_fd,
+                                   SSL *tls, enum destination destination,
+                                   const struct proxy_addresses *addresses,
+                                   const uint8_t *first, size_t first_length,
+                                   struct per_ip *per_ip)
+{
+    struct relay_pair *pair = xcalloc(1, sizeof *pair);
+    pair->listener = listener;
+    pair->per_ip = per_ip;
+    pair->client = (struct relay_side){.fd = client_fd, .tls = tls,
+                                       .pair = pair};
+    pair->upstream = (struct relay_side){.fd = -1, .pair = pair};
+    pair->connecting = xcalloc(1, sizeof *pair->connecting);
+    pair->connecting->destination = destination;
+    pair->connecting->addresses = *addresses;
+    if (destination == TO_CHAT_SERVERS)
+        upstream_attempts_begin(&pair->connecting->attempts,
+                                state.chat_upstreams,
+                                state.settings->chat_upstream_count);
+    else
+        upstream_attempts_begin(&pair->connecting->attempts,
+                                destination == TO_DECOY ? state.decoy_upstream
+                                                        : state.media_upstream,
+                                1);
+    pair->to_upstream = (struct relay_flow){
+        .from = &pair->client, .to = &pair->upstream,
+        .byte_counter = COUNTER_BYTES_FROM_CLIENTS};
+    pair->to_client = (struct relay_flow){
+        .from = &pair->upstream, .to = &pair->client,
+        .byte_counter = COUNTER_BYTES_TO_CLIENTS};
+    if (first_length > 0) {
+        /* Bytes read to choose the server go first, as if left over. */
+        pair->to_upstream.pending = xmalloc(first_length);
+        memcpy(pair->to_upstream.pending, first, first_length);
+        pair->to_upstream.pending_length = first_length;
+        counter_add(COUNTER_BYTES_FROM_CLIENTS, first_length);
+    }
+
+    return pair;
 }
 
 /* Moves pair to the front of list, as active at now. */
@@ -3588,19 +3701,22 @@ static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
 }
 
 /* Starts connecting pair to the next server worth trying, and watches the
- * new socket until it turns writable. With no server left, counts the
- * client as unreachable and closes the pair. */
-static void relay_connect_next(struct relay_thread *thread,
+ * new socket until it turns writable. With no server left (or no socket to
+ * be had), counts the client as unreachable, closes the pair and returns
+ * false with errno saying why. */
+static bool relay_connect_next(struct relay_thread *thread,
                                struct relay_pair *pair, long long now)
 {
     struct relay_connecting *connecting = pair->connecting;
     int fd = upstream_attempt_next(&connecting->attempts);
     if (fd < 0) {
+        int failure = errno;
         counter_add(COUNTER_UPSTREAM_UNREACHABLE, 1);
         client_log(pair->listener, &connecting->addresses, LOG_WARN,
                    "no server reachable; closing it");
         relay_close(thread, pair);
-        return;
+        errno = failure;
+        return false;
     }
     pair->upstream.fd = fd;
     pair->upstream.watched_events = EPOLLOUT;
@@ -3608,6 +3724,7 @@ static void relay_connect_next(struct relay_thread *thread,
     struct epoll_event event = {.events = EPOLLOUT, .data.ptr = &pair->upstream};
     epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, fd, &event);
     pair_list_move(&thread->connecting_pairs, pair, now);
+    return true;
 }
 
 /* The connect of pair's upstream failed (and was recorded): closes that
@@ -3657,11 +3774,90 @@ static void relay_connected(struct relay_thread *thread,
         relay_service(thread, pair, now);
 }
 
+/* Accepting. The clients of plain ports say nothing before their bytes
+ * (section 9), so the relay threads accept them themselves: each thread
+ * watches those listening sockets in its own epoll loop, and the first
+ * thread to wake takes the client, connects it and relays it, with no
+ * hand-over to another thread. EPOLLEXCLUSIVE asks the kernel to wake one
+ * of the waiting threads for a new client instead of all of them. A
+ * listener is in thread->listening[] at the same index as in
+ * state.listeners[]; a relay_side without a pair is a listening socket. */
+
+/* Starts (watch true) or stops watching this thread's listening sockets. */
+static void relay_watch_listeners(struct relay_thread *thread, bool watch)
+{
+    for (size_t i = 0; i < state.listener_count; i++) {
+        struct relay_side *listening = &thread->listening[i];
+        if (listening->fd < 0)
+            continue;
+        struct epoll_event event = {.events = EPOLLIN | EPOLLEXCLUSIVE,
+                                    .data.ptr = listening};
+        epoll_ctl(thread->epoll_fd, watch ? EPOLL_CTL_ADD : EPOLL_CTL_DEL,
+                  listening->fd, &event);
+    }
+}
+
+/* Rests from accepting for ACCEPT_PAUSE_MS: the process is out of
+ * descriptors (error_number), and a waiting client would wake the thread
+ * again and again. relay_accept_rest() ends the rest. */
+static void relay_accept_pause(struct relay_thread *thread, int error_number,
+                               long long now)
+{
+    accept_pause_warn(error_number);
+    relay_watch_listeners(thread, false);
+    thread->accept_rested_until_ms = now + ACCEPT_PAUSE_MS;
+}
+
+/* Accepts up to ACCEPT_BATCH waiting clients of one listening socket and
+ * starts connecting each. Out of descriptors, for the client or for its
+ * upstream, the thread rests from accepting (the clients still waiting
+ * stay in the kernel's queue); a socket shut at stop is watched no more. */
+static void relay_accept(struct relay_thread *thread,
+                         struct relay_side *listening, long long now)
+{
+    struct listener *listener =
+        &state.listeners[listening - thread->listening];
+    for (int i = 0; i < ACCEPT_BATCH; i++) {
+        int fd;
+        struct sockaddr_storage peer;
+        enum accept_result result = client_accept(listener, &fd, &peer);
+        if (result == NONE_WAITING)
+            return;
+        if (result == OUT_OF_FILES) {
+            relay_accept_pause(thread, errno, now);
+            return;
+        }
+        if (result == LISTENER_SHUT) {
+            epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, listening->fd, NULL);
+            listening->fd = -1;
+            return;
+        }
+        struct proxy_addresses addresses;
+        struct per_ip *per_ip;
+        if (result == REFUSED ||
+            !client_prepare(listener, fd, &peer, &addresses, &per_ip))
+            continue;
+        struct relay_pair *pair =
+            pair_new(listener, fd, NULL,
+                     listener->spec.media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS,
+                     &addresses, NULL, 0, per_ip);
+        if (!relay_connect_next(thread, pair, now) &&
+            out_of_descriptors(errno)) {
+            relay_accept_pause(thread, errno, now);
+            return;
+        }
+    }
+}
+
 /* Handles epoll's report of events on side. */
 static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
                            uint32_t events, long long now)
 {
     struct relay_pair *pair = side->pair;
+    if (pair == NULL) {
+        relay_accept(thread, side, now);
+        return;
+    }
     if (pair->closed)
         return; /* closed earlier in this batch */
     if (pair->connecting != NULL) { /* only the upstream is watched */
@@ -3776,6 +3972,20 @@ static void relay_free_closed(struct relay_thread *thread)
     }
 }
 
+/* Watches the listening sockets again once a rest from accepting (see
+ * relay_accept()) is over. Returns how many milliseconds the rest still
+ * lasts, or -1 if the thread is not resting. */
+static int relay_accept_rest(struct relay_thread *thread, long long now)
+{
+    if (thread->accept_rested_until_ms == 0)
+        return -1;
+    if (now < thread->accept_rested_until_ms)
+        return (int)(thread->accept_rested_until_ms - now);
+    thread->accept_rested_until_ms = 0;
+    relay_watch_listeners(thread, true);
+    return -1;
+}
+
 /* The body of a relay thread: wait for events, serve them, expire idle
  * pairs; at stop, close every pair. */
 static void *relay_thread_run(void *argument)
@@ -3785,7 +3995,9 @@ static void *relay_thread_run(void *argument)
     bool stop = false;
 
     while (!stop) {
-        int sleep_ms = relay_expire(thread, now_ms());
+        long long before = now_ms();
+        int sleep_ms = wait_earlier(relay_expire(thread, before),
+                                    relay_accept_rest(thread, before));
         int ready = epoll_wait(thread->epoll_fd, events, ARRAY_LENGTH(events),
                                sleep_ms);
         long long now = now_ms();
@@ -3817,38 +4029,9 @@ static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
                         const uint8_t *first, size_t first_length,
                         struct per_ip *per_ip)
 {
-    struct relay_pair *pair = xcalloc(1, sizeof *pair);
-    pair->listener = listener;
-    pair->per_ip = per_ip;
-    pair->client = (struct relay_side){.fd = client_fd, .tls = tls,
-                                       .pair = pair};
-    pair->upstream = (struct relay_side){.fd = -1, .pair = pair};
-    pair->connecting = xcalloc(1, sizeof *pair->connecting);
-    pair->connecting->destination = destination;
-    pair->connecting->addresses = *addresses;
-    if (destination == TO_CHAT_SERVERS)
-        upstream_attempts_begin(&pair->connecting->attempts,
-                                state.chat_upstreams,
-                                state.settings->chat_upstream_count);
-    else
-        upstream_attempts_begin(&pair->connecting->attempts,
-                                destination == TO_DECOY ? state.decoy_upstream
-                                                        : state.media_upstream,
-                                1);
-    pair->to_upstream = (struct relay_flow){
-        .from = &pair->client, .to = &pair->upstream,
-        .byte_counter = COUNTER_BYTES_FROM_CLIENTS};
-    pair->to_client = (struct relay_flow){
-        .from = &pair->upstream, .to = &pair->client,
-        .byte_counter = COUNTER_BYTES_TO_CLIENTS};
-    if (first_length > 0) {
-        /* Bytes read to choose the server go first, as if left over. */
-        pair->to_upstream.pending = xmalloc(first_length);
-        memcpy(pair->to_upstream.pending, first, first_length);
-        pair->to_upstream.pending_length = first_length;
-        counter_add(COUNTER_BYTES_FROM_CLIENTS, first_length);
-    }
-
+    struct relay_pair *pair = pair_new(listener, client_fd, tls, destination,
+                                       addresses, first, first_length,
+                                       per_ip);
     unsigned which = atomic_fetch_add(&state.next_relay_thread, 1) %
                      state.relay_thread_count;
     struct relay_thread *thread = &state.relay_threads[which];
@@ -4510,8 +4693,10 @@ static void *stats_run(void *unused)
  * line before any client is served; proxy_run() is the acceptor loop, which
  * the main thread runs until a stop is requested, and then the orderly end:
  *
- *   1. stop accepting and close the listening sockets: new clients are
- *      refused at once, so their apps move on to another proxy;
+ *   1. stop accepting and shut the listening sockets (shutdown()): new
+ *      clients are refused at once, so their apps move on to another
+ *      proxy. They are closed in step 5, when no relay thread can be
+ *      accepting on them any more;
  *   2. let the connections in flight end by themselves, for up to --grace
  *      seconds (30): a chat connection usually lasts longer, but a transfer
  *      under way gets to finish;
@@ -4521,12 +4706,13 @@ static void *stats_run(void *unused)
  *   4. tell every relay thread to close what is left, and join them;
  *   5. free everything, so that proxy_open() can run again (the tests do).
  *
- * The acceptor watches the listeners and acceptor_wake_fd with one epoll.
- * It stops watching a listener (and so stops accepting there) while no
- * conversation slot is free for its clients, or for a moment when the
- * process runs out of file descriptors: otherwise a listener with waiting
- * clients would wake it again and again in a busy loop. Signals only set a flag and write
- * acceptor_wake_fd; the acceptor does the work (a stop, or a certificate
+ * The acceptor watches the listeners of conversations (TLS and PROXY
+ * ports, and every chat port with --decoy; the relay threads accept on the
+ * others) and acceptor_wake_fd with one epoll. It stops watching them (and
+ * so stops accepting there) while no conversation slot is free, or for a
+ * moment when the process runs out of file descriptors: otherwise a
+ * listener with waiting clients would wake it again and again in a busy
+ * loop. Signals only set a flag and write acceptor_wake_fd; the acceptor does the work (a stop, or a certificate
  * reload) outside the signal handler, where anything may be called.
  *
  * Privileges. Ports below 1024 and the key files need root, so the proxy
@@ -4539,17 +4725,6 @@ static void *stats_run(void *unused)
  * right to bind low ports. Note that after dropping privileges a SIGHUP can
  * only reload certificate files that user may read.
  */
-
-/* How long the acceptor rests when accept() fails for lack of descriptors
- * or memory: long enough not to spin, short enough to resume quickly. */
-#define ACCEPT_PAUSE_MS 100
-
-/* While accept() keeps failing, say so at most this often in the log. */
-#define ACCEPT_WARNING_EVERY_MS 10000
-
-/* Accepts at most this many clients per listener per wake-up, so that one
- * busy listener cannot starve the others. */
-#define ACCEPT_BATCH 64
 
 /* Raises the soft open-file limit to the hard one: every connection needs
  * two descriptors (client and upstream). Warns if that is below maxconn. */
@@ -4612,6 +4787,14 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
                                  "cannot start relay thread %u: %s", i,
                                  strerror(errno));
         }
+        /* The plain ports: every relay thread accepts there (section 10). */
+        for (size_t l = 0; l < state.listener_count; l++) {
+            const struct listener *listener = &state.listeners[l];
+            thread->listening[l] = (struct relay_side){
+                .fd = listener_needs_conversation(&listener->spec)
+                          ? -1 : listener->fd};
+        }
+        relay_watch_listeners(thread, true);
         int failure = pthread_create(&thread->thread, NULL, relay_thread_run,
                                      thread);
         if (failure != 0) {
@@ -4820,54 +5003,41 @@ failed:
     return -1;
 }
 
-/* Tells epoll which listeners to watch: none while resting after a failed
- * accept, and while every conversation slot is taken, only those whose
- * clients need no conversation. */
-static void acceptor_watch_listeners(int epoll_fd, bool rested,
-                                     bool slot_free)
+/* Tells epoll which listeners of conversations to watch: none while
+ * resting after a failed accept, or while every conversation slot is
+ * taken. (The relay threads accept on the others: section 10.) */
+static void acceptor_watch_listeners(int epoll_fd, bool watch)
 {
     for (size_t i = 0; i < state.listener_count; i++) {
-        bool watch = rested && (slot_free || !listener_needs_conversation(
-                                                 &state.listeners[i].spec));
+        if (!listener_needs_conversation(&state.listeners[i].spec))
+            continue;
         struct epoll_event event = {.events = watch ? EPOLLIN : 0,
                                     .data.u64 = i};
         epoll_ctl(epoll_fd, EPOLL_CTL_MOD, state.listeners[i].fd, &event);
     }
 }
 
-/* Accepts up to ACCEPT_BATCH waiting clients of listener (each taking a
- * conversation slot, if its clients need one). Returns false, with errno
- * set, when accept() ran out of descriptors or memory, so that the caller
- * pauses. */
+/* Accepts up to ACCEPT_BATCH waiting clients of listener, each taking a
+ * conversation slot. Returns false, with errno set, when accept() ran out
+ * of descriptors or memory, so that the caller rests. */
 static bool acceptor_accept(struct listener *listener)
 {
-    bool needs_slot = listener_needs_conversation(&listener->spec);
-    for (int i = 0; i < ACCEPT_BATCH && (!needs_slot || conversation_slot_take());
-         i++) {
+    for (int i = 0; i < ACCEPT_BATCH && conversation_slot_take(); i++) {
+        int fd;
         struct sockaddr_storage peer;
-        socklen_t length = sizeof peer;
-        int fd = accept4(listener->fd, (struct sockaddr *)&peer, &length,
-                         SOCK_NONBLOCK | SOCK_CLOEXEC);
-        if (fd < 0) {
-            int failure = errno;
-            if (needs_slot)
-                conversation_slot_release();
-            if (failure == EMFILE || failure == ENFILE ||
-                failure == ENOBUFS || failure == ENOMEM) {
-                errno = failure;
-                return false;
-            }
-            if (failure == EAGAIN || failure == EINTR)
-                return true;
-            continue; /* ECONNABORTED and the like: that client is gone */
-        }
-        if (!connection_admit(listener)) {
-            close(fd);
-            if (needs_slot)
-                conversation_slot_release();
+        enum accept_result result = client_accept(listener, &fd, &peer);
+        if (result == ACCEPTED) {
+            conversation_start(listener, fd, &peer);
             continue;
         }
-        conversation_start(listener, fd, &peer);
+        int failure = errno;
+        conversation_slot_release();
+        if (result == OUT_OF_FILES) {
+            errno = failure;
+            return false;
+        }
+        if (result != REFUSED)
+            return true;
     }
     return true;
 }
@@ -4881,22 +5051,22 @@ static void acceptor_run(void)
     struct epoll_event wake = {.events = EPOLLIN, .data.u64 = SIZE_MAX};
     epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.acceptor_wake_fd, &wake);
     for (size_t i = 0; i < state.listener_count; i++) {
+        if (!listener_needs_conversation(&state.listeners[i].spec))
+            continue;
         struct epoll_event event = {.events = EPOLLIN, .data.u64 = i};
         epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.listeners[i].fd, &event);
     }
 
-    bool was_rested = true, had_slot_free = true; /* what epoll watches */
+    bool watching = true;
     long long paused_until_ms = 0;
-    long long warned_ms = LLONG_MIN / 2; /* the last "cannot accept" */
     while (!stop_requested) {
         if (atomic_exchange(&state.reload_requested, 0))
             tls_reload();
         bool rested = now_ms() >= paused_until_ms;
-        bool slot_free = conversation_slot_free();
-        if (rested != was_rested || slot_free != had_slot_free) {
-            was_rested = rested;
-            had_slot_free = slot_free;
-            acceptor_watch_listeners(epoll_fd, rested, slot_free);
+        bool accepting = rested && conversation_slot_free();
+        if (watching != accepting) {
+            watching = accepting;
+            acceptor_watch_listeners(epoll_fd, watching);
         }
         int sleep_ms = rested ? -1 : (int)(paused_until_ms - now_ms()) + 1;
         struct epoll_event events[16];
@@ -4908,14 +5078,8 @@ static void acceptor_run(void)
                 eventfd_t ignored;
                 eventfd_read(state.acceptor_wake_fd, &ignored);
             } else if (!acceptor_accept(&state.listeners[which])) {
+                accept_pause_warn(errno);
                 paused_until_ms = now_ms() + ACCEPT_PAUSE_MS;
-                if (paused_until_ms - warned_ms > ACCEPT_WARNING_EVERY_MS) {
-                    warned_ms = paused_until_ms;
-                    log_line(LOG_WARN, "cannot accept new clients: %s; "
-                             "trying again every %d ms (raise the open-file "
-                             "limit, or lower --maxconn)", strerror(errno),
-                             ACCEPT_PAUSE_MS);
-                }
             }
         }
     }
@@ -4949,10 +5113,8 @@ void proxy_run(void)
 {
     acceptor_run();
 
-    for (size_t i = 0; i < state.listener_count; i++) {      /* step 1 */
-        close(state.listeners[i].fd);
-        state.listeners[i].fd = -1;
-    }
+    for (size_t i = 0; i < state.listener_count; i++)        /* step 1 */
+        shutdown(state.listeners[i].fd, SHUT_RDWR);
     unsigned open_now = proxy_connections_now();
     if (open_now > 0)
         log_line(LOG_INFO, "stopping: no new clients; waiting up to %.0f s "
