@@ -66,17 +66,18 @@
  * One connection's life
  * ---------------------
  *
- *   1. The acceptor (the main thread, section 13) accepts the client, and
- *      the admission rules (section 8) decide: over --maxconn it is closed
- *      at once.
+ *   1. The client is accepted, and the admission rules (section 8)
+ *      decide: over --maxconn it is closed at once. A relay thread accepts
+ *      the clients of plain ports; the acceptor (the main thread, section
+ *      13) those of TLS and PROXY ports.
  *   2. If the client says something before its bytes can be relayed (a
  *      PROXY header, a TLS handshake, its first bytes when there is a decoy
  *      to choose), a conversation worker (section 9) reads it as plain
  *      blocking code, checks --max-per-ip and chooses WhatsApp or the
  *      decoy. A client of a plain port skips this step.
- *   3. A relay thread (section 10) takes the client, connects to the
- *      upstream, sends the PROXY header there, and moves bytes both ways
- *      until both sides close, or the connection is idle for too long.
+ *   3. A relay thread (section 10) connects the client to the upstream,
+ *      sends the PROXY header there, and moves bytes both ways until both
+ *      sides close, or the connection is idle for too long.
  *
  * Why two kinds of threads? A WhatsApp chat connection is idle nearly all the
  * time: a phone keeps it open for hours and sends a few bytes now and then.
@@ -91,10 +92,11 @@
  * connection (HAProxy's reference configuration: 3.5 KiB) and 14 KiB per
  * idle TLS connection, nearly all of it OpenSSL's state for that client.
  *
- * The threads, all told: the main thread accepts (section 13); conversation
- * workers, as many as clients in their first steps, up to 1,024 (9); one
- * relay thread per CPU (10); one health-check thread (6); one statistics
- * thread (12).
+ * The threads, all told: the main thread accepts on TLS and PROXY ports
+ * (section 13); conversation workers, as many as clients in their first
+ * steps, up to 1,024 (9); one relay thread per CPU, which also accept on
+ * plain ports (10); one health-check thread (6); one statistics thread
+ * (12).
  *
  * Error policy: problems at startup stop the program with one line that
  * names the flag, port or file and the fix (exit 2). Problems with one
@@ -297,7 +299,8 @@ static const struct listener_spec DEFAULT_LISTENERS[] = {
  * stop_requested flag below it, which a signal handler writes.
  *
  * Which thread owns what:
- *   - the acceptor (main thread) owns the listening sockets;
+ *   - the acceptor (main thread) opens and closes the listening sockets;
+ *     it accepts on TLS and PROXY ports, the relay threads on the others;
  *   - a conversation worker owns its client until it hands it to a relay
  *     thread;
  *   - a relay thread owns every connection in its epoll loop;
@@ -3216,7 +3219,7 @@ static void conversation_start(struct listener *listener, int client_fd,
  * that no socket event will announce (SSL_has_pending()), so a flow keeps
  * reading while they are there.
  *
- * Connecting. A pair arrives with only its client side; the relay thread
+ * Connecting. A pair starts with only its client side; the relay thread
  * starts a non-blocking connect to its upstream (section 6) and lets epoll
  * say when the socket turns writable, which is when the connect has worked
  * or failed. Meanwhile the pair waits in a third list, timed by
@@ -3237,8 +3240,10 @@ static void conversation_start(struct listener *listener, int client_fd,
  * means walking through the live ones.
  *
  * Ownership: a pair belongs to exactly one relay thread, and only that
- * thread touches it or its SSL object. New pairs arrive through the thread's
- * inbox (a list under a mutex) and an eventfd that wakes its epoll_wait().
+ * thread touches it or its SSL object. A pair is born in the thread when
+ * the thread accepts a client of a plain port itself (see relay_accept()),
+ * or arrives from a conversation through the thread's inbox (a list under
+ * a mutex) and an eventfd that wakes its epoll_wait().
  */
 
 /* What a flow is doing. */
