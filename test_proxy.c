@@ -3159,6 +3159,39 @@ START_TEST(test_server_that_never_reads_stalls_only_its_client)
 }
 END_TEST
 
+/* A relay thread waits for upstream connects in its epoll loop: with one
+ * relay thread, a client whose server never answers the connect waits,
+ * and a client of another port of the same thread is relayed meanwhile. */
+START_TEST(test_a_hanging_connect_holds_up_no_other_client)
+{
+    struct silent_server silent;
+    silent_server_start(&silent);
+    struct fake_upstream *media = fake_upstream_start(UPSTREAM_ECHO, false);
+    char connect_seconds[16];
+    snprintf(connect_seconds, sizeof connect_seconds, "%d", 10 * time_scale);
+    proxy_start("--threads", "1", "--timeout-connect", connect_seconds,
+                "--listen", "127.0.0.1:0", "--listen", "127.0.0.1:0/media",
+                "--upstream", address_text("127.0.0.1:%u", silent.port),
+                "--media-upstream", address_text("127.0.0.1:%u", media->port),
+                NULL);
+    int hanging = connect_local(proxy_listener_port(0));
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, 1,
+                                  PROMPTLY_MS),
+                  "the client of the silent server is taken in");
+    int other = connect_local(proxy_listener_port(1));
+    for (int i = 0; i < 5; i++)
+        expect_echo(other, "not held up");
+    ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) == 0 &&
+                      proxy_counter(COUNTER_CONNECTIONS_RELAYED) == 1,
+                  "the other connect is still under way meanwhile");
+    close(hanging);
+    close(other);
+    proxy_stop();
+    fake_upstream_stop(media);
+    silent_server_stop(&silent);
+}
+END_TEST
+
 /* A client that stops reading (or has vanished: on loopback we cannot cut
  * the wire, but to the proxy both look the same, bytes that nobody takes)
  * is closed at the idle timeout; the others flow on. */
@@ -3677,6 +3710,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_two_thousand_connections_at_once_all_echo);
     tcase_add_test(t, test_upstream_reset_mid_transfer_closes_only_that_client);
     tcase_add_test(t, test_server_that_never_reads_stalls_only_its_client);
+    tcase_add_test(t, test_a_hanging_connect_holds_up_no_other_client);
     tcase_add_test(t, test_client_that_stops_reading_is_closed_at_idle_timeout);
     suite_add_tcase(suite, t);
 
