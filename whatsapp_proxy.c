@@ -4818,6 +4818,9 @@ static int privileges_drop(const char *user, char *error, size_t error_size)
 /* Starts the relay threads. Returns 0, or -1 with one line in error. */
 static int relay_threads_start(unsigned count, char *error, size_t error_size)
 {
+    /* First every thread's state, then the threads: a relay thread that
+     * accepts a client may hand it to any other (relay_thread_choose()),
+     * so all of them must be complete before the first one runs. */
     state.relay_threads = xcalloc(count, sizeof *state.relay_threads);
     for (unsigned i = 0; i < count; i++) {
         struct relay_thread *thread = &state.relay_threads[i];
@@ -4829,12 +4832,10 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
         struct epoll_event wake = {.events = EPOLLIN, .data.ptr = NULL};
         if (thread->epoll_fd < 0 || thread->wake_fd < 0 ||
             epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, thread->wake_fd,
-                      &wake) < 0) {
-            thread->thread = 0;
+                      &wake) < 0)
             return parse_failure(error, error_size,
                                  "cannot start relay thread %u: %s", i,
                                  strerror(errno));
-        }
         /* The plain ports: every relay thread accepts there (section 10). */
         for (size_t l = 0; l < state.listener_count; l++) {
             const struct listener *listener = &state.listeners[l];
@@ -4843,6 +4844,9 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
                           ? -1 : listener->fd};
         }
         relay_watch_listeners(thread, true);
+    }
+    for (unsigned i = 0; i < count; i++) {
+        struct relay_thread *thread = &state.relay_threads[i];
         int failure = pthread_create(&thread->thread, NULL, relay_thread_run,
                                      thread);
         if (failure != 0) {
@@ -4870,6 +4874,14 @@ static void relay_threads_stop(void)
         struct relay_thread *thread = &state.relay_threads[i];
         if (thread->thread != 0)
             pthread_join(thread->thread, NULL);
+        /* A thread that never ran (its start failed) may have been handed
+         * pairs by one that did. */
+        while (thread->inbox != NULL) {
+            struct relay_pair *pair = thread->inbox;
+            thread->inbox = pair->older;
+            relay_close(thread, pair);
+        }
+        relay_free_closed(thread);
         close(thread->epoll_fd);
         close(thread->wake_fd);
         free(thread->scratch);
