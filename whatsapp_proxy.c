@@ -119,7 +119,6 @@
 #include <poll.h>
 #include <pwd.h>
 #include <pthread.h>
-#include <semaphore.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdatomic.h>
@@ -331,7 +330,6 @@ static struct proxy_state {
      * acceptor, the only thread that replaces it, reads it without. */
     pthread_mutex_t tls_lock;
     SSL_CTX *tls_context;            /* NULL when no listener is TLS */
-    sem_t handshake_turns;           /* one per CPU: see tls_accept() */
 
     /* Atomics: any thread may change them without a lock. */
     atomic_int log_level;            /* an enum log_level */
@@ -1897,15 +1895,7 @@ static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
         return STEP_FAILED;
     }
     for (;;) {
-        /* The handshake's cryptography runs inside SSL_accept(), and
-         * more of it at once than there are CPUs only makes each slower:
-         * at most one per CPU at a time (handshake_turns), so that a burst
-         * of TLS clients is served in turn, not all slowly at once. A call
-         * never waits for the network: the socket is non-blocking. */
-        while (sem_wait(&state.handshake_turns) != 0 && errno == EINTR)
-            continue;
         int returned = SSL_accept(tls);
-        sem_post(&state.handshake_turns);
         if (returned == 1) {
             *out = tls;
             return STEP_DONE;
@@ -4929,7 +4919,6 @@ static void proxy_free(void)
     state.abort_fd = state.acceptor_wake_fd = -1;
     pthread_cond_destroy(&state.ended);
     pthread_cond_destroy(&state.work_waiting);
-    sem_destroy(&state.handshake_turns);
 }
 
 /* Makes the upstream list from the settings; every server starts in
@@ -5014,8 +5003,6 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     pthread_cond_init(&state.ended, &attributes);
     pthread_cond_init(&state.work_waiting, &attributes);
     pthread_condattr_destroy(&attributes);
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    sem_init(&state.handshake_turns, 0, cpus > 0 ? (unsigned)cpus : 1);
 
     state.abort_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     state.acceptor_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -5046,6 +5033,7 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     }
 
     descriptor_limit_raise(settings->maxconn);
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     unsigned threads = settings->relay_threads
                            ? settings->relay_threads
                            : (unsigned)(cpus > 0 ? cpus : 1);
