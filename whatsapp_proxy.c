@@ -336,6 +336,7 @@ static struct proxy_state {
     atomic_int reload_requested;     /* set by SIGHUP, cleared by acceptor */
     atomic_ullong counters[COUNTER_COUNT];
     atomic_uint connections_now;     /* compared with settings->maxconn */
+    atomic_llong accept_rest_until_ms; /* see accept_rest_begin() */
     atomic_uint next_chat_upstream;  /* round-robin over the chat pool */
 
     /* Guarded by upstream_lock: the resolved addresses of the servers. */
@@ -2653,18 +2654,31 @@ static enum accept_result client_accept(struct listener *listener, int *fd,
     return ACCEPTED;
 }
 
-/* Logs that accepting rests for lack of descriptors (error_number says
- * which), at most every ACCEPT_WARNING_EVERY_MS whichever thread asks. */
-static void accept_pause_warn(int error_number)
+/* Begins a rest of ACCEPT_PAUSE_MS from accepting, for every thread that
+ * accepts: the process has run out of descriptors (error_number says
+ * which; a client's socket or its upstream's could not be made), and a
+ * waiting client would wake them again and again. The clients wait in the
+ * kernel's queue meanwhile. Logs it, at most every ACCEPT_WARNING_EVERY_MS
+ * whichever thread asks. */
+static void accept_rest_begin(int error_number)
 {
     static atomic_llong warned_ms = LLONG_MIN / 2;
     long long now = now_ms();
+    atomic_store(&state.accept_rest_until_ms, now + ACCEPT_PAUSE_MS);
     long long last = atomic_load(&warned_ms);
     if (now - last > ACCEPT_WARNING_EVERY_MS &&
         atomic_compare_exchange_strong(&warned_ms, &last, now))
         log_line(LOG_WARN, "cannot accept new clients: %s; trying again "
                  "every %d ms (raise the open-file limit, or lower "
                  "--maxconn)", strerror(error_number), ACCEPT_PAUSE_MS);
+}
+
+/* Returns how many milliseconds the rest from accepting still lasts, or 0
+ * if there is none. */
+static int accept_rest_left(long long now)
+{
+    long long until = atomic_load(&state.accept_rest_until_ms);
+    return now < until ? (int)(until - now) : 0;
 }
 
 /* ==== 9. Conversation ==== */
@@ -3329,7 +3343,7 @@ struct relay_thread {
 
     /* Owned by the thread alone: */
     struct relay_side listening[MAX_LISTENERS]; /* see relay_accept() */
-    long long accept_rested_until_ms; /* 0, or resting (ACCEPT_PAUSE_MS) */
+    bool listeners_watched;       /* false during a rest from accepting */
     struct pair_list connecting_pairs; /* timed by --timeout-connect */
     struct pair_list open_pairs;    /* timed by --timeout-idle */
     struct pair_list closing_pairs; /* half-closed, timed by --timeout-fin */
@@ -3853,34 +3867,23 @@ static void relay_watch_listeners(struct relay_thread *thread, bool watch)
     }
 }
 
-/* Rests from accepting for ACCEPT_PAUSE_MS: the process is out of
- * descriptors (error_number), and a waiting client would wake the thread
- * again and again. relay_accept_rest() ends the rest. */
-static void relay_accept_pause(struct relay_thread *thread, int error_number,
-                               long long now)
-{
-    accept_pause_warn(error_number);
-    relay_watch_listeners(thread, false);
-    thread->accept_rested_until_ms = now + ACCEPT_PAUSE_MS;
-}
-
 /* Accepts up to ACCEPT_BATCH waiting clients of one listening socket and
  * starts connecting each. Out of descriptors, for the client or for its
- * upstream, the thread rests from accepting (the clients still waiting
- * stay in the kernel's queue); a socket shut at stop is watched no more. */
+ * upstream, accepting rests (section 8); a socket shut at stop is watched
+ * no more. */
 static void relay_accept(struct relay_thread *thread,
                          struct relay_side *listening, long long now)
 {
     struct listener *listener =
         &state.listeners[listening - thread->listening];
-    for (int i = 0; i < ACCEPT_BATCH; i++) {
+    for (int i = 0; i < ACCEPT_BATCH && accept_rest_left(now) == 0; i++) {
         int fd;
         struct sockaddr_storage peer;
         enum accept_result result = client_accept(listener, &fd, &peer);
         if (result == NONE_WAITING)
             return;
         if (result == OUT_OF_FILES) {
-            relay_accept_pause(thread, errno, now);
+            accept_rest_begin(errno);
             return;
         }
         if (result == LISTENER_SHUT) {
@@ -3901,8 +3904,8 @@ static void relay_accept(struct relay_thread *thread,
         if (chosen != thread)
             relay_inbox_push(chosen, pair);
         else if (!relay_connect_next(thread, pair, now) &&
-            out_of_descriptors(errno)) {
-            relay_accept_pause(thread, errno, now);
+                 out_of_descriptors(errno)) {
+            accept_rest_begin(errno);
             return;
         }
     }
@@ -4016,7 +4019,9 @@ static bool relay_take_inbox(struct relay_thread *thread, long long now)
         struct relay_pair *pair = arrived;
         arrived = pair->older;
         pair->older = NULL;
-        relay_connect_next(thread, pair, now);
+        if (!relay_connect_next(thread, pair, now) &&
+            out_of_descriptors(errno))
+            accept_rest_begin(errno);
     }
     return stop;
 }
@@ -4031,18 +4036,18 @@ static void relay_free_closed(struct relay_thread *thread)
     }
 }
 
-/* Watches the listening sockets again once a rest from accepting (see
- * relay_accept()) is over. Returns how many milliseconds the rest still
- * lasts, or -1 if the thread is not resting. */
+/* Stops watching the listening sockets while a rest from accepting lasts
+ * (section 8), and watches them again after it. Returns how many
+ * milliseconds the rest still lasts, or -1 if there is none. */
 static int relay_accept_rest(struct relay_thread *thread, long long now)
 {
-    if (thread->accept_rested_until_ms == 0)
-        return -1;
-    if (now < thread->accept_rested_until_ms)
-        return (int)(thread->accept_rested_until_ms - now);
-    thread->accept_rested_until_ms = 0;
-    relay_watch_listeners(thread, true);
-    return -1;
+    int left = accept_rest_left(now);
+    bool watch = left == 0;
+    if (watch != thread->listeners_watched) {
+        relay_watch_listeners(thread, watch);
+        thread->listeners_watched = watch;
+    }
+    return watch ? -1 : left;
 }
 
 /* The body of a relay thread: wait for events, serve them, expire idle
@@ -4844,6 +4849,7 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
                           ? -1 : listener->fd};
         }
         relay_watch_listeners(thread, true);
+        thread->listeners_watched = true;
     }
     for (unsigned i = 0; i < count; i++) {
         struct relay_thread *thread = &state.relay_threads[i];
@@ -4987,6 +4993,7 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
         atomic_store(&state.counters[i], 0);
     atomic_store(&state.next_chat_upstream, 0); /* the first client goes to
                                                  * the first server */
+    atomic_store(&state.accept_rest_until_ms, 0);
     stop_requested = 0;
     state.reload_requested = 0;
     state.workers_quit = false;
@@ -5082,6 +5089,8 @@ static void acceptor_watch_listeners(int epoll_fd, bool watch)
  * of descriptors or memory, so that the caller rests. */
 static bool acceptor_accept(struct listener *listener)
 {
+    if (accept_rest_left(now_ms()) > 0)
+        return true; /* another thread began a rest: the loop stops watching */
     for (int i = 0; i < ACCEPT_BATCH && conversation_slot_take(); i++) {
         int fd;
         struct sockaddr_storage peer;
@@ -5118,17 +5127,16 @@ static void acceptor_run(void)
     }
 
     bool watching = true;
-    long long paused_until_ms = 0;
     while (!stop_requested) {
         if (atomic_exchange(&state.reload_requested, 0))
             tls_reload();
-        bool rested = now_ms() >= paused_until_ms;
-        bool accepting = rested && conversation_slot_free();
+        int rest_ms = accept_rest_left(now_ms());
+        bool accepting = rest_ms == 0 && conversation_slot_free();
         if (watching != accepting) {
             watching = accepting;
             acceptor_watch_listeners(epoll_fd, watching);
         }
-        int sleep_ms = rested ? -1 : (int)(paused_until_ms - now_ms()) + 1;
+        int sleep_ms = rest_ms == 0 ? -1 : rest_ms + 1;
         struct epoll_event events[16];
         int ready = epoll_wait(epoll_fd, events, ARRAY_LENGTH(events),
                                sleep_ms);
@@ -5138,8 +5146,7 @@ static void acceptor_run(void)
                 eventfd_t ignored;
                 eventfd_read(state.acceptor_wake_fd, &ignored);
             } else if (!acceptor_accept(&state.listeners[which])) {
-                accept_pause_warn(errno);
-                paused_until_ms = now_ms() + ACCEPT_PAUSE_MS;
+                accept_rest_begin(errno);
             }
         }
     }
