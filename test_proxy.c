@@ -1854,6 +1854,30 @@ START_TEST(test_when_every_server_is_down_they_are_still_tried)
 }
 END_TEST
 
+/* The health thread checks the decoy web site too (and so resolves its
+ * name again), and says when it is down. */
+START_TEST(test_the_decoy_is_health_checked_too)
+{
+    struct fake_upstream *live = fake_upstream_start(UPSTREAM_ECHO, true);
+    uint16_t port = closed_port(), dead_decoy = closed_port();
+    static struct running_binary binary;
+    binary_start(&binary, 0, "--listen", address_text("127.0.0.1:%u", port),
+                 "--upstream", address_text("127.0.0.1:%u", live->port),
+                 "--media-upstream",
+                 address_text("127.0.0.1:%u", live->port), "--decoy",
+                 address_text("127.0.0.1:%u", dead_decoy), "--check-interval",
+                 "0.05", "--stats", "off", NULL);
+    char expected[96];
+    snprintf(expected, sizeof expected, "server 127.0.0.1 port %u is down",
+             dead_decoy);
+    ck_assert_msg(binary_log_shows(&binary, expected, SLOWLY_MS),
+                  "three failed checks of the decoy are logged: %s",
+                  binary.log);
+    binary_wait(&binary, true);
+    fake_upstream_stop(live);
+}
+END_TEST
+
 /* ==== 7. Listeners ==== */
 
 static bool ipv6_available(void)
@@ -3666,6 +3690,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_connect_timeout_tries_the_next_server);
     tcase_add_test(t, test_health_checks_take_a_dead_server_out_and_back);
     tcase_add_test(t, test_when_every_server_is_down_they_are_still_tried);
+    tcase_add_test(t, test_the_decoy_is_health_checked_too);
     suite_add_tcase(suite, t);
 
     t = section("Listeners", 30);
