@@ -325,6 +325,7 @@ static struct proxy_state {
     time_t started_at;               /* wall-clock time of proxy_open() */
     int abort_fd;         /* eventfd, readable once every wait must end */
     int acceptor_wake_fd; /* eventfd: a slot freed, a stop or a reload */
+    int acceptor_epoll_fd; /* what the acceptor waits on (section 13) */
 
     /* Guarded by tls_lock: replaced by a certificate reload (SIGHUP). The
      * acceptor, the only thread that replaces it, reads it without. */
@@ -364,6 +365,7 @@ static struct proxy_state {
 } state = {
     .abort_fd = -1,
     .acceptor_wake_fd = -1,
+    .acceptor_epoll_fd = -1,
     .log_level = LOG_INFO,
     .tls_lock = PTHREAD_MUTEX_INITIALIZER,
     .per_ip_lock = PTHREAD_MUTEX_INITIALIZER,
@@ -2234,8 +2236,8 @@ static bool upstream_check(struct upstream *upstream)
     socklen_t length = upstream_address(upstream, &address);
     int fd = socket_connect(&address, length,
                             now_ms() + state.settings->timeout_connect_ms);
-    if (fd < 0 && errno == ECANCELED)
-        return false;
+    if (fd < 0 && (errno == ECANCELED || out_of_descriptors(errno)))
+        return false; /* stopping, or our own shortage: not the server's */
     upstream_record(upstream, fd >= 0, fd >= 0 ? NULL : strerror(errno),
                     true);
     if (fd >= 0)
@@ -4765,8 +4767,11 @@ static void *stats_run(void *unused)
  * so stops accepting there) while no conversation slot is free, or for a
  * moment when the process runs out of file descriptors: otherwise a
  * listener with waiting clients would wake it again and again in a busy
- * loop. Signals only set a flag and write acceptor_wake_fd; the acceptor does the work (a stop, or a certificate
- * reload) outside the signal handler, where anything may be called.
+ * loop. Its epoll is made in proxy_open(), before the relay threads start
+ * accepting: they could take the last free descriptors. Signals only set a
+ * flag and write acceptor_wake_fd; the acceptor does the work (a stop, or a
+ * certificate reload) outside the signal handler, where anything may be
+ * called.
  *
  * Privileges. Ports below 1024 and the key files need root, so the proxy
  * binds and reads first and then, with --user, becomes that user for good
@@ -4922,7 +4927,9 @@ static void proxy_free(void)
         close(state.abort_fd);
     if (state.acceptor_wake_fd >= 0)
         close(state.acceptor_wake_fd);
-    state.abort_fd = state.acceptor_wake_fd = -1;
+    if (state.acceptor_epoll_fd >= 0)
+        close(state.acceptor_epoll_fd);
+    state.abort_fd = state.acceptor_wake_fd = state.acceptor_epoll_fd = -1;
     pthread_cond_destroy(&state.ended);
     pthread_cond_destroy(&state.work_waiting);
 }
@@ -5013,9 +5020,11 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
 
     state.abort_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     state.acceptor_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (state.abort_fd < 0 || state.acceptor_wake_fd < 0) {
-        parse_failure(error, error_size, "cannot make an eventfd: %s",
-                      strerror(errno));
+    state.acceptor_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
+    if (state.abort_fd < 0 || state.acceptor_wake_fd < 0 ||
+        state.acceptor_epoll_fd < 0) {
+        parse_failure(error, error_size, "cannot make an eventfd or epoll: "
+                      "%s", strerror(errno));
         goto failed;
     }
 
@@ -5115,8 +5124,7 @@ static bool acceptor_accept(struct listener *listener)
  * reloads the certificate when asked. */
 static void acceptor_run(void)
 {
-    int epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    assert(epoll_fd >= 0);
+    int epoll_fd = state.acceptor_epoll_fd;
     struct epoll_event wake = {.events = EPOLLIN, .data.u64 = SIZE_MAX};
     epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.acceptor_wake_fd, &wake);
     for (size_t i = 0; i < state.listener_count; i++) {
@@ -5150,7 +5158,6 @@ static void acceptor_run(void)
             }
         }
     }
-    close(epoll_fd);
 }
 
 /* Waits until no client connection is left or grace_ms have passed.
