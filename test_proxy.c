@@ -2238,10 +2238,12 @@ START_TEST(test_a_client_beyond_the_conversation_slots_waits_and_is_served)
 }
 END_TEST
 
-/* Clients of a plain port say nothing before their bytes, so they need no
- * conversation slot: while 1,024 silent clients hold every slot on a PROXY
- * port, a client of a plain port of the same proxy is served at once. */
-START_TEST(test_plain_port_clients_need_no_conversation_slot)
+/* Clients of a plain port say nothing before their bytes, and those of a
+ * TLS port only their handshake, which a relay thread does: they need no
+ * conversation slot. While 1,024 silent clients hold every slot on a PROXY
+ * port, a client of a plain port and one of a TLS port of the same proxy
+ * are served at once. */
+START_TEST(test_plain_and_tls_port_clients_need_no_conversation_slot)
 {
     enum { SLOTS = 1024 }; /* CONVERSATIONS_AT_ONCE */
     struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
@@ -2249,7 +2251,8 @@ START_TEST(test_plain_port_clients_need_no_conversation_slot)
     snprintf(handshake_seconds, sizeof handshake_seconds, "%d",
              10 * time_scale);
     proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--listen",
-                "127.0.0.1:0", "--timeout-handshake", handshake_seconds,
+                "127.0.0.1:0", "--listen", "127.0.0.1:0/tls",
+                "--timeout-handshake", handshake_seconds,
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
     static int silent[SLOTS];
     for (int i = 0; i < SLOTS; i++)
@@ -2260,8 +2263,15 @@ START_TEST(test_plain_port_clients_need_no_conversation_slot)
 
     int plain = connect_local(proxy_listener_port(1));
     expect_echo(plain, "no slot needed");
+    int fd;
+    SSL *tls = tls_connect_local(proxy_listener_port(2), &fd);
+    tls_send_all(tls, "tls", 3);
+    char back[3];
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, 3), 3);
     ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
                   "the silent clients still held every slot meanwhile");
+    tls_client_close(tls);
+    close(fd);
     close(plain);
     for (int i = 0; i < SLOTS; i++)
         close(silent[i]);
@@ -3216,6 +3226,44 @@ START_TEST(test_a_hanging_connect_holds_up_no_other_client)
 }
 END_TEST
 
+/* A relay thread does TLS handshakes in its epoll loop, one step at a
+ * time: with one relay thread, a client that stops halfway through its
+ * ClientHello waits, and other TLS clients of the same thread are served
+ * meanwhile. */
+START_TEST(test_a_stalled_tls_handshake_holds_up_no_other_client)
+{
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    char handshake_seconds[16];
+    snprintf(handshake_seconds, sizeof handshake_seconds, "%d",
+             10 * time_scale);
+    proxy_start("--threads", "1", "--timeout-handshake", handshake_seconds,
+                "--listen", "127.0.0.1:0/tls",
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    /* A TLS record header announcing 512 bytes, and only 5 of them. */
+    int stalled = connect_local(proxy_listener_port(0));
+    send_all(stalled, "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03", 10);
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, 1,
+                                  PROMPTLY_MS),
+                  "the stalled client is taken in");
+    for (int i = 0; i < 3; i++) {
+        int fd;
+        SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
+        tls_send_all(tls, "not held up", 11);
+        char back[11];
+        ck_assert_uint_eq(tls_receive_exactly(tls, back, 11), 11);
+        tls_client_close(tls);
+        close(fd);
+    }
+    ck_assert_msg(!closed_within(stalled, 10) &&
+                      proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0 &&
+                      proxy_counter(COUNTER_TLS_HANDSHAKE_FAILED) == 0,
+                  "the stalled handshake is still waiting meanwhile");
+    close(stalled);
+    proxy_stop();
+    fake_upstream_stop(echo);
+}
+END_TEST
+
 /* A client that stops reading (or has vanished: on loopback we cannot cut
  * the wire, but to the proxy both look the same, bytes that nobody takes)
  * is closed at the idle timeout; the others flow on. */
@@ -3704,7 +3752,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_out_of_descriptors_no_busy_loop_and_service_resumes);
     tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
     tcase_add_test(t, test_a_client_beyond_the_conversation_slots_waits_and_is_served);
-    tcase_add_test(t, test_plain_port_clients_need_no_conversation_slot);
+    tcase_add_test(t, test_plain_and_tls_port_clients_need_no_conversation_slot);
     tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
     tcase_add_test(t, test_max_per_ip_holds_on_a_plain_port);
     suite_add_tcase(suite, t);
@@ -3736,6 +3784,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_upstream_reset_mid_transfer_closes_only_that_client);
     tcase_add_test(t, test_server_that_never_reads_stalls_only_its_client);
     tcase_add_test(t, test_a_hanging_connect_holds_up_no_other_client);
+    tcase_add_test(t, test_a_stalled_tls_handshake_holds_up_no_other_client);
     tcase_add_test(t, test_client_that_stops_reading_is_closed_at_idle_timeout);
     suite_add_tcase(suite, t);
 

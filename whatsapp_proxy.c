@@ -68,16 +68,19 @@
  *
  *   1. The client is accepted, and the admission rules (section 8)
  *      decide: over --maxconn it is closed at once. A relay thread accepts
- *      the clients of plain ports; the acceptor (the main thread, section
- *      13) those of TLS and PROXY ports.
- *   2. If the client says something before its bytes can be relayed (a
- *      PROXY header, a TLS handshake, its first bytes when there is a decoy
- *      to choose), a conversation worker (section 9) reads it as plain
- *      blocking code, checks --max-per-ip and chooses WhatsApp or the
- *      decoy. A client of a plain port skips this step.
- *   3. A relay thread (section 10) connects the client to the upstream,
- *      sends the PROXY header there, and moves bytes both ways until both
- *      sides close, or the connection is idle for too long.
+ *      the clients of plain and TLS ports; the acceptor (the main thread,
+ *      section 13) those of PROXY ports, and of every chat port when there
+ *      is a decoy.
+ *   2. If the client says something that must be read before its bytes
+ *      can be relayed (a PROXY header, its first bytes when there is a
+ *      decoy to choose), a conversation worker (section 9) reads it as
+ *      plain blocking code, with the TLS handshake in between on TLS ports,
+ *      checks --max-per-ip and chooses WhatsApp or the decoy. The other
+ *      clients skip this step.
+ *   3. A relay thread (section 10) does the TLS handshake if it is still
+ *      to do, connects the client to the upstream, sends the PROXY header
+ *      there, and moves bytes both ways until both sides close, or the
+ *      connection is idle for too long.
  *
  * Why two kinds of threads? A WhatsApp chat connection is idle nearly all the
  * time: a phone keeps it open for hours and sends a few bytes now and then.
@@ -85,18 +88,21 @@
  * memory (kernel stack plus the touched part of its user stack), and the
  * reference holds 27,500 connections on one host: 800 MiB for nothing. An
  * idle connection in an epoll loop costs only its sockets and a small struct
- * (a few hundred bytes). But the first steps of a TLS or PROXY connection
- * (headers, handshakes) are much easier to read as straight-line code, and
- * they last only a moment, so a thread does them for that moment only.
+ * (a few hundred bytes). But reading what a client says first (a PROXY
+ * header, the first bytes for the decoy) is much easier to read as
+ * straight-line code, and it lasts only a moment, so a thread does it for
+ * that moment only. A TLS handshake alone is done in the event loop, one
+ * step at a time (sections 5 and 10): 64 at once in 64 threads took longer
+ * at the slow end than in HAProxy's event loops.
  * Measured by `make bench`: 0.25 KiB of process memory per idle plain
  * connection (HAProxy's reference configuration: 3.5 KiB) and 14 KiB per
  * idle TLS connection, nearly all of it OpenSSL's state for that client.
  *
- * The threads, all told: the main thread accepts on TLS and PROXY ports
- * (section 13); conversation workers, as many as clients in their first
- * steps, up to 1,024 (9); one relay thread per CPU, which also accept on
- * plain ports (10); one health-check thread (6); one statistics thread
- * (12).
+ * The threads, all told: the main thread accepts on PROXY ports (and on
+ * every chat port with --decoy) (section 13); conversation workers, as many
+ * as clients in their first steps there, up to 1,024 (9); one relay thread
+ * per CPU, which also accept on the other ports and do TLS handshakes (10);
+ * one health-check thread (6); one statistics thread (12).
  *
  * Error policy: problems at startup stop the program with one line that
  * names the flag, port or file and the fix (exit 2). Problems with one
@@ -300,7 +306,8 @@ static const struct listener_spec DEFAULT_LISTENERS[] = {
  *
  * Which thread owns what:
  *   - the acceptor (main thread) opens and closes the listening sockets;
- *     it accepts on TLS and PROXY ports, the relay threads on the others;
+ *     it accepts on PROXY ports (every chat port with --decoy), the relay
+ *     threads on the others;
  *   - a conversation worker owns its client until it hands it to a relay
  *     thread;
  *   - a relay thread owns every connection in its epoll loop;
@@ -1488,8 +1495,19 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
  * The SSL_CTX ("context") holds the certificate and the rules; it is fully
  * configured before any thread starts and then only read, which OpenSSL
  * allows from many threads. Each client gets its own SSL object, used by one
- * thread at a time: first its conversation worker, then its relay thread.
- * Using one SSL from two threads at once corrupts it (openssl-threads(7)).
+ * thread at a time: its relay thread, or first a conversation worker and
+ * then its relay thread. Using one SSL from two threads at once corrupts it
+ * (openssl-threads(7)).
+ *
+ * The handshake takes turns: the client speaks (ClientHello), we answer
+ * (our half of the key exchange, the certificate, a signature), the client
+ * finishes. On a non-blocking socket, SSL_accept() does what it can with
+ * the bytes that have arrived and then says what it waits for;
+ * tls_handshake_step() is one such call. Who calls it again decides how
+ * the waiting is done: a relay thread (section 10) when its epoll loop says
+ * the socket is ready, serving thousands of other clients in between; a
+ * conversation (section 9) in tls_accept(), which simply waits, as blocking
+ * code does.
  *
  * The server name. A TLS client says which name it wants in its first
  * message (the ClientHello's "SNI"). With --sni, only listed names are
@@ -1882,42 +1900,82 @@ static void tls_reload(void)
     log_line(LOG_INFO, "certificate reloaded");
 }
 
-/* Does the server side of the TLS handshake on the non-blocking socket fd
- * before deadline_ms. On STEP_DONE *out is the new SSL object, which the
- * caller frees with SSL_free(); otherwise *out is NULL. */
-static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
+/* Makes the SSL object for a new client on socket fd, or returns NULL.
+ * The caller frees it with SSL_free(), which leaves fd open. The SSL takes
+ * its own reference to the context, so a reload that replaces the context
+ * later does not pull it from under this client. */
+static SSL *tls_new(int fd)
 {
-    *out = NULL;
-    ERR_clear_error(); /* errors of an earlier client must not be blamed */
-    /* The SSL takes its own reference to the context, so a reload that
-     * replaces the context later does not pull it from under this client. */
     pthread_mutex_lock(&state.tls_lock);
     SSL *tls = SSL_new(state.tls_context);
     pthread_mutex_unlock(&state.tls_lock);
-    if (tls == NULL || SSL_set_fd(tls, fd) != 1) {
+    if (tls != NULL && SSL_set_fd(tls, fd) != 1) {
         SSL_free(tls);
-        return STEP_FAILED;
+        tls = NULL;
     }
+    return tls;
+}
+
+/* How far one step took a handshake. */
+enum handshake_progress {
+    HANDSHAKE_DONE,        /* finished: the client's bytes can flow */
+    HANDSHAKE_WANTS_READ,  /* step again once the socket is readable */
+    HANDSHAKE_WANTS_WRITE, /* step again once the socket is writable */
+    HANDSHAKE_FAILED       /* not TLS, or not a TLS we accept: give up */
+};
+
+/* Takes the server side of tls's handshake as far as it can go now. The
+ * socket is non-blocking, so SSL_accept() never waits: it stops when the
+ * client's next message has not arrived yet (or the socket cannot take
+ * ours) and says which. The caller waits for that and steps again. A
+ * failure is logged, with OpenSSL's reason, at debug level. */
+static enum handshake_progress tls_handshake_step(SSL *tls)
+{
+    ERR_clear_error(); /* errors of an earlier client must not be blamed */
+    int returned = SSL_accept(tls);
+    if (returned == 1)
+        return HANDSHAKE_DONE;
+    switch (SSL_get_error(tls, returned)) {
+    case SSL_ERROR_WANT_READ:
+        return HANDSHAKE_WANTS_READ;
+    case SSL_ERROR_WANT_WRITE:
+        return HANDSHAKE_WANTS_WRITE;
+    default: {
+        char why[256];
+        tls_error_text(why, sizeof why);
+        log_line(LOG_DEBUG, "TLS handshake failed: %s", why);
+        return HANDSHAKE_FAILED;
+    }
+    }
+}
+
+/* Does the whole server side of the TLS handshake on the non-blocking
+ * socket fd before deadline_ms, as blocking code would: step, wait, step.
+ * On STEP_DONE *out is the new SSL object, which the caller frees with
+ * SSL_free(); otherwise *out is NULL. */
+static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
+{
+    *out = NULL;
+    SSL *tls = tls_new(fd);
+    if (tls == NULL)
+        return STEP_FAILED;
     for (;;) {
-        int returned = SSL_accept(tls);
-        if (returned == 1) {
+        enum handshake_progress progress = tls_handshake_step(tls);
+        if (progress == HANDSHAKE_DONE) {
             *out = tls;
             return STEP_DONE;
         }
-        int reason = SSL_get_error(tls, returned);
-        short wanted = reason == SSL_ERROR_WANT_READ    ? POLLIN
-                       : reason == SSL_ERROR_WANT_WRITE ? POLLOUT
-                                                        : 0;
-        enum wait_result waited =
-            wanted != 0 ? socket_wait(fd, wanted, deadline_ms) : WAIT_READY;
-        if (wanted == 0 || waited != WAIT_READY) {
-            char why[256];
-            tls_error_text(why, sizeof why);
-            log_line(LOG_DEBUG, "TLS handshake failed: %s", why);
+        enum wait_result waited = WAIT_READY;
+        if (progress != HANDSHAKE_FAILED)
+            waited = socket_wait(fd,
+                                 progress == HANDSHAKE_WANTS_READ ? POLLIN
+                                                                  : POLLOUT,
+                                 deadline_ms);
+        if (progress == HANDSHAKE_FAILED || waited != WAIT_READY) {
             SSL_free(tls);
-            return wanted == 0                  ? STEP_FAILED
-                   : waited == WAIT_TIMED_OUT ? STEP_TIMED_OUT
-                                              : STEP_STOPPING;
+            return progress == HANDSHAKE_FAILED ? STEP_FAILED
+                   : waited == WAIT_TIMED_OUT   ? STEP_TIMED_OUT
+                                                : STEP_STOPPING;
         }
     }
 }
@@ -2455,12 +2513,13 @@ static void listener_label(const struct listener *listener, char *out,
  *     existing connection carries on untouched.
  *
  *   - CONVERSATIONS_AT_ONCE (1,024): conversations at once (section 9:
- *     the first steps of clients that speak first, on TLS or PROXY ports).
- *     When all are under way the acceptor simply stops accepting on those
- *     ports (section 13). New clients there then wait in the kernel's
- *     listen backlog, which costs no thread, until a conversation ends and
- *     frees its slot. Plain ports need no slot, so a flood of silent TLS
- *     clients does not hold them up.
+ *     the first steps of clients that send a PROXY header, or of every
+ *     chat client with --decoy). When all are under way the acceptor
+ *     simply stops accepting on those ports (section 13). New clients there
+ *     then wait in the kernel's listen backlog, which costs no thread,
+ *     until a conversation ends and frees its slot. Plain and TLS ports
+ *     without a decoy need no slot, so a flood of silent clients on a PROXY
+ *     port does not hold them up.
  *
  * And one optional rule: --max-per-ip, connections at once from one client
  * address (the real one, after any PROXY header), so that one scanner or
@@ -2699,14 +2758,21 @@ static int accept_rest_left(long long now)
  *      upstream (chat pool, media server, or decoy), sends our PROXY header
  *      to it (chat servers only) and relays (section 10).
  *
- * A client of a plain port with none of these (no PROXY header to read, no
- * decoy to choose) needs no such thread: the relay threads accept it
- * themselves (section 10). On a busy chat port that is most clients, and
- * each hand-over from one thread to another costs a wake-up. Measured by
- * make bench (64 clients): with two hand-overs (acceptor, worker, relay
- * thread) plain ports made 0.97x as many connections a second as HAProxy,
- * with one 1.0x but the slowest 1% took 1.66x as long, with none 1.10x
- * and 1.01x.
+ * A client with no PROXY header to read and no decoy to choose needs no
+ * such thread, even on a TLS port: the relay threads accept it themselves
+ * and do its TLS handshake, if any, in their event loops, one step at a time
+ * (section 10). On a busy chat port that is most clients. Measured by make
+ * bench with 64 clients at once:
+ *   - each hand-over from one thread to another costs a wake-up. With two
+ *     (acceptor, worker, relay thread) plain ports made 0.97x as many
+ *     connections a second as HAProxy; with one 1.0x, but the slowest 1%
+ *     took 1.66x as long; with none 1.10x and 1.01x;
+ *   - 64 TLS handshakes in 64 workers are time-sliced by the kernel: the
+ *     slowest 1% took 1.25x as long as HAProxy's, whose two event loops
+ *     finish one handshake after another. In the relay threads' loops:
+ *     0.94x. A TLS port that also takes a PROXY header, or has a decoy to
+ *     choose, keeps its conversation: that reading is straight-line code
+ *     here, and the handshake is then done by tls_accept() (section 5).
  *
  * The threads are "workers" that take conversations from a queue, one at a
  * time. Starting a new thread for every client would cost about a quarter
@@ -3122,12 +3188,12 @@ static bool conversation_worker_add(void)
 }
 
 /* Returns whether clients of the listener spec say something that must be
- * read before their bytes can be relayed (a PROXY header, a TLS
- * handshake, first bytes for the decoy's choice), and so need a
- * conversation. */
+ * read before their bytes can be relayed (a PROXY header, first bytes for
+ * the decoy's choice), and so need a conversation. A TLS handshake alone
+ * does not: a relay thread does it (section 10). */
 static bool listener_needs_conversation(const struct listener_spec *spec)
 {
-    return spec->tls || spec->accept_proxy ||
+    return spec->accept_proxy ||
            (state.settings->decoy_enabled && !spec->media);
 }
 
@@ -3237,12 +3303,19 @@ static void conversation_start(struct listener *listener, int client_fd,
  * that no socket event will announce (SSL_has_pending()), so a flow keeps
  * reading while they are there.
  *
+ * Handshaking. A client of a TLS port that the relay thread accepted itself
+ * (section 9 says which) first does its TLS handshake here: each time epoll
+ * says its socket is ready, the thread takes the handshake one step further
+ * (tls_handshake_step(), section 5) and goes back to its other clients.
+ * Meanwhile the pair waits in a list of its own, timed by
+ * --timeout-handshake from the moment it was accepted.
+ *
  * Connecting. A pair starts with only its client side; the relay thread
  * starts a non-blocking connect to its upstream (section 6) and lets epoll
  * say when the socket turns writable, which is when the connect has worked
- * or failed. Meanwhile the pair waits in a third list, timed by
- * --timeout-connect; on failure the next server is tried. Only then is the
- * client's socket watched: nothing can be relayed before there is somewhere
+ * or failed. Meanwhile the pair waits in a list timed by --timeout-connect;
+ * on failure the next server is tried. Only then is the client's socket
+ * watched for its bytes: nothing can be relayed before there is somewhere
  * to relay it to.
  *
  * Ending. When a side ends its sending (TCP FIN, or TLS close_notify), the
@@ -3251,18 +3324,20 @@ static void conversation_start(struct listener *listener, int client_fd,
  * half-close, and the other flow carries on. When both flows have ended,
  * the pair is closed. An error or reset on either side closes it at once.
  *
- * Timeouts. Each relay thread keeps its pairs in three lists ordered by last
- * activity, most recent first: connecting pairs (--timeout-connect), open
- * pairs (--timeout-idle) and half-closed pairs (--timeout-fin). Any
- * activity moves a pair to the front, so the oldest pair is always at the
- * back, and finding the expired ones never means walking through the live
- * ones.
+ * Timeouts. Each relay thread keeps its pairs in four lists ordered by last
+ * activity, most recent first: handshaking pairs (--timeout-handshake),
+ * connecting pairs (--timeout-connect), open pairs (--timeout-idle) and
+ * half-closed pairs (--timeout-fin). Any activity moves a pair to the front
+ * (in the first list, only its arrival: the handshake's time counts from
+ * there), so the oldest pair is always at the back, and finding the expired
+ * ones never means walking through the live ones.
  *
  * Ownership: a pair belongs to exactly one relay thread, and only that
  * thread touches it or its SSL object. A pair is born in the thread when
- * the thread accepts a client of a plain port itself (see relay_accept()),
- * or arrives from a conversation through the thread's inbox (a list under
- * a mutex) and an eventfd that wakes its epoll_wait().
+ * the thread accepts a client itself (see relay_accept()), or arrives
+ * through the thread's inbox (a list under a mutex) and an eventfd that
+ * wakes its epoll_wait(): from a conversation, or from another relay
+ * thread that accepted it (see relay_thread_choose()).
  */
 
 /* What a flow is doing. */
@@ -3288,6 +3363,7 @@ struct relay_pair;
 struct relay_connecting {
     struct upstream_attempts attempts; /* section 6 */
     enum destination destination;
+    bool handshaking;                  /* its TLS handshake is under way */
     struct proxy_addresses addresses;  /* for our PROXY header and the log */
 };
 
@@ -3350,6 +3426,7 @@ struct relay_thread {
     /* Owned by the thread alone: */
     struct relay_side listening[MAX_LISTENERS]; /* see relay_accept() */
     bool listeners_watched;       /* false during a rest from accepting */
+    struct pair_list handshaking_pairs; /* timed by --timeout-handshake */
     struct pair_list connecting_pairs; /* timed by --timeout-connect */
     struct pair_list open_pairs;    /* timed by --timeout-idle */
     struct pair_list closing_pairs; /* half-closed, timed by --timeout-fin */
@@ -3850,10 +3927,67 @@ static void relay_connected(struct relay_thread *thread,
         relay_service(thread, pair, now);
 }
 
-/* Accepting. The clients of plain ports say nothing before their bytes
- * (section 9), so the relay threads accept them themselves: each thread
- * watches those listening sockets in its own epoll loop, and the thread
- * that wakes takes the client, connects it and relays it, with no
+/* Takes pair's TLS handshake one step further (section 5): waits for what
+ * it asks for next, or, once it is done, starts connecting the upstream. A
+ * client that fails it is counted and closed. */
+static void relay_handshake_step(struct relay_thread *thread,
+                                 struct relay_pair *pair, long long now)
+{
+    struct relay_side *client = &pair->client;
+    enum handshake_progress progress = tls_handshake_step(client->tls);
+    if (progress == HANDSHAKE_FAILED) {
+        counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1);
+        client_log(pair->listener, &pair->connecting->addresses, LOG_DEBUG,
+                   "TLS handshake failed");
+        relay_close(thread, pair);
+        return;
+    }
+    if (progress == HANDSHAKE_DONE) {
+        /* The client's socket is watched again once the upstream is
+         * connected (relay_connected()). */
+        epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, client->fd, NULL);
+        client->in_epoll = false;
+        client->watched_events = 0;
+        pair->connecting->handshaking = false;
+        if (!relay_connect_next(thread, pair, now) &&
+            out_of_descriptors(errno))
+            accept_rest_begin(errno);
+        return;
+    }
+    uint32_t wanted = progress == HANDSHAKE_WANTS_READ ? EPOLLIN : EPOLLOUT;
+    if (wanted != client->watched_events) {
+        struct epoll_event event = {.events = wanted, .data.ptr = client};
+        epoll_ctl(thread->epoll_fd, EPOLL_CTL_MOD, client->fd, &event);
+        client->watched_events = wanted;
+    }
+}
+
+/* Starts a new pair in this thread: with its TLS handshake if it has one
+ * still to do, else with its upstream connect. Returns false if the pair
+ * had to be closed at once, with errno saying why (relay_connect_next()). */
+static bool relay_start(struct relay_thread *thread, struct relay_pair *pair,
+                        long long now)
+{
+    struct relay_side *client = &pair->client;
+    if (client->tls == NULL || SSL_is_init_finished(client->tls))
+        return relay_connect_next(thread, pair, now);
+    /* The ClientHello has usually arrived already, and epoll will say so at
+     * once; stepping here instead would do a burst of new clients' costly
+     * first steps all before the events of any other client. */
+    pair->connecting->handshaking = true;
+    client->in_epoll = true;
+    client->watched_events = EPOLLIN;
+    struct epoll_event event = {.events = EPOLLIN, .data.ptr = client};
+    epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, client->fd, &event);
+    pair_list_move(&thread->handshaking_pairs, pair, now);
+    return true;
+}
+
+/* Accepting. Clients of ports that need no conversation (section 9) say
+ * nothing that must be read before their bytes, but a TLS handshake on TLS
+ * ports, so the relay threads accept them themselves: each thread watches
+ * those listening sockets in its own epoll loop, and the thread that wakes
+ * takes the client, does its handshake, connects it and relays it, with no
  * hand-over to another thread, unless another holds fewer connections
  * (relay_thread_choose()). EPOLLEXCLUSIVE asks the kernel to wake one of
  * the waiting threads for a new client instead of all of them. A listener
@@ -3875,9 +4009,9 @@ static void relay_watch_listeners(struct relay_thread *thread, bool watch)
 }
 
 /* Accepts up to ACCEPT_BATCH waiting clients of one listening socket and
- * starts connecting each. Out of descriptors, for the client or for its
- * upstream, accepting rests (section 8); a socket shut at stop is watched
- * no more. */
+ * starts each (relay_start()). Out of descriptors, for the client or for
+ * its upstream, accepting rests (section 8); a socket shut at stop is
+ * watched no more. */
 static void relay_accept(struct relay_thread *thread,
                          struct relay_side *listening, long long now)
 {
@@ -3903,14 +4037,22 @@ static void relay_accept(struct relay_thread *thread,
         if (result == REFUSED ||
             !client_prepare(listener, fd, &peer, &addresses, &per_ip))
             continue;
+        SSL *tls = NULL;
+        if (listener->spec.tls && (tls = tls_new(fd)) == NULL) {
+            counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1); /* out of memory */
+            close(fd);
+            per_ip_release(per_ip);
+            connection_ended(listener);
+            continue;
+        }
         struct relay_pair *pair =
-            pair_new(listener, fd, NULL,
+            pair_new(listener, fd, tls,
                      listener->spec.media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS,
                      &addresses, NULL, 0, per_ip);
         struct relay_thread *chosen = relay_thread_choose(thread);
         if (chosen != thread)
             relay_inbox_push(chosen, pair);
-        else if (!relay_connect_next(thread, pair, now) &&
+        else if (!relay_start(thread, pair, now) &&
                  out_of_descriptors(errno)) {
             accept_rest_begin(errno);
             return;
@@ -3929,6 +4071,10 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
     }
     if (pair->closed)
         return; /* closed earlier in this batch */
+    if (pair->connecting != NULL && pair->connecting->handshaking) {
+        relay_handshake_step(thread, pair, now); /* only the client is watched */
+        return;
+    }
     if (pair->connecting != NULL) { /* only the upstream is watched */
         if (upstream_attempt_ended(&pair->connecting->attempts, side->fd))
             relay_connected(thread, pair, now);
@@ -3999,6 +4145,9 @@ static int relay_expire_connects(struct relay_thread *thread, long long now)
 /* Closes expired pairs; returns how long epoll_wait() may sleep. */
 static int relay_expire(struct relay_thread *thread, long long now)
 {
+    int handshake = relay_expire_list(thread, &thread->handshaking_pairs,
+                                      state.settings->timeout_handshake_ms,
+                                      COUNTER_HANDSHAKE_TIMEOUT, now);
     int connect = relay_expire_connects(thread, now);
     int idle = relay_expire_list(thread, &thread->open_pairs,
                                  state.settings->timeout_idle_ms,
@@ -4006,11 +4155,12 @@ static int relay_expire(struct relay_thread *thread, long long now)
     int fin = relay_expire_list(thread, &thread->closing_pairs,
                                 state.settings->timeout_fin_ms,
                                 COUNTER_FIN_TIMEOUT, now);
-    return wait_earlier(connect, wait_earlier(idle, fin));
+    return wait_earlier(wait_earlier(handshake, connect),
+                        wait_earlier(idle, fin));
 }
 
-/* Takes the pairs waiting in the inbox and starts connecting them. Returns
- * true if the thread was asked to stop. */
+/* Takes the pairs waiting in the inbox and starts them. Returns true if the
+ * thread was asked to stop. */
 static bool relay_take_inbox(struct relay_thread *thread, long long now)
 {
     eventfd_t ignored;
@@ -4026,8 +4176,7 @@ static bool relay_take_inbox(struct relay_thread *thread, long long now)
         struct relay_pair *pair = arrived;
         arrived = pair->older;
         pair->older = NULL;
-        if (!relay_connect_next(thread, pair, now) &&
-            out_of_descriptors(errno))
+        if (!relay_start(thread, pair, now) && out_of_descriptors(errno))
             accept_rest_begin(errno);
     }
     return stop;
@@ -4082,6 +4231,8 @@ static void *relay_thread_run(void *argument)
         relay_free_closed(thread);
     }
 
+    while (thread->handshaking_pairs.oldest != NULL)
+        relay_close(thread, thread->handshaking_pairs.oldest);
     while (thread->connecting_pairs.oldest != NULL)
         relay_close(thread, thread->connecting_pairs.oldest);
     while (thread->open_pairs.oldest != NULL)
@@ -4766,9 +4917,8 @@ static void *stats_run(void *unused)
  *   4. tell every relay thread to close what is left, and join them;
  *   5. free everything, so that proxy_open() can run again (the tests do).
  *
- * The acceptor watches the listeners of conversations (TLS and PROXY
- * ports, and every chat port with --decoy; the relay threads accept on the
- * others) and acceptor_wake_fd with one epoll. It stops watching them (and
+ * The acceptor watches the listeners of conversations (PROXY ports, and
+ * every chat port with --decoy; the relay threads accept on the others) and acceptor_wake_fd with one epoll. It stops watching them (and
  * so stops accepting there) while no conversation slot is free, or for a
  * moment when the process runs out of file descriptors: otherwise a
  * listener with waiting clients would wake it again and again in a busy
