@@ -30,7 +30,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
-#include <netinet/tcp.h>
+#include <linux/tcp.h> /* struct tcp_info with tcpi_data_segs_in */
 #include <poll.h>
 #include <pthread.h>
 #include <signal.h>
@@ -3226,6 +3226,47 @@ START_TEST(test_a_hanging_connect_holds_up_no_other_client)
 }
 END_TEST
 
+/* Our PROXY header and the bytes the client has sent already leave in one
+ * send(), so the server receives them in one TCP segment. On a PROXY port
+ * the client's payload is in its socket (behind the header it sent) before
+ * the upstream connect starts. */
+START_TEST(test_header_and_first_bytes_reach_the_server_in_one_segment)
+{
+    uint16_t server_port;
+    int server = listen_local(&server_port, 4);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy",
+                "--upstream", address_text("127.0.0.1:%u", server_port), NULL);
+    int client = connect_local(proxy_listener_port(0));
+    const char *sent = "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\nhello";
+    send_all(client, sent, strlen(sent));
+    ck_assert_msg(readable_within(server, PROMPTLY_MS),
+                  "the proxy connects to the server");
+    int upstream = accept(server, NULL, NULL);
+
+    uint8_t received[PROXYHDR_ENCODED_MAX_BYTES + 5];
+    size_t header_length = 16 + 12; /* v2, two IPv4 addresses and ports */
+    ck_assert_uint_eq(receive_exactly(upstream, received, header_length + 5,
+                                      PROMPTLY_MS),
+                      header_length + 5);
+    struct proxy_addresses seen;
+    ck_assert_int_eq(proxyhdr_decode(received, header_length, &seen),
+                     (int)header_length);
+    expect_address(&seen.source, "203.0.113.7:40000");
+    ck_assert_mem_eq(received + header_length, "hello", 5);
+    struct tcp_info info;
+    socklen_t info_length = sizeof info;
+    ck_assert_int_eq(getsockopt(upstream, IPPROTO_TCP, TCP_INFO, &info,
+                                &info_length), 0);
+    ck_assert_msg(info.tcpi_data_segs_in == 1,
+                  "header and payload came in %u segments",
+                  info.tcpi_data_segs_in);
+    close(upstream);
+    close(client);
+    proxy_stop();
+    close(server);
+}
+END_TEST
+
 /* A relay thread does TLS handshakes in its epoll loop, one step at a
  * time: with one relay thread, a client that stops halfway through its
  * ClientHello waits, and other TLS clients of the same thread are served
@@ -3785,6 +3826,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_server_that_never_reads_stalls_only_its_client);
     tcase_add_test(t, test_a_hanging_connect_holds_up_no_other_client);
     tcase_add_test(t, test_a_stalled_tls_handshake_holds_up_no_other_client);
+    tcase_add_test(t, test_header_and_first_bytes_reach_the_server_in_one_segment);
     tcase_add_test(t, test_client_that_stops_reading_is_closed_at_idle_timeout);
     suite_add_tcase(suite, t);
 
