@@ -39,7 +39,7 @@ case "$MODE" in
 # shortens the timed tests and the settling pauses of the memory test.
 # MEM_SETTLE: each of the two pauses (after a fresh proxy's start, and
 # after the idle client's) before the baseline; STEP_SETTLE: the pause
-# after each step (handshake threads end).
+# after each step (the last handshakes and upstream connects finish).
 full)  RUNS=3; BULK_SECONDS=1;   RATE_SECONDS=1;   RTT_SECONDS=1;   WARMUP=0.25
        MEM_READINGS=5; MEM_READING_GAP=0.1; MAXCONN_TIMEOUT=1
        MEM_SETTLE=0.25; STEP_SETTLE=0.3 ;;
@@ -344,7 +344,7 @@ measure_idle() {
     for step in $IDLE_STEPS; do
         kill -USR1 "$CLIENT_PID"
         line_wait "$TMP/idle.out" "READY $step " 60 || break
-        sleep "$STEP_SETTLE" # handshake threads end; the relay takes them
+        sleep "$STEP_SETTLE" # the last handshakes and connects finish
         now=$(snapshot "$pid")
         ok=$(sed -n "s/^READY $step ok=//p" "$TMP/idle.out")
         [ "${ok:-0}" -gt 0 ] || continue
@@ -518,9 +518,10 @@ HAProxy: $(haproxy -v | head -1 | cut -d' ' -f1-3), nbthread $CPUS (= its defaul
 $CPUS CPUs), tune.bufsize 4096, maxconn 27500, send-proxy-v2, the same
 ECDSA P-256 certificate as whatsapp_proxy. whatsapp_proxy: default relay
 threads (one per CPU). Idle memory: after each step, RSS growth of the proxy
-process, and the machine's MemAvailable drop minus the RSS growth of the
-loadgen client and upstream (so it holds the proxy plus every kernel-side
-cost; "direct" is the kernel cost of the client and upstream sockets alone).
+process, and the machine's MemAvailable drop (with the free pages in the
+kernel's per-CPU lists added back) minus the RSS growth of the loadgen
+client and upstream (so it holds the proxy plus every kernel-side cost;
+"direct" is the kernel cost of the client and upstream sockets alone).
 Open-file limit: $FD_LIMIT per process (hard limit; run.sh raises the soft
 one to it). A proxied connection needs 2 descriptors in the proxy (client
 and upstream), so a proxy holds at most about $(((FD_LIMIT - 20) / 2)); the
