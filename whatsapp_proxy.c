@@ -3299,7 +3299,8 @@ static void conversation_start(struct listener *listener, int client_fd,
  * says its socket is ready, the thread takes the handshake one step further
  * (tls_handshake_step(), section 5) and goes back to its other clients.
  * Meanwhile the pair waits in a list of its own, timed by
- * --timeout-handshake from the moment it was accepted.
+ * --timeout-handshake from the moment it was accepted; being in that list
+ * is what marks it as handshaking.
  *
  * Connecting. A pair starts with only its client side; the relay thread
  * starts a non-blocking connect to its upstream (section 6) and lets epoll
@@ -3354,7 +3355,6 @@ struct relay_pair;
 struct relay_connecting {
     struct upstream_attempts attempts; /* section 6 */
     enum destination destination;
-    bool handshaking;                  /* its TLS handshake is under way */
     struct proxy_addresses addresses;  /* for our PROXY header and the log */
 };
 
@@ -4005,22 +4005,20 @@ static void relay_handshake_step(struct relay_thread *thread,
     }
     if (progress == HANDSHAKE_DONE) {
         /* The client's socket is watched again once the upstream is
-         * connected (relay_connected()). */
+         * connected (relay_connected()); relay_connect_next() moves the
+         * pair on to the connecting list. */
         epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, client->fd, NULL);
         client->in_epoll = false;
         client->watched_events = 0;
-        pair->connecting->handshaking = false;
         if (!relay_connect_next(thread, pair, now) &&
             out_of_descriptors(errno))
             accept_rest_begin(errno);
         return;
     }
-    uint32_t wanted = progress == HANDSHAKE_WANTS_READ ? EPOLLIN : EPOLLOUT;
-    if (wanted != client->watched_events) {
-        struct epoll_event event = {.events = wanted, .data.ptr = client};
-        epoll_ctl(thread->epoll_fd, EPOLL_CTL_MOD, client->fd, &event);
-        client->watched_events = wanted;
-    }
+    /* Until it is done, the handshake waits as a flow does. */
+    flow_wait(&pair->to_upstream, client,
+              progress == HANDSHAKE_WANTS_READ ? EPOLLIN : EPOLLOUT);
+    relay_watch(thread, pair);
 }
 
 /* Starts a new pair in this thread: with its TLS handshake if it has one
@@ -4035,7 +4033,6 @@ static bool relay_start(struct relay_thread *thread, struct relay_pair *pair,
     /* The ClientHello has usually arrived already, and epoll will say so at
      * once; stepping here instead would do a burst of new clients' costly
      * first steps all before the events of any other client. */
-    pair->connecting->handshaking = true;
     client->in_epoll = true;
     client->watched_events = EPOLLIN;
     struct epoll_event event = {.events = EPOLLIN, .data.ptr = client};
@@ -4132,7 +4129,7 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
     }
     if (pair->closed)
         return; /* closed earlier in this batch */
-    if (pair->connecting != NULL && pair->connecting->handshaking) {
+    if (pair->list == &thread->handshaking_pairs) {
         relay_handshake_step(thread, pair, now); /* only the client is watched */
         return;
     }
