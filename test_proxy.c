@@ -2268,6 +2268,7 @@ START_TEST(test_plain_and_tls_port_clients_need_no_conversation_slot)
     tls_send_all(tls, "tls", 3);
     char back[3];
     ck_assert_uint_eq(tls_receive_exactly(tls, back, 3), 3);
+    ck_assert_mem_eq(back, "tls", 3);
     ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
                   "the silent clients still held every slot meanwhile");
     tls_client_close(tls);
@@ -3292,6 +3293,7 @@ START_TEST(test_a_stalled_tls_handshake_holds_up_no_other_client)
         tls_send_all(tls, "not held up", 11);
         char back[11];
         ck_assert_uint_eq(tls_receive_exactly(tls, back, 11), 11);
+        ck_assert_mem_eq(back, "not held up", 11);
         tls_client_close(tls);
         close(fd);
     }
