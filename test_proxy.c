@@ -1473,6 +1473,22 @@ static SSL *tls_connect_local(uint16_t port, int *fd_out)
     return tls;
 }
 
+/* One whole TLS client: connects to a TLS listener, sends text, checks
+ * that the same bytes come back, and closes (expect_echo() for TLS). */
+static void expect_tls_echo(uint16_t port, const char *text)
+{
+    int fd;
+    SSL *tls = tls_connect_local(port, &fd);
+    char back[256];
+    size_t length = strlen(text);
+    ck_assert_uint_le(length, sizeof back);
+    tls_send_all(tls, text, length);
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, length), length);
+    ck_assert_mem_eq(back, text, length);
+    tls_client_close(tls);
+    close(fd);
+}
+
 START_TEST(test_made_certificate_is_like_the_reference)
 {
     struct fake_upstream *upstream =
@@ -2263,16 +2279,9 @@ START_TEST(test_plain_and_tls_port_clients_need_no_conversation_slot)
 
     int plain = connect_local(proxy_listener_port(1));
     expect_echo(plain, "no slot needed");
-    int fd;
-    SSL *tls = tls_connect_local(proxy_listener_port(2), &fd);
-    tls_send_all(tls, "tls", 3);
-    char back[3];
-    ck_assert_uint_eq(tls_receive_exactly(tls, back, 3), 3);
-    ck_assert_mem_eq(back, "tls", 3);
+    expect_tls_echo(proxy_listener_port(2), "no slot needed for TLS");
     ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
                   "the silent clients still held every slot meanwhile");
-    tls_client_close(tls);
-    close(fd);
     close(plain);
     for (int i = 0; i < SLOTS; i++)
         close(silent[i]);
@@ -3287,16 +3296,8 @@ START_TEST(test_a_stalled_tls_handshake_holds_up_no_other_client)
     ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, 1,
                                   PROMPTLY_MS),
                   "the stalled client is taken in");
-    for (int i = 0; i < 3; i++) {
-        int fd;
-        SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
-        tls_send_all(tls, "not held up", 11);
-        char back[11];
-        ck_assert_uint_eq(tls_receive_exactly(tls, back, 11), 11);
-        ck_assert_mem_eq(back, "not held up", 11);
-        tls_client_close(tls);
-        close(fd);
-    }
+    for (int i = 0; i < 3; i++)
+        expect_tls_echo(proxy_listener_port(0), "not held up");
     ck_assert_msg(!closed_within(stalled, 10) &&
                       proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0 &&
                       proxy_counter(COUNTER_TLS_HANDSHAKE_FAILED) == 0,
