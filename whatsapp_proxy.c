@@ -4023,13 +4023,22 @@ static void relay_handshake_step(struct relay_thread *thread,
 
 /* Starts a new pair in this thread: with its TLS handshake if it has one
  * still to do, else with its upstream connect. Returns false if the pair
- * had to be closed at once, with errno saying why (relay_connect_next()). */
+ * had to be closed at once, with errno saying why (relay_connect_next(), or
+ * ENOMEM when OpenSSL could not make the client's SSL object). */
 static bool relay_start(struct relay_thread *thread, struct relay_pair *pair,
                         long long now)
 {
     struct relay_side *client = &pair->client;
-    if (client->tls == NULL || SSL_is_init_finished(client->tls))
+    /* No TLS, or a conversation did the handshake already. */
+    if (!pair->listener->spec.tls || client->tls != NULL)
         return relay_connect_next(thread, pair, now);
+    client->tls = tls_new(client->fd); /* made by the thread that uses it */
+    if (client->tls == NULL) {
+        counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1);
+        relay_close(thread, pair);
+        errno = ENOMEM;
+        return false;
+    }
     /* The ClientHello has usually arrived already, and epoll will say so at
      * once; stepping here instead would do a burst of new clients' costly
      * first steps all before the events of any other client. */
@@ -4095,16 +4104,8 @@ static void relay_accept(struct relay_thread *thread,
         if (result == REFUSED ||
             !client_prepare(listener, fd, &peer, &addresses, &per_ip))
             continue;
-        SSL *tls = NULL;
-        if (listener->spec.tls && (tls = tls_new(fd)) == NULL) {
-            counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1); /* out of memory */
-            close(fd);
-            per_ip_release(per_ip);
-            connection_ended(listener);
-            continue;
-        }
         struct relay_pair *pair =
-            pair_new(listener, fd, tls,
+            pair_new(listener, fd, NULL,
                      listener->spec.media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS,
                      &addresses, NULL, 0, per_ip);
         struct relay_thread *chosen = relay_thread_choose(thread);
