@@ -3054,6 +3054,276 @@ START_TEST(test_server_half_close_still_gets_the_client_bytes_over_tls)
 }
 END_TEST
 
+/* ---- No byte lost: half-closes, pauses and resets ---- */
+
+/* A server for the tests below. It accepts one connection and reads our
+ * PROXY header; then it sends `to_send` bytes of stream 2 and its FIN,
+ * rests `pause_ms` without reading (the pause is the scenario, not a
+ * wait for something), and reads to the end, checking stream 1. Its
+ * receive buffer is kept small, so that the proxy cannot hide a slow
+ * server behind the kernel's buffers. */
+struct scripted_server {
+    int listen_fd;
+    uint16_t port;
+    size_t to_send;
+    int pause_ms;
+    atomic_size_t received;   /* bytes of stream 1 read so far */
+    size_t first_wrong;       /* SIZE_MAX while every byte was right */
+    int end_error;            /* 0 for a FIN, else the errno that ended it */
+    pthread_t thread;
+};
+
+static void *scripted_server_run(void *argument)
+{
+    struct scripted_server *server = argument;
+    if (!readable_within(server->listen_fd, SLOWLY_MS))
+        return NULL;
+    int fd = accept(server->listen_fd, NULL, NULL);
+    socket_timeout(fd, SLOWLY_MS);
+    uint8_t header[PROXYHDR_V2_MAX_BYTES];
+    size_t have = 0;
+    struct proxy_addresses ignored;
+    int length = 0;
+    while (length == 0 && have < sizeof header &&
+           recv(fd, header + have, 1, 0) == 1)
+        length = proxyhdr_decode(header, ++have, &ignored);
+
+    static uint8_t chunk[65536];
+    for (size_t sent = 0; length > 0 && sent < server->to_send;) {
+        size_t step = server->to_send - sent;
+        step = step < sizeof chunk ? step : sizeof chunk;
+        for (size_t i = 0; i < step; i++)
+            chunk[i] = stream_byte(2, sent + i);
+        if (!send_quietly(fd, chunk, step))
+            break;
+        sent += step;
+    }
+    shutdown(fd, SHUT_WR);
+    usleep((useconds_t)server->pause_ms * 1000);
+
+    size_t received = 0;
+    for (;;) {
+        uint8_t in[65536];
+        ssize_t count = recv(fd, in, sizeof in, 0);
+        if (count <= 0) {
+            server->end_error = count == 0 ? 0 : errno;
+            break;
+        }
+        for (ssize_t i = 0; i < count; i++)
+            if (in[i] != stream_byte(1, received + (size_t)i) &&
+                server->first_wrong == SIZE_MAX)
+                server->first_wrong = received + (size_t)i;
+        received += (size_t)count;
+        atomic_store(&server->received, received);
+    }
+    close(fd);
+    return NULL;
+}
+
+static void scripted_server_start(struct scripted_server *server,
+                                  size_t to_send, int pause_ms)
+{
+    *server = (struct scripted_server){.to_send = to_send,
+                                       .pause_ms = pause_ms,
+                                       .first_wrong = SIZE_MAX,
+                                       .end_error = -1};
+    server->listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int small = 64 * 1024; /* inherited by the accepted connection */
+    setsockopt(server->listen_fd, SOL_SOCKET, SO_RCVBUF, &small, sizeof small);
+    struct sockaddr_in address = {.sin_family = AF_INET,
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(server->listen_fd, (struct sockaddr *)&address,
+                          sizeof address), 0);
+    ck_assert_int_eq(listen(server->listen_fd, 4), 0);
+    socklen_t length = sizeof address;
+    getsockname(server->listen_fd, (struct sockaddr *)&address, &length);
+    server->port = ntohs(address.sin_port);
+    pthread_create(&server->thread, NULL, scripted_server_run, server);
+}
+
+static void scripted_server_stop(struct scripted_server *server)
+{
+    pthread_join(server->thread, NULL);
+    close(server->listen_fd);
+}
+
+/* Reads up to `limit` bytes of stream 2 (until the end if there are
+ * fewer), checking each; returns how many arrived in order. */
+static size_t client_read_stream(int fd, SSL *tls, size_t offset,
+                                 size_t limit)
+{
+    size_t got = 0;
+    while (got < limit) {
+        uint8_t in[65536];
+        size_t want = limit - got < sizeof in ? limit - got : sizeof in;
+        size_t count = 0;
+        if (tls != NULL) {
+            if (SSL_read_ex(tls, in, want, &count) != 1)
+                break;
+        } else {
+            ssize_t read_count = recv(fd, in, want, 0);
+            if (read_count <= 0)
+                break;
+            count = (size_t)read_count;
+        }
+        for (size_t i = 0; i < count; i++)
+            ck_assert_msg(in[i] == stream_byte(2, offset + got + i),
+                          "byte %zu arrives as sent", offset + got + i);
+        got += count;
+    }
+    return got;
+}
+
+/* The client half-closes; the server sends 16 MiB and its FIN; the client
+ * reads 1 MiB, stops reading for three times --timeout-fin, then reads on.
+ * 16 MiB is more than the kernel's buffers on the way can hold, so bytes
+ * wait in the proxy during the pause. A reader that is only slow must get
+ * every byte: --timeout-fin bounds silence, not a slow reader. */
+static void slow_reader_after_half_close(bool use_tls)
+{
+    const size_t size = 16u << 20;
+    struct scripted_server server;
+    scripted_server_start(&server, size, 0);
+    proxy_start("--listen", use_tls ? "127.0.0.1:0/tls" : "127.0.0.1:0",
+                "--timeout-fin", "0.2",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, SLOWLY_MS);
+    SSL *tls = use_tls ? tls_client_start(fd, 0) : NULL;
+    ck_assert_msg(!use_tls || tls != NULL, "the TLS handshake works");
+    client_end_sending(fd, tls);
+    size_t got = client_read_stream(fd, tls, 0, 1u << 20);
+    usleep(600 * 1000); /* the reader's pause: 3 x --timeout-fin */
+    got += client_read_stream(fd, tls, got, size);
+    ck_assert_msg(got == size, "a slow reader gets all %zu bytes after its "
+                  "half-close (got %zu)", size, got);
+    ck_assert_int_eq(proxy_counter(COUNTER_FIN_TIMEOUT), 0);
+    if (tls != NULL)
+        tls_client_close(tls);
+    close(fd);
+    scripted_server_stop(&server);
+    proxy_stop();
+}
+
+START_TEST(test_a_slow_reader_gets_every_byte_after_its_half_close)
+{
+    slow_reader_after_half_close(false);
+}
+END_TEST
+
+START_TEST(test_a_slow_reader_gets_every_byte_after_its_half_close_over_tls)
+{
+    slow_reader_after_half_close(true);
+}
+END_TEST
+
+/* The server half-closes at once and rests three times --timeout-fin
+ * before it reads; meanwhile the client, having read the server's end,
+ * uploads 8 MiB and closes. The proxy then holds a socket that the client
+ * has hung up on with megabytes still unread in it: every one of them
+ * must reach the server, then the FIN. */
+START_TEST(test_an_upload_after_the_server_half_closed_arrives_whole)
+{
+    const size_t size = 8u << 20;
+    struct scripted_server server;
+    scripted_server_start(&server, 0, 600);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-fin", "0.2",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, SLOWLY_MS);
+    uint8_t end;
+    ck_assert_msg(recv(fd, &end, 1, 0) == 0, "the server's FIN arrives");
+    static uint8_t chunk[65536];
+    for (size_t sent = 0; sent < size; sent += sizeof chunk) {
+        for (size_t i = 0; i < sizeof chunk; i++)
+            chunk[i] = stream_byte(1, sent + i);
+        send_all(fd, chunk, sizeof chunk);
+    }
+    close(fd);
+    scripted_server_stop(&server);
+    ck_assert_msg(atomic_load(&server.received) == size &&
+                      server.first_wrong == SIZE_MAX,
+                  "all %zu bytes reach the server intact (%zu)", size,
+                  atomic_load(&server.received));
+    ck_assert_msg(server.end_error == 0, "then a FIN (%s)",
+                  strerror(server.end_error));
+    proxy_stop();
+}
+END_TEST
+
+/* A client that aborts (RST) is passed on as an abort: the server reads a
+ * reset, not a clean end, and can tell the two apart as it could without
+ * the proxy. */
+START_TEST(test_a_client_reset_reaches_the_server_as_a_reset)
+{
+    struct scripted_server server;
+    scripted_server_start(&server, 0, 0);
+    proxy_start("--listen", "127.0.0.1:0",
+                "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    uint8_t first[3] = {stream_byte(1, 0), stream_byte(1, 1),
+                        stream_byte(1, 2)};
+    send_all(fd, first, sizeof first);
+    long long deadline = clock_ms() + PROMPTLY_MS;
+    while (atomic_load(&server.received) < 3 && clock_ms() < deadline)
+        usleep(1000);
+    ck_assert_uint_eq(atomic_load(&server.received), 3);
+    struct linger abort_now = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof abort_now);
+    close(fd); /* RST */
+    scripted_server_stop(&server);
+    ck_assert_msg(server.end_error == ECONNRESET,
+                  "the server reads a reset (%s)",
+                  server.end_error == 0 ? "a FIN" : strerror(server.end_error));
+    proxy_stop();
+}
+END_TEST
+
+/* Reads from a TLS client until the connection ends; returns true if it
+ * ended with the server's close_notify (a TLS end that cannot be forged by
+ * cutting the TCP connection), false for a bare FIN or a reset. */
+static bool tls_ends_with_close_notify(SSL *tls)
+{
+    uint8_t sink[4096];
+    size_t count;
+    while (SSL_read_ex(tls, sink, sizeof sink, &count) == 1)
+        ;
+    return (SSL_get_shutdown(tls) & SSL_RECEIVED_SHUTDOWN) != 0;
+}
+
+/* When the server resets, and when the connection is idle too long, a TLS
+ * client is told with close_notify and then a FIN. */
+START_TEST(test_a_tls_client_gets_close_notify_on_a_reset_and_a_timeout)
+{
+    struct fake_upstream *resetting =
+        fake_upstream_start(UPSTREAM_RESET, true);
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--timeout-idle", "0.3",
+                "--upstream", address_text("127.0.0.1:%u", resetting->port),
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    int fd;
+    SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
+    tls_send_all(tls, "reset me", 8);
+    ck_assert_msg(tls_ends_with_close_notify(tls),
+                  "the server's reset ends the TLS client with close_notify");
+    tls_client_close(tls);
+    close(fd);
+
+    tls = tls_connect_local(proxy_listener_port(0), &fd);
+    char back[5];
+    tls_send_all(tls, "hello", 5);
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, 5), 5);
+    ck_assert_msg(tls_ends_with_close_notify(tls),
+                  "the idle timeout ends the TLS client with close_notify");
+    ck_assert_int_eq(proxy_counter(COUNTER_IDLE_TIMEOUT), 1);
+    tls_client_close(tls);
+    close(fd);
+    proxy_stop();
+    fake_upstream_stop(resetting);
+    fake_upstream_stop(echo);
+}
+END_TEST
+
 START_TEST(test_idle_connection_is_closed_after_idle_timeout)
 {
     struct fake_upstream *upstream =
@@ -3822,6 +4092,11 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_client_half_close_still_gets_the_reply_over_tls);
     tcase_add_test(t, test_server_half_close_still_gets_the_client_bytes);
     tcase_add_test(t, test_server_half_close_still_gets_the_client_bytes_over_tls);
+    tcase_add_test(t, test_a_slow_reader_gets_every_byte_after_its_half_close);
+    tcase_add_test(t, test_a_slow_reader_gets_every_byte_after_its_half_close_over_tls);
+    tcase_add_test(t, test_an_upload_after_the_server_half_closed_arrives_whole);
+    tcase_add_test(t, test_a_client_reset_reaches_the_server_as_a_reset);
+    tcase_add_test(t, test_a_tls_client_gets_close_notify_on_a_reset_and_a_timeout);
     tcase_add_test(t, test_idle_connection_is_closed_after_idle_timeout);
     tcase_add_test(t, test_half_closed_connection_is_closed_after_fin_timeout);
     tcase_add_test(t, test_two_thousand_connections_at_once_all_echo);

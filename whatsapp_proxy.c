@@ -631,7 +631,7 @@ static const struct option OPTIONS[] = {
     {"--maxconn", "N", "client connections at once (27500)"},
     {"--timeout-connect", "S", "seconds to reach a server (5)"},
     {"--timeout-idle", "S", "seconds without a byte before closing (200)"},
-    {"--timeout-fin", "S", "seconds for the other side after a close (1)"},
+    {"--timeout-fin", "S", "seconds of silence after a half-close (1)"},
     {"--timeout-handshake", "S", "seconds for PROXY header and TLS (5)"},
     {"--threads", "N", "relay threads (one per CPU)"},
     {"--decoy", "HOST:PORT", "give clients that are not WhatsApp to this "
@@ -3314,15 +3314,23 @@ static void conversation_start(struct listener *listener, int client_fd,
  * flow passes the end on to the other side once its pending bytes are sent
  * (shutdown() of the write half; on TLS close_notify first): this is a
  * half-close, and the other flow carries on. When both flows have ended,
- * the pair is closed. An error or reset on either side closes it at once.
+ * the pair is closed. A half-close is normal traffic, not a sign that the
+ * end is near: a phone may close its sending and then read a large answer
+ * slowly, and every byte of it must arrive. A socket whose peer has ended
+ * both ways may still hold unread bytes: it is read to the end. An error
+ * or reset on either side closes the pair at once, and each side is told
+ * as HAProxy tells it (enum pair_end): a reset is passed on as a reset.
  *
  * Timeouts. Each relay thread keeps its pairs in four lists ordered by last
  * activity, most recent first: handshaking pairs (--timeout-handshake),
  * connecting pairs (--timeout-connect), open pairs (--timeout-idle) and
- * half-closed pairs (--timeout-fin). Any activity moves a pair to the front
- * (in the first list, only its arrival: the handshake's time counts from
- * there), so the oldest pair is always at the back, and finding the expired
- * ones never means walking through the live ones.
+ * half-closed pairs waiting for their last source to say more
+ * (--timeout-fin). A half-closed pair whose bytes wait for a slow reader
+ * stays with the open pairs: --timeout-fin bounds a silence, never a
+ * reader. Any activity moves a pair to the front (in the first list, only
+ * its arrival: the handshake's time counts from there), so the oldest pair
+ * is always at the back, and finding the expired ones never means walking
+ * through the live ones.
  *
  * Ownership: a pair belongs to exactly one relay thread, and only that
  * thread touches it or its SSL object. A pair is born in the thread when
@@ -3365,6 +3373,7 @@ struct relay_side {
     struct relay_pair *pair; /* the pair this side belongs to */
     uint32_t watched_events; /* what epoll watches on fd now */
     bool in_epoll;           /* false after a hang-up (see relay_on_event) */
+    bool hung_up;            /* the peer ended both ways: read to the end */
 };
 
 /* Bytes moving one way, from one side to the other. */
@@ -3682,9 +3691,10 @@ static void flow_wait(struct relay_flow *flow, struct relay_side *side,
 }
 
 /* Moves bytes along flow until one side would block, using scratch as the
- * read buffer. Sets *moved if any byte moved. Returns false when the pair
- * is broken and must be closed. */
-static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
+ * read buffer. Sets *moved if any byte moved. Returns the side that broke
+ * (a reset or other error: the pair must be closed), or NULL. */
+static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
+                                    bool *moved)
 {
     size_t moved_this_turn = 0;
     uint32_t wait = 0;
@@ -3701,10 +3711,10 @@ static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
             flow->pending_length -= sent;
             *moved |= sent > 0;
             if (status == IO_ERROR)
-                return false;
+                return flow->to;
             if (status == IO_BLOCKED) {
                 flow_wait(flow, flow->to, wait);
-                return true;
+                return NULL;
             }
             free(flow->pending);
             flow->pending = NULL;
@@ -3714,21 +3724,23 @@ static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
         if (flow->state == FLOW_ENDING) {
             if (side_end_sending(flow->to, &wait) == IO_BLOCKED) {
                 flow_wait(flow, flow->to, wait);
-                return true;
+                return NULL;
             }
             flow->state = FLOW_ENDED;
         }
         if (flow->state == FLOW_ENDED)
-            return true;
+            return NULL;
 
         /* 3. Fair share: after RELAY_TURN_BYTES let other pairs move. Bytes
-         * already decrypted by OpenSSL must be read now, though: no socket
-         * event would ever announce them. */
+         * that no socket event would ever announce must be read now,
+         * though: those OpenSSL has decrypted already, and those of a
+         * socket that has hung up, which is watched no more. */
         bool tls_holds_bytes =
             flow->from->tls != NULL && SSL_has_pending(flow->from->tls);
-        if (moved_this_turn >= RELAY_TURN_BYTES && !tls_holds_bytes) {
+        if (moved_this_turn >= RELAY_TURN_BYTES && !tls_holds_bytes &&
+            !flow->from->hung_up) {
             flow_wait(flow, flow->from, EPOLLIN);
-            return true;
+            return NULL;
         }
 
         /* 4. Read fresh bytes and write them straight on.
@@ -3740,10 +3752,10 @@ static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
         enum io_status status =
             side_read(flow->from, scratch, RELAY_SCRATCH_BYTES, &got, &wait);
         if (status == IO_ERROR)
-            return false;
+            return flow->from;
         if (status == IO_BLOCKED) {
             flow_wait(flow, flow->from, wait);
-            return true;
+            return NULL;
         }
         if (status == IO_END) {
             flow->state = FLOW_ENDING;
@@ -3756,7 +3768,7 @@ static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
         size_t sent;
         status = side_write(flow->to, scratch, got, &sent, &wait);
         if (status == IO_ERROR)
-            return false;
+            return flow->to;
         if (status == IO_BLOCKED) {
             /* Keep the rest and stop reading until it is gone. */
             flow->pending_length = got - sent;
@@ -3764,7 +3776,7 @@ static bool flow_pump(struct relay_flow *flow, uint8_t *scratch, bool *moved)
             flow->pending = xmalloc(flow->pending_length);
             memcpy(flow->pending, scratch + sent, flow->pending_length);
             flow_wait(flow, flow->to, wait);
-            return true;
+            return NULL;
         }
     }
 }
@@ -3789,21 +3801,57 @@ static void relay_watch(struct relay_thread *thread, struct relay_pair *pair)
     }
 }
 
-/* Closes both sockets of pair and counts its end. The memory is freed after
- * the current epoll batch, which may still hold events that point to it.
+/* How a pair ends, which decides what each side is told. As HAProxy
+ * does, an abort is passed on as an abort, so that WhatsApp's servers can
+ * tell a phone that vanished from one that said goodbye; and a TLS client
+ * is always told with close_notify before the FIN, the TLS way to say
+ * "this is the real end, not a cut connection". */
+enum pair_end {
+    END_FINISHED,       /* both flows ended: each side has had its FIN */
+    END_CLIENT_BROKE,   /* reset or error on the client's side: the
+                           upstream gets a reset (RST) */
+    END_UPSTREAM_BROKE, /* reset or error on the upstream's side: the
+                           client gets close_notify (TLS) and a FIN */
+    END_TIMED_OUT       /* a timeout, or the proxy stops: both sides get
+                           close_notify (TLS) and a FIN */
+};
+
+/* Closes side's socket as `end` says: with a reset (abort true), or else
+ * with close_notify first when TLS is up on it. Best effort: a peer that
+ * cannot take the close_notify now does without. Frees its SSL object. */
+static void side_close(struct relay_side *side, bool abort)
+{
+    if (side->fd < 0)
+        return;
+    if (abort) {
+        /* A zero linger time makes close() send RST instead of FIN. */
+        struct linger reset_now = {.l_onoff = 1, .l_linger = 0};
+        setsockopt(side->fd, SOL_SOCKET, SO_LINGER, &reset_now,
+                   sizeof reset_now);
+    } else if (side->tls != NULL && SSL_is_init_finished(side->tls)) {
+        ERR_clear_error();
+        SSL_shutdown(side->tls); /* sends close_notify once, if not yet */
+    }
+    SSL_free(side->tls); /* does not close fd: we do, here */
+    side->tls = NULL;
+    close(side->fd);     /* close() also removes fd from epoll */
+    side->fd = -1;
+}
+
+/* Closes both sockets of pair as `end` says, and counts its end. The
+ * memory is freed after the current epoll batch, which may still hold
+ * events that point to it.
  * SHORTCUT: how long the connection lasted is not recorded; a histogram
  * of durations on the statistics page would show how clients behave
  * (tutorial.md, exercise "a connection-duration histogram"). */
-static void relay_close(struct relay_thread *thread, struct relay_pair *pair)
+static void relay_close(struct relay_thread *thread, struct relay_pair *pair,
+                        enum pair_end end)
 {
-    struct relay_side *sides[2] = {&pair->client, &pair->upstream};
     if (pair->list != NULL)
         pair_list_remove(pair);
-    for (size_t i = 0; i < 2; i++) {
-        SSL_free(sides[i]->tls); /* does not close fd: we do, here */
-        if (sides[i]->fd >= 0)
-            close(sides[i]->fd); /* close() also removes fd from epoll */
-    }
+    /* The broken side itself needs no goodbye: it cannot hear one. */
+    side_close(&pair->client, end == END_CLIENT_BROKE);
+    side_close(&pair->upstream, end == END_CLIENT_BROKE);
     free(pair->connecting);
     free(pair->to_upstream.pending);
     atomic_fetch_sub(&thread->pairs_now, 1);
@@ -3815,31 +3863,54 @@ static void relay_close(struct relay_thread *thread, struct relay_pair *pair)
     thread->closed_pairs = pair;
 }
 
+/* Closes pair because `broken`, one of its sides, failed, and counts it. */
+static void relay_close_broken(struct relay_thread *thread,
+                               struct relay_pair *pair,
+                               const struct relay_side *broken)
+{
+    counter_add(COUNTER_RELAY_ERROR, 1);
+    relay_close(thread, pair, broken == &pair->client ? END_CLIENT_BROKE
+                                                      : END_UPSTREAM_BROKE);
+}
+
 /* Moves what can be moved both ways on pair, then decides its fate: closed
- * (error, or both flows ended), moved to the front of its list (activity),
- * or moved to the half-closed list. Updates what epoll watches. */
+ * (error, or both flows ended), or kept in the list whose timeout fits
+ * what it waits for, at the front if anything moved. Updates what epoll
+ * watches.
+ *
+ * Which timeout? A half-closed pair whose open flow waits for its source
+ * to say more is timed by --timeout-fin: that bounds a silence. But one
+ * whose open flow has bytes waiting for a slow reader (it waits on its
+ * destination) is timed by --timeout-idle like an open pair: closing it
+ * sooner would drop those bytes, though both ends would see a clean end. */
 static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
                           long long now)
 {
     bool moved = false;
-    if (!flow_pump(&pair->to_upstream, thread->scratch, &moved) ||
-        !flow_pump(&pair->to_client, thread->scratch, &moved)) {
-        counter_add(COUNTER_RELAY_ERROR, 1);
-        relay_close(thread, pair);
+    struct relay_side *broken =
+        flow_pump(&pair->to_upstream, thread->scratch, &moved);
+    if (broken == NULL)
+        broken = flow_pump(&pair->to_client, thread->scratch, &moved);
+    if (broken != NULL) {
+        relay_close_broken(thread, pair, broken);
         return;
     }
-    bool upstream_ended = pair->to_upstream.state == FLOW_ENDED;
-    bool client_ended = pair->to_client.state == FLOW_ENDED;
+    struct relay_flow *upstream_flow = &pair->to_upstream;
+    struct relay_flow *client_flow = &pair->to_client;
+    bool upstream_ended = upstream_flow->state == FLOW_ENDED;
+    bool client_ended = client_flow->state == FLOW_ENDED;
     if (upstream_ended && client_ended) {
-        relay_close(thread, pair);
+        relay_close(thread, pair, END_FINISHED);
         return;
     }
-    bool half_closed = upstream_ended || client_ended;
-    bool moves_to_closing = half_closed && pair->list != &thread->closing_pairs;
-    if (moved || moves_to_closing)
-        pair_list_move(half_closed ? &thread->closing_pairs
-                                   : &thread->open_pairs,
-                       pair, now);
+    struct relay_flow *open_flow = upstream_ended ? client_flow
+                                                  : upstream_flow;
+    bool waits_for_silence = (upstream_ended || client_ended) &&
+                             open_flow->waiting_on != open_flow->to;
+    struct pair_list *list = waits_for_silence ? &thread->closing_pairs
+                                               : &thread->open_pairs;
+    if (moved || pair->list != list)
+        pair_list_move(list, pair, now);
     relay_watch(thread, pair);
 }
 
@@ -3857,7 +3928,7 @@ static bool relay_connect_next(struct relay_thread *thread,
         counter_add(COUNTER_UPSTREAM_UNREACHABLE, 1);
         client_log(pair->listener, &connecting->addresses, LOG_WARN,
                    "no server reachable; closing it");
-        relay_close(thread, pair);
+        relay_close(thread, pair, END_UPSTREAM_BROKE);
         errno = failure;
         return false;
     }
@@ -3963,8 +4034,7 @@ static void relay_connected(struct relay_thread *thread,
     if (connecting->destination == TO_CHAT_SERVERS &&
         state.settings->send_proxy != SEND_PROXY_NONE &&
         !relay_send_header(thread, pair)) {
-        counter_add(COUNTER_RELAY_ERROR, 1);
-        relay_close(thread, pair);
+        relay_close_broken(thread, pair, &pair->upstream);
         return;
     }
     counter_add(connecting->destination == TO_DECOY
@@ -4000,7 +4070,7 @@ static void relay_handshake_step(struct relay_thread *thread,
         counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1);
         client_log(pair->listener, &pair->connecting->addresses, LOG_DEBUG,
                    "TLS handshake failed");
-        relay_close(thread, pair);
+        relay_close(thread, pair, END_CLIENT_BROKE);
         return;
     }
     if (progress == HANDSHAKE_DONE) {
@@ -4035,7 +4105,7 @@ static bool relay_start(struct relay_thread *thread, struct relay_pair *pair,
     client->tls = tls_new(client->fd); /* made by the thread that uses it */
     if (client->tls == NULL) {
         counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1);
-        relay_close(thread, pair);
+        relay_close(thread, pair, END_TIMED_OUT);
         errno = ENOMEM;
         return false;
     }
@@ -4142,16 +4212,18 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
         return;
     }
     if (events & EPOLLERR) {
-        counter_add(COUNTER_RELAY_ERROR, 1);
-        relay_close(thread, pair);
+        relay_close_broken(thread, pair, side);
         return;
     }
+    /* EPOLLHUP: both directions of that socket are shut, but bytes may
+     * still wait in it, unread. It is reported even when we watch nothing,
+     * so a pair waiting for its other side would be woken again and again:
+     * take the socket out of epoll, and mark it hung up, so that its flow
+     * reads it to the end without waiting for an event (flow_pump()). */
+    if (events & EPOLLHUP)
+        side->hung_up = true;
     relay_service(thread, pair, now);
-    /* EPOLLHUP (both directions of that socket are shut) is reported even
-     * when we watch nothing, so a pair waiting for its other side would be
-     * woken again and again. Every read on such a socket returns at once
-     * from now on, so it needs no more watching: take it out of epoll. */
-    if ((events & EPOLLHUP) && !pair->closed && side->in_epoll) {
+    if (side->hung_up && !pair->closed && side->in_epoll) {
         epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, side->fd, NULL);
         side->in_epoll = false;
     }
@@ -4167,7 +4239,7 @@ static int relay_expire_list(struct relay_thread *thread,
     while (list->oldest != NULL &&
            list->oldest->last_active_ms + timeout_ms <= now) {
         counter_add(which, 1);
-        relay_close(thread, list->oldest);
+        relay_close(thread, list->oldest, END_TIMED_OUT);
     }
     if (list->oldest == NULL)
         return -1;
@@ -4291,13 +4363,13 @@ static void *relay_thread_run(void *argument)
     }
 
     while (thread->handshaking_pairs.oldest != NULL)
-        relay_close(thread, thread->handshaking_pairs.oldest);
+        relay_close(thread, thread->handshaking_pairs.oldest, END_TIMED_OUT);
     while (thread->connecting_pairs.oldest != NULL)
-        relay_close(thread, thread->connecting_pairs.oldest);
+        relay_close(thread, thread->connecting_pairs.oldest, END_TIMED_OUT);
     while (thread->open_pairs.oldest != NULL)
-        relay_close(thread, thread->open_pairs.oldest);
+        relay_close(thread, thread->open_pairs.oldest, END_TIMED_OUT);
     while (thread->closing_pairs.oldest != NULL)
-        relay_close(thread, thread->closing_pairs.oldest);
+        relay_close(thread, thread->closing_pairs.oldest, END_TIMED_OUT);
     relay_free_closed(thread);
     return NULL;
 }
@@ -5104,7 +5176,7 @@ static void relay_threads_stop(void)
         while (thread->inbox != NULL) {
             struct relay_pair *pair = thread->inbox;
             thread->inbox = pair->older;
-            relay_close(thread, pair);
+            relay_close(thread, pair, END_TIMED_OUT);
         }
         relay_free_closed(thread);
         close(thread->epoll_fd);

@@ -58,37 +58,6 @@ failed=$((failed + $(grep -c '^not ok' /tmp/check-tutorial.$$)))
 cat /tmp/check-tutorial.$$
 rm -f /tmp/check-tutorial.$$
 
-# The test counts the tutorial shows after `make test` and after each
-# CK_RUN_CASE="Name" make test must be the counts test_proxy.c has.
-awk '
-    /section\("/ { split($0, part, "\""); current = part[2] }
-    /tcase_add_test\(/ { count[current]++; total++ }
-    END { for (name in count) print name "|" count[name]; print "|" total }
-' test_proxy.c > /tmp/check-tutorial-counts.$$
-awk '
-    /^```sh/ { in_sh = 1; case_name = "?"; next }
-    in_sh && /make test/ {
-        case_name = ""
-        if (match($0, /CK_RUN_CASE="[^"]+"/))
-            case_name = substr($0, RSTART + 13, RLENGTH - 14)
-    }
-    /^```$/ && in_sh { in_sh = 0; wanted = case_name; next }
-    /Checks: [0-9]+,/ && wanted != "?" {
-        match($0, /Checks: [0-9]+/)
-        print wanted "|" substr($0, RSTART + 8, RLENGTH - 8)
-        wanted = "?"
-    }
-' tutorial.md | while IFS='|' read -r case_name shown; do
-    real=$(awk -F '|' -v name="$case_name" '$1 == name { print $2 }' /tmp/check-tutorial-counts.$$)
-    label=${case_name:-all tests}
-    if [ "$shown" = "$real" ]; then echo "ok - test count of $label: $shown"
-    else echo "not ok - tutorial.md shows $shown tests for $label, test_proxy.c has ${real:-none}"; fi
-done > /tmp/check-tutorial.$$
-passed=$((passed + $(grep -c '^ok' /tmp/check-tutorial.$$)))
-failed=$((failed + $(grep -c '^not ok' /tmp/check-tutorial.$$)))
-cat /tmp/check-tutorial.$$
-rm -f /tmp/check-tutorial.$$ /tmp/check-tutorial-counts.$$
-
 # Code is quoted, never paraphrased: every line of a ```c block must stand,
 # word for word, in the code (a line of just ... marks a cut).
 awk '
