@@ -2200,91 +2200,91 @@ START_TEST(test_a_thousand_clients_at_once_are_all_served)
 }
 END_TEST
 
-/* At most 1,024 conversations (PROXY header, TLS, choice of server) are
- * under way at once (CONVERSATIONS_AT_ONCE in whatsapp_proxy.c). When all
- * are busy the proxy stops accepting: one more client waits in the kernel's
- * listen backlog, and is served as soon as a slot frees. Here 1,024 silent
- * clients hold every slot until the 1 s handshake timeout closes them. */
-START_TEST(test_a_client_beyond_the_conversation_slots_waits_and_is_served)
+/* Opens `count` connections to port that say nothing, into fds. */
+static void silent_clients_open(int *fds, int count, uint16_t port)
 {
-    enum { SLOTS = 1024 }; /* CONVERSATIONS_AT_ONCE */
+    for (int i = 0; i < count; i++)
+        fds[i] = connect_local(port);
+}
+
+/* A client that has not said what it must say first (its PROXY header,
+ * its TLS handshake, its first bytes for the decoy) holds no thread and no
+ * slot: 2,000 silent clients on a PROXY port and 2,000 on a TLS port with
+ * a decoy to choose, all still waiting, hold up no other client of any
+ * port. */
+START_TEST(test_silent_clients_hold_up_no_other_client)
+{
+    enum { SILENT = 2000 };
     struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, false);
     char handshake_seconds[16];
-    snprintf(handshake_seconds, sizeof handshake_seconds, "%d", time_scale);
+    snprintf(handshake_seconds, sizeof handshake_seconds, "%d",
+             60 * time_scale);
     proxy_start("--listen", "127.0.0.1:0/accept-proxy",
+                "--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
+                "--decoy", address_text("127.0.0.1:%u", site->port),
                 "--timeout-handshake", handshake_seconds,
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
-    static int silent[SLOTS];
-    for (int i = 0; i < SLOTS; i++)
-        silent[i] = connect_local(proxy_listener_port(0));
-    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, SLOTS,
-                                  PROMPTLY_MS),
-                  "the %d silent clients are all accepted", SLOTS);
+    static int silent[2 * SILENT];
+    silent_clients_open(silent, SILENT, proxy_listener_port(0));
+    silent_clients_open(silent + SILENT, SILENT, proxy_listener_port(1));
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, 2 * SILENT,
+                                  SLOWLY_MS),
+                  "the %d silent clients are all accepted", 2 * SILENT);
 
-    int waiting = connect_local(proxy_listener_port(0));
-    const char header[] = "PROXY UNKNOWN\r\n", message[] = "served at last";
-    send_all(waiting, header, strlen(header));
-    send_all(waiting, message, strlen(message));
-    unsigned long long accepted = proxy_counter(COUNTER_CONNECTIONS_ACCEPTED);
-    ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
-                  "the silent clients still hold every slot");
-    ck_assert_msg(accepted == SLOTS,
-                  "the client beyond the slots is not accepted yet (%llu)",
-                  accepted);
-
-    /* The echo is the sign that it was served; the counter read right
-     * after it tells whether a silent client had given up its slot. */
-    char back[sizeof message - 1];
-    size_t got = receive_exactly(waiting, back, sizeof back,
-                                 PROMPTLY_MS + 1000 * time_scale);
-    unsigned long long timed_out = proxy_counter(COUNTER_HANDSHAKE_TIMEOUT);
-    ck_assert_msg(got == sizeof back && memcmp(back, message, got) == 0,
-                  "the waiting client is served once a slot is free");
-    ck_assert_msg(timed_out > 0, "the waiting client is served only after "
-                  "a silent client timed out and freed its slot");
-    ck_assert_msg(counter_reaches(COUNTER_HANDSHAKE_TIMEOUT, SLOTS,
-                                  PROMPTLY_MS),
-                  "every silent client is closed at the handshake timeout");
-    ck_assert_int_eq(proxy_counter(COUNTER_CONNECTIONS_ACCEPTED), SLOTS + 1);
-    close(waiting);
-    for (int i = 0; i < SLOTS; i++)
+    int behind_balancer = connect_local(proxy_listener_port(0));
+    const char header[] = "PROXY UNKNOWN\r\n";
+    send_all(behind_balancer, header, strlen(header));
+    expect_echo(behind_balancer, "WA served behind a balancer");
+    expect_tls_echo(proxy_listener_port(1), "WA served over TLS");
+    int plain = connect_local(proxy_listener_port(2));
+    expect_echo(plain, "WA served on a plain port");
+    ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0 &&
+                      proxy_connections_now() >= 2 * SILENT,
+                  "the silent clients were all still waiting meanwhile "
+                  "(%llu timed out, %u open)",
+                  proxy_counter(COUNTER_HANDSHAKE_TIMEOUT),
+                  proxy_connections_now());
+    close(behind_balancer);
+    close(plain);
+    for (int i = 0; i < 2 * SILENT; i++)
         close(silent[i]);
     proxy_stop();
     fake_upstream_stop(echo);
+    fake_upstream_stop(site);
 }
 END_TEST
 
-/* Clients of a plain port say nothing before their bytes, and those of a
- * TLS port only their handshake, which a relay thread does: they need no
- * conversation slot. While 1,024 silent clients hold every slot on a PROXY
- * port, a client of a plain port and one of a TLS port of the same proxy
- * are served at once. */
-START_TEST(test_plain_and_tls_port_clients_need_no_conversation_slot)
+/* On a TLS port behind a balancer, --max-per-ip counts the address of the
+ * PROXY header as soon as the header is read: the fifth connection from
+ * one address is closed before any TLS work is spent on it. */
+START_TEST(test_max_per_ip_is_counted_before_any_tls)
 {
-    enum { SLOTS = 1024 }; /* CONVERSATIONS_AT_ONCE */
     struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
-    char handshake_seconds[16];
-    snprintf(handshake_seconds, sizeof handshake_seconds, "%d",
-             10 * time_scale);
-    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--listen",
-                "127.0.0.1:0", "--listen", "127.0.0.1:0/tls",
-                "--timeout-handshake", handshake_seconds,
+    proxy_start("--listen", "127.0.0.1:0/tls/accept-proxy",
+                "--max-per-ip", "4",
                 "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
-    static int silent[SLOTS];
-    for (int i = 0; i < SLOTS; i++)
-        silent[i] = connect_local(proxy_listener_port(0));
-    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED, SLOTS,
-                                  PROMPTLY_MS),
-                  "the %d silent clients are all accepted", SLOTS);
-
-    int plain = connect_local(proxy_listener_port(1));
-    expect_echo(plain, "no slot needed");
-    expect_tls_echo(proxy_listener_port(2), "no slot needed for TLS");
-    ck_assert_msg(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
-                  "the silent clients still held every slot meanwhile");
-    close(plain);
-    for (int i = 0; i < SLOTS; i++)
-        close(silent[i]);
+    const char header[] = "PROXY TCP4 203.0.113.9 192.0.2.1 40000 443\r\n";
+    int clients[5];
+    for (int i = 0; i < 5; i++) {
+        clients[i] = connect_local(proxy_listener_port(0));
+        send_all(clients[i], header, strlen(header));
+    }
+    /* The relay threads may read the five headers in any order: which one
+     * is refused is not known, only that exactly one is. */
+    ck_assert_msg(counter_reaches(COUNTER_REJECTED_PER_IP, 1, PROMPTLY_MS),
+                  "one connection over --max-per-ip is refused");
+    int closed = 0;
+    for (int i = 0; i < 5; i++)
+        closed += closed_within(clients[i], 100);
+    ck_assert_msg(closed == 1, "exactly one of the five is closed (%d)",
+                  closed);
+    ck_assert_msg(proxy_counter(COUNTER_TLS_HANDSHAKE_FAILED) == 0 &&
+                      proxy_counter(COUNTER_HANDSHAKE_TIMEOUT) == 0,
+                  "closed before any TLS, and the other four wait for "
+                  "their handshakes meanwhile");
+    for (int i = 0; i < 5; i++)
+        close(clients[i]);
     proxy_stop();
     fake_upstream_stop(echo);
 }
@@ -4065,8 +4065,8 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_over_maxconn_a_new_client_is_closed_and_others_carry_on);
     tcase_add_test(t, test_out_of_descriptors_no_busy_loop_and_service_resumes);
     tcase_add_test(t, test_a_thousand_clients_at_once_are_all_served);
-    tcase_add_test(t, test_a_client_beyond_the_conversation_slots_waits_and_is_served);
-    tcase_add_test(t, test_plain_and_tls_port_clients_need_no_conversation_slot);
+    tcase_add_test(t, test_silent_clients_hold_up_no_other_client);
+    tcase_add_test(t, test_max_per_ip_is_counted_before_any_tls);
     tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
     tcase_add_test(t, test_max_per_ip_holds_on_a_plain_port);
     suite_add_tcase(suite, t);

@@ -171,35 +171,20 @@
  * waits at most 15 s before it is closed. */
 #define UPSTREAM_TRIES_MAX 3
 
-/* At most this many conversations at once (section 8). A reconnect storm
- * after an outage can bring thousands of clients in one second; the extra
- * ones wait in the kernel's listen backlog, which costs no thread. */
-#define CONVERSATIONS_AT_ONCE 1024
-
 /* Lists in the table of connections per client address (--max-per-ip,
  * section 8): 4,096 pointers, 32 KiB, keep the lists short for the
  * reference's 27,500 connections. */
 #define PER_IP_BUCKETS 4096
 
-/* A conversation worker with nothing to do for this long ends (section 9),
- * so a quiet proxy keeps no idle threads, and a busy one starts none. */
-#define WORKER_IDLE_MS 10000
-
 /* The kernel's queue of not yet accepted connections per listener. Linux
  * silently caps it at net.core.somaxconn (4096 since Linux 5.4). */
 #define LISTEN_BACKLOG 4096
 
-/* A conversation worker's stack. The deepest call is OpenSSL's handshake
- * (well under 64 KiB even with RSA 4096); the default 8 MiB would only be
- * reserved address space, but a small stack keeps 1,024 workers cheap. */
-#define WORKER_STACK_BYTES (256 * 1024)
-
-/* Each relay thread reads into one scratch buffer of this size and writes
- * straight on. Bigger means fewer system calls on bulk transfers; it exists
- * once per relay thread, not per connection, so it costs nothing per client.
- * (HAProxy's reference keeps two 4 KiB buffers for every connection.)
- * Measured by make bench on 2 CPUs, 8 plain connections: 128 KiB moved
- * 0.43-0.52x of direct loopback, 1 MiB 0.54-0.66x. */
+/* Each relay thread carries bytes from one socket to another through one
+ * scratch buffer of this size (section 10). Bigger means fewer system calls
+ * on bulk transfers; it exists once per relay thread, not per connection,
+ * so it costs nothing per client. (HAProxy's reference keeps two 4 KiB
+ * buffers for every connection; bench/README.md has the measurements.) */
 #define RELAY_SCRATCH_BYTES (1024 * 1024)
 
 /* The most bytes one TLS record carries (the protocol's limit). */
@@ -305,17 +290,14 @@ static const struct listener_spec DEFAULT_LISTENERS[] = {
  * stop_requested flag below it, which a signal handler writes.
  *
  * Which thread owns what:
- *   - the acceptor (main thread) opens and closes the listening sockets;
- *     it accepts on PROXY ports (every chat port with --decoy), the relay
- *     threads on the others;
- *   - a conversation worker owns its client until it hands it to a relay
- *     thread;
- *   - a relay thread owns every connection in its epoll loop;
+ *   - the main thread opens and closes the listening sockets, and waits
+ *     for signals (section 13);
+ *   - a relay thread owns every connection in its epoll loop, from
+ *     accept() to close() (section 10);
  *   - nothing else is shared except what is below.
  */
 struct listener;     /* section 7 */
 struct per_ip;       /* section 8 */
-struct conversation; /* section 9 */
 struct upstream;     /* section 6 */
 struct relay_thread; /* section 10 */
 
@@ -331,17 +313,16 @@ static struct proxy_state {
     pthread_t stats_thread;          /* section 12 */
     time_t started_at;               /* wall-clock time of proxy_open() */
     int abort_fd;         /* eventfd, readable once every wait must end */
-    int acceptor_wake_fd; /* eventfd: a slot freed, a stop or a reload */
-    int acceptor_epoll_fd; /* what the acceptor waits on (section 13) */
+    int main_wake_fd;     /* eventfd: a stop or a reload for main */
 
     /* Guarded by tls_lock: replaced by a certificate reload (SIGHUP). The
-     * acceptor, the only thread that replaces it, reads it without. */
+     * main thread, the only one that replaces it, reads it without. */
     pthread_mutex_t tls_lock;
     SSL_CTX *tls_context;            /* NULL when no listener is TLS */
 
     /* Atomics: any thread may change them without a lock. */
     atomic_int log_level;            /* an enum log_level */
-    atomic_int reload_requested;     /* set by SIGHUP, cleared by acceptor */
+    atomic_int reload_requested;     /* set by SIGHUP, cleared by main */
     atomic_ullong counters[COUNTER_COUNT];
     atomic_uint connections_now;     /* compared with settings->maxconn */
     atomic_llong accept_rest_until_ms; /* see accept_rest_begin() */
@@ -358,27 +339,18 @@ static struct proxy_state {
     pthread_mutex_t per_ip_lock;
     struct per_ip *per_ip_buckets[PER_IP_BUCKETS];
 
-    /* Guarded by conversation_lock: the conversations (section 9). */
-    pthread_mutex_t conversation_lock;
-    pthread_cond_t ended; /* signalled when the conversations, the workers,
-                             or (while stopping) the connections reach 0 */
-    pthread_cond_t work_waiting;     /* a conversation joined the queue */
-    unsigned conversations_now;      /* queued or being served */
-    struct conversation *queue_first; /* waiting for a worker, in order */
-    struct conversation *queue_last;
-    unsigned queue_length;
-    unsigned workers_now;            /* conversation worker threads */
-    unsigned workers_idle;           /* of those, waiting for work */
-    bool workers_quit;               /* set at the end of proxy_run() */
+    /* With stop_lock: while stopping, the last connection to end signals
+     * `ended` (section 13). */
+    pthread_mutex_t stop_lock;
+    pthread_cond_t ended;
 } state = {
     .abort_fd = -1,
-    .acceptor_wake_fd = -1,
-    .acceptor_epoll_fd = -1,
+    .main_wake_fd = -1,
     .log_level = LOG_INFO,
     .tls_lock = PTHREAD_MUTEX_INITIALIZER,
     .per_ip_lock = PTHREAD_MUTEX_INITIALIZER,
     .upstream_lock = PTHREAD_MUTEX_INITIALIZER,
-    .conversation_lock = PTHREAD_MUTEX_INITIALIZER,
+    .stop_lock = PTHREAD_MUTEX_INITIALIZER,
 };
 
 /* Set by proxy_request_stop(), which a signal handler may call, and read by
@@ -550,11 +522,11 @@ static long long now_ms(void)
 }
 
 /*
- * Waiting with a deadline. Every step that waits for a client or a server
- * (a PROXY header, a TLS handshake, a connect, the first bytes) waits in
- * socket_wait(), with a deadline, and gives up at once when the proxy's
- * grace period ends (abort_fd, section 13). Its verdict, and the verdict of
- * a whole step, have names of their own.
+ * Waiting with a deadline. The one thread that waits for a socket as
+ * blocking code does, the health thread (section 6), waits in
+ * socket_wait(), with a deadline, and gives up at once when the proxy
+ * stops (abort_fd, section 13). Clients are never waited for this way: a
+ * relay thread's event loop waits for thousands at once (section 10).
  */
 
 /* What socket_wait() saw. */
@@ -565,10 +537,7 @@ enum wait_result {
 };
 
 /* Waits until fd is ready for events (POLLIN or POLLOUT), the deadline (a
- * now_ms() value) passes, or the proxy's grace period ends (abort_fd).
- * Every blocking step of a conversation goes through here, so a silent or
- * slow client can hold a thread only until its deadline, and a stopping
- * proxy never waits longer than its grace period for one. */
+ * now_ms() value) passes, or the proxy's grace period ends (abort_fd). */
 static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
 {
     for (;;) {
@@ -588,14 +557,6 @@ static enum wait_result socket_wait(int fd, short events, long long deadline_ms)
             return WAIT_READY;
     }
 }
-
-/* How a conversation step ended: done, or why not. */
-enum step_result {
-    STEP_DONE,
-    STEP_FAILED,    /* the peer broke the protocol or the network failed */
-    STEP_TIMED_OUT, /* the deadline passed */
-    STEP_STOPPING   /* the proxy is stopping */
-};
 
 /* ==== 3. Command line ==== */
 
@@ -1949,37 +1910,6 @@ static enum handshake_progress tls_handshake_step(SSL *tls)
     }
 }
 
-/* Does the whole server side of the TLS handshake on the non-blocking
- * socket fd before deadline_ms, as blocking code would: step, wait, step.
- * On STEP_DONE *out is the new SSL object, which the caller frees with
- * SSL_free(); otherwise *out is NULL. */
-static enum step_result tls_accept(int fd, long long deadline_ms, SSL **out)
-{
-    *out = NULL;
-    SSL *tls = tls_new(fd);
-    if (tls == NULL)
-        return STEP_FAILED;
-    for (;;) {
-        enum handshake_progress progress = tls_handshake_step(tls);
-        if (progress == HANDSHAKE_DONE) {
-            *out = tls;
-            return STEP_DONE;
-        }
-        enum wait_result waited = WAIT_READY;
-        if (progress != HANDSHAKE_FAILED)
-            waited = socket_wait(fd,
-                                 progress == HANDSHAKE_WANTS_READ ? POLLIN
-                                                                  : POLLOUT,
-                                 deadline_ms);
-        if (progress == HANDSHAKE_FAILED || waited != WAIT_READY) {
-            SSL_free(tls);
-            return progress == HANDSHAKE_FAILED ? STEP_FAILED
-                   : waited == WAIT_TIMED_OUT   ? STEP_TIMED_OUT
-                                                : STEP_STOPPING;
-        }
-    }
-}
-
 /* ==== 6. Upstreams ==== */
 
 /*
@@ -2505,77 +2435,31 @@ static void listener_label(const struct listener *listener, char *out,
 /* ==== 8. Admission ==== */
 
 /*
- * Two limits decide whether a new client is taken in:
+ * Two limits decide whether a client is taken in:
  *
  *   - --maxconn (27,500 as in the reference): client connections at once,
  *     from accept() until the connection ends. Over it, a new client is
  *     closed at once, so that its app tries another proxy quickly, and every
  *     existing connection carries on untouched.
  *
- *   - CONVERSATIONS_AT_ONCE (1,024): conversations at once (section 9:
- *     the first steps of clients that send a PROXY header, or of every
- *     chat client with --decoy). When all are under way the acceptor
- *     simply stops accepting on those ports (section 13). New clients there
- *     then wait in the kernel's listen backlog, which costs no thread,
- *     until a conversation ends and frees its slot. Plain and TLS ports
- *     without a decoy need no slot, so a flood of silent clients on a PROXY
- *     port does not hold them up.
+ *   - --max-per-ip (off unless given): connections at once from one client
+ *     address, so that one scanner or one abuser cannot use up --maxconn
+ *     for everyone. The address is counted as soon as it is known: at
+ *     accept(), or right after the PROXY header on a PROXY port, before any
+ *     TLS work is spent on the client. It needs a table from address to
+ *     count: a hash table of PER_IP_BUCKETS lists, under one mutex, with an
+ *     entry only while that address has a connection open.
  *
- * And one optional rule: --max-per-ip, connections at once from one client
- * address (the real one, after any PROXY header), so that one scanner or
- * one abuser cannot use up --maxconn for everyone. It needs a table from
- * address to count: a hash table of PER_IP_BUCKETS lists, under one mutex,
- * with an entry only while that address has a connection open.
+ * A client that is slow to say what it must say first (section 9) holds
+ * nothing but its socket and a small struct meanwhile, in the event loop
+ * of a relay thread (section 10). So there is no third limit on clients
+ * "in their first steps": a flood of silent clients costs memory in
+ * proportion, is bounded by --maxconn and --timeout-handshake, and holds
+ * up nobody.
  */
 
-/* Takes a conversation slot if one is free. Returns false if all are busy.
- * Takes conversation_lock. */
-static bool conversation_slot_take(void)
-{
-    pthread_mutex_lock(&state.conversation_lock);
-    bool free_slot = state.conversations_now < CONVERSATIONS_AT_ONCE;
-    if (free_slot)
-        state.conversations_now++;
-    pthread_mutex_unlock(&state.conversation_lock);
-    return free_slot;
-}
-
-/* Returns true if a conversation slot is free now. Takes conversation_lock. */
-static bool conversation_slot_free(void)
-{
-    pthread_mutex_lock(&state.conversation_lock);
-    bool free_slot = state.conversations_now < CONVERSATIONS_AT_ONCE;
-    pthread_mutex_unlock(&state.conversation_lock);
-    return free_slot;
-}
-
-/* Gives a conversation slot back. If the acceptor had stopped for lack of
- * slots it is woken; if this was the last conversation, a stopping
- * proxy_run() is woken. The caller holds conversation_lock. */
-static void conversation_slot_release_locked(void)
-{
-    bool was_full = state.conversations_now == CONVERSATIONS_AT_ONCE;
-    state.conversations_now--;
-    if (state.conversations_now == 0)
-        pthread_cond_broadcast(&state.ended);
-    if (was_full)
-        eventfd_write(state.acceptor_wake_fd, 1);
-}
-
-/* The same, taking conversation_lock. */
-static void conversation_slot_release(void)
-{
-    pthread_mutex_lock(&state.conversation_lock);
-    conversation_slot_release_locked();
-    pthread_mutex_unlock(&state.conversation_lock);
-}
-
 /* Counts a newly accepted client of listener. Returns false, after counting
- * the rejection, when it is over --maxconn: the caller then closes it.
- * SHORTCUT: --max-per-ip limits connections at once, not how fast one
- * address opens them; a limit on new connections per second would stop a
- * client that connects and leaves in a loop (tutorial.md, exercise "a
- * rate limit per address"). */
+ * the rejection, when it is over --maxconn: the caller then closes it. */
 static bool connection_admit(struct listener *listener)
 {
     counter_add(COUNTER_CONNECTIONS_ACCEPTED, 1);
@@ -2605,9 +2489,12 @@ struct per_ip {
  * --max-per-ip. Returns its table entry (give it back with
  * per_ip_release()), or NULL when the address is over the limit. Takes
  * per_ip_lock.
- * SHORTCUT: an IPv6 address is counted whole, but one home usually has a
- * whole /64 network of them; counting by the first 8 bytes would stop
- * that (tutorial.md, exercise "a rate limit per address" can do both). */
+ * SHORTCUT: --max-per-ip limits connections at once, not how fast one
+ * address opens them; a limit on new connections per second would stop a
+ * client that connects and leaves in a loop. And an IPv6 address is
+ * counted whole, but one home usually has a whole /64 network of them;
+ * counting by the first 8 bytes would stop that (tutorial.md, exercise "a
+ * rate limit per address", does both here). */
 static struct per_ip *per_ip_take(const struct sockaddr_storage *address)
 {
     const uint8_t *bytes;
@@ -2670,9 +2557,9 @@ static void connection_ended(struct listener *listener)
     atomic_fetch_sub(&listener->connections_now, 1);
     counter_add(COUNTER_CONNECTIONS_CLOSED, 1);
     if (atomic_fetch_sub(&state.connections_now, 1) == 1 && stop_requested) {
-        pthread_mutex_lock(&state.conversation_lock);
+        pthread_mutex_lock(&state.stop_lock);
         pthread_cond_broadcast(&state.ended);
-        pthread_mutex_unlock(&state.conversation_lock);
+        pthread_mutex_unlock(&state.stop_lock);
     }
 }
 
@@ -2688,9 +2575,7 @@ static void connection_ended(struct listener *listener)
  * other events: epoll reports the listener again at once if more clients
  * wait. So a relay thread never keeps its thousands of open connections
  * waiting behind a long run of new ones. 4 is HAProxy's default
- * (tune.maxaccept), which its manual says gave the best results; in make
- * bench, 4 and 64 made as many connections a second, and the slowest 1%
- * differed by less than the machine's noise. */
+ * (tune.maxaccept), which its manual says gave the best results. */
 #define ACCEPT_BATCH 4
 
 /* What accepting one client did. */
@@ -2750,64 +2635,37 @@ static int accept_rest_left(long long now)
 /* ==== 9. Conversation ==== */
 
 /*
- * What a client says before its bytes can be relayed (a PROXY header, a
- * TLS handshake, its first bytes when there is a decoy to choose) is read
- * as plain blocking code in a thread that serves only that client
- * meanwhile, in this order:
+ * Before its bytes can be relayed, a client may have to say something
+ * that the proxy reads itself, in this order:
  *
- *   1. read the PROXY header, if the listener expects one;
- *   2. do the TLS handshake, if the listener is TLS;
- *   3. with --max-per-ip, count the client's address (section 8);
- *   4. with --decoy, choose: WhatsApp, or the decoy web site (see below);
- *   5. hand the client to a relay thread, which connects to the chosen
- *      upstream (chat pool, media server, or decoy), sends our PROXY header
- *      to it (chat servers only) and relays (section 10).
+ *   1. its PROXY header, on a PROXY port (a balancer speaks for it);
+ *   2. its TLS handshake, on a TLS port;
+ *   3. its first bytes, when there is a decoy (--decoy) to choose.
  *
- * A client with no PROXY header to read and no decoy to choose needs no
- * such thread, even on a TLS port: the relay threads accept it themselves
- * and do its TLS handshake, if any, in their event loops, one step at a time
- * (section 10). On a busy chat port that is most clients. Measured by make
- * bench with 64 clients at once:
- *   - each hand-over from one thread to another costs a wake-up. With two
- *     (acceptor, worker, relay thread) plain ports made 0.97x as many
- *     connections a second as HAProxy; with one 1.0x, but the slowest 1%
- *     took 1.66x as long; with none 1.10x and 1.01x;
- *   - 64 TLS handshakes in 64 workers are time-sliced by the kernel: the
- *     slowest 1% took 1.25x as long as HAProxy's, whose two event loops
- *     finish one handshake after another. In the relay threads' loops:
- *     0.94x. A TLS port that also takes a PROXY header, or has a decoy to
- *     choose, keeps its conversation: that reading is straight-line code
- *     here, and the handshake is then done by tls_accept() (section 5).
- *
- * The threads are "workers" that take conversations from a queue, one at a
- * time. Starting a new thread for every client would cost about a quarter
- * of the time of a whole conversation (measured when plain ports still had
- * conversations: thread start and end were 10 of their 33 system calls); a
- * worker that just finished one client takes the next at once. There are
- * as many workers as conversations under way, up to CONVERSATIONS_AT_ONCE;
- * a worker idle for WORKER_IDLE_MS ends.
- * So a burst of clients gets its threads, and idle chat connections, which
- * live in the relay threads, still hold no thread at all.
- *
- * Steps 1 to 4 together must finish within --timeout-handshake, so a client
- * that connects and says nothing (a scanner, or a "slowloris" attack that
- * sends one byte a second) holds a thread for a few seconds at most. Each
- * wait goes through socket_wait(), which also returns at once when the
- * proxy stops.
+ * Then the proxy chooses the upstream (chat pool, media server, or decoy)
+ * and connects. Each step is a state of the connection in a relay
+ * thread's event loop (section 10): it reads what has arrived so far,
+ * decides if it can, and otherwise waits for more with the thousands of
+ * other connections, never blocking. This section holds what the steps
+ * decide, as functions of the bytes heard so far; section 10 holds the
+ * reading and the waiting. All three steps together must finish within
+ * --timeout-handshake of accept(), so a client that connects and says
+ * nothing (a scanner, or a "slowloris" attack that sends one byte a
+ * second) is closed then.
  *
  * Reading the PROXY header without reading too far: the kernel lets us look
  * at received bytes without taking them (recv() with MSG_PEEK). We look,
  * ask proxyhdr_decode() how long the header is, and then take exactly that
- * many bytes. If the header is not complete yet, every byte we saw belongs to
- * it, so we take them all and wait for more. The client's first payload
- * bytes stay in the socket for the relay.
+ * many bytes. If the header is not complete yet, every byte we saw belongs
+ * to it, so we take them all, keep them, and wait for more. The client's
+ * first payload bytes stay in the socket for the relay.
  *
  * Probes and the decoy (--decoy, --sni). Censors find proxies by scanning:
  * they connect to open ports and block whatever answers like a proxy. With
- * --decoy HOST:PORT (an ordinary web site, a local nginx say), a
- * conversation reads the client's first bytes (inside TLS on TLS ports)
- * before it chooses where to relay. A WhatsApp client speaks first, so this
- * costs it nothing but a moment; a client whose first bytes are clearly not
+ * --decoy HOST:PORT (an ordinary web site, a local nginx say), the proxy
+ * reads the client's first bytes (inside TLS on TLS ports) before it
+ * chooses where to relay. A WhatsApp client speaks first, so this costs it
+ * nothing but a moment; a client whose first bytes are clearly not
  * WhatsApp goes to the web site instead, bytes and all, so a prober gets
  * that site's real pages. decoy_classify() decides, by one of two rules:
  *
@@ -2822,9 +2680,8 @@ static int accept_rest_left(long long now)
  * With --sni NAME, a TLS client that asks for another server name (or for
  * none, as a scanner that only knows the address does) goes to the decoy
  * without a word read. A wildcard certificate and a secret name then work
- * as a password. And --max-per-ip (section 8) limits what one address can
- * take. What none of this hides: the traffic's shape and timing, and the
- * server's address once it is known.
+ * as a password. What none of this hides: the traffic's shape and timing,
+ * and the server's address once it is known.
  */
 
 /* Where a client's bytes go. */
@@ -2834,36 +2691,34 @@ enum destination {
     TO_DECOY         /* the decoy web site (--decoy), bytes as they are */
 };
 
-/* One client between accept() and the relay. Owned by the queue, then by
- * the worker that serves it. */
-struct conversation {
-    int client_fd;
-    struct listener *listener;
-    struct proxy_addresses addresses; /* the client and what it dialled */
-    struct per_ip *per_ip;            /* with --max-per-ip, its address */
-    struct conversation *next;        /* in the queue */
-};
-
-/* Hands a client to a relay thread (section 10), which connects it to
- * destination and relays, with our PROXY header for addresses (copied)
- * and the bytes already read from the client (first[0..first_length),
- * copied) sent upstream before anything else. The relay thread owns
- * client_fd, tls and the per_ip entry from then on. Defined in section 10,
- * declared here so that this section can be read in the order a connection
- * lives it. */
-static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
-                        enum destination destination,
-                        const struct proxy_addresses *addresses,
-                        const uint8_t *first, size_t first_length,
-                        struct per_ip *per_ip);
-
 /* The most routing information a WhatsApp client sends before 'W' 'A'
  * (a few bytes in practice), and so the most bytes read to decide. */
 #define DECOY_ROUTING_MAX 1024
 #define DECOY_FIRST_BYTES_MAX (4 + 3 + DECOY_ROUTING_MAX + 4)
 
-/* Classifies a client's first bytes; see whatsapp_proxy.h and the section
- * comment. A pure function: bytes in, verdict out. */
+/* Room for what a client says first: a PROXY header, or the first bytes
+ * for the decoy's choice (never both at once: the header is dropped once
+ * decoded, before any first byte is read). */
+#define HEARD_BYTES_MAX                                                     \
+    (PROXYHDR_V2_MAX_BYTES > DECOY_FIRST_BYTES_MAX ? PROXYHDR_V2_MAX_BYTES  \
+                                                   : DECOY_FIRST_BYTES_MAX)
+
+/* What a connection needs during its first steps and until its upstream is
+ * connected; then freed. It is kept apart from the connection (about 1.9
+ * KiB, for a few seconds) so that an open connection, the common case by
+ * far, stays small. */
+struct opening {
+    struct upstream_attempts attempts; /* section 6 */
+    enum destination destination;
+    struct proxy_addresses addresses;  /* for our PROXY header and the log */
+    uint8_t heard[HEARD_BYTES_MAX];    /* what the client said so far */
+    size_t heard_length;
+    uint32_t client_wait;              /* what the step waits for: EPOLLIN
+                                          or EPOLLOUT on the client */
+};
+
+/* Classifies the first bytes of a client; see whatsapp_proxy.h and the
+ * section comment. A pure function: bytes in, verdict out. */
 enum decoy_verdict decoy_classify(const uint8_t *data, size_t length,
                                   bool strict)
 {
@@ -2904,107 +2759,50 @@ enum decoy_verdict decoy_classify(const uint8_t *data, size_t length,
     return length < header_at + 4 ? DECOY_NEED_MORE : DECOY_WHATSAPP;
 }
 
-/* Reads the client's first bytes (through tls if not NULL) into first
- * until decoy_classify() can tell, or deadline_ms. On STEP_DONE *to_decoy
- * holds the verdict and first[0..*length) the bytes read, which must be
- * relayed before anything else. */
-static enum step_result first_bytes_read(int fd, SSL *tls, long long deadline_ms,
-                                         uint8_t *first, size_t *length,
-                                         bool *to_decoy)
+/* Step 1: the PROXY header. `seen` more bytes have just been looked at
+ * (not taken) behind the heard_length bytes taken before. Returns how many
+ * of the seen bytes belong to the header, which the caller must take, and
+ * sets *complete once they end it: then the addresses it carried, if any
+ * (UNKNOWN and LOCAL carry none), replace opening->addresses, and nothing
+ * heard is kept. Returns -1 if the header is malformed or too long. */
+static int opening_hear_header(struct opening *opening, size_t seen,
+                               bool *complete)
 {
-    *length = 0;
-    for (;;) {
-        size_t got = 0;
-        short wanted = POLLIN;
-        if (tls != NULL) {
-            ERR_clear_error();
-            if (SSL_read_ex(tls, first + *length,
-                            DECOY_FIRST_BYTES_MAX - *length, &got) != 1) {
-                int reason = SSL_get_error(tls, 0);
-                if (reason != SSL_ERROR_WANT_READ &&
-                    reason != SSL_ERROR_WANT_WRITE)
-                    return STEP_FAILED;
-                wanted = reason == SSL_ERROR_WANT_WRITE ? POLLOUT : POLLIN;
-            }
-        } else {
-            ssize_t count = recv(fd, first + *length,
-                                 DECOY_FIRST_BYTES_MAX - *length, 0);
-            if (count == 0 || (count < 0 && errno != EAGAIN && errno != EINTR))
-                return STEP_FAILED;
-            got = count > 0 ? (size_t)count : 0;
-        }
-        if (got == 0) {
-            enum wait_result waited = socket_wait(fd, wanted, deadline_ms);
-            if (waited != WAIT_READY)
-                return waited == WAIT_TIMED_OUT ? STEP_TIMED_OUT
-                                                : STEP_STOPPING;
-            continue;
-        }
-        *length += got;
-        enum decoy_verdict verdict =
-            decoy_classify(first, *length, state.settings->decoy_strict);
-        if (verdict != DECOY_NEED_MORE || *length == DECOY_FIRST_BYTES_MAX) {
-            *to_decoy = verdict != DECOY_WHATSAPP;
-            return STEP_DONE;
-        }
+    struct proxy_addresses decoded;
+    size_t have = opening->heard_length;
+    int header_length = proxyhdr_decode(opening->heard, have + seen,
+                                        &decoded);
+    *complete = header_length > 0;
+    if (header_length < 0 || (header_length == 0 &&
+                              have + seen == sizeof opening->heard))
+        return -1;
+    if (!*complete) {
+        opening->heard_length += seen;
+        return (int)seen;
     }
+    if (decoded.known)
+        opening->addresses = decoded;
+    opening->heard_length = 0;
+    return header_length - (int)have;
 }
 
-/* Reads exactly one PROXY header from fd (see the section comment) before
- * deadline_ms. On STEP_DONE, if the header carried addresses, they replace
- * *addresses; otherwise (UNKNOWN, LOCAL) *addresses is left alone. */
-static enum step_result proxyhdr_read(int fd, long long deadline_ms,
-                                      struct proxy_addresses *addresses)
+/* Step 3: the first bytes, when there is a decoy. `seen` more bytes have
+ * just been taken behind those heard before. Returns true once the bytes
+ * decide, after setting opening->destination: the decoy for a probe, else
+ * the chat pool. The heard bytes must then be relayed before anything
+ * else. */
+static bool opening_hear_first_bytes(struct opening *opening, size_t seen)
 {
-    uint8_t header[PROXYHDR_V2_MAX_BYTES];
-    size_t have = 0;
-
-    for (;;) {
-        enum wait_result waited = socket_wait(fd, POLLIN, deadline_ms);
-        if (waited != WAIT_READY)
-            return waited == WAIT_TIMED_OUT ? STEP_TIMED_OUT : STEP_STOPPING;
-
-        ssize_t seen = recv(fd, header + have, sizeof header - have, MSG_PEEK);
-        if (seen < 0 && (errno == EAGAIN || errno == EINTR))
-            continue;
-        if (seen <= 0)
-            return STEP_FAILED; /* closed or reset before the header ended */
-
-        struct proxy_addresses decoded;
-        int header_length = proxyhdr_decode(header, have + (size_t)seen,
-                                            &decoded);
-        if (header_length < 0)
-            return STEP_FAILED;
-        size_t take = header_length > 0 ? (size_t)header_length - have
-                                        : (size_t)seen;
-        if (recv(fd, header + have, take, 0) != (ssize_t)take)
-            return STEP_FAILED; /* cannot happen: these bytes were there */
-        have += take;
-        assert(have < sizeof header || header_length > 0);
-
-        if (header_length > 0) {
-            if (decoded.known)
-                *addresses = decoded;
-            return STEP_DONE;
-        }
-    }
-}
-
-/* With --decoy: decides whether this client is WhatsApp or a probe for the
- * decoy web site. A TLS server name that is not one of the --sni names is
- * enough; otherwise the first bytes are read (into first[0..*length), to be
- * relayed) and classified. Sets *to_decoy on STEP_DONE. */
-static enum step_result decoy_choose(int fd, SSL *tls, long long deadline_ms,
-                                     uint8_t *first, size_t *length,
-                                     bool *to_decoy)
-{
-    if (tls != NULL && state.settings->sni_count > 0 &&
-        !tls_server_name_listed(
-            SSL_get_servername(tls, TLSEXT_NAMETYPE_host_name))) {
-        *to_decoy = true;
-        return STEP_DONE;
-    }
-    return first_bytes_read(fd, tls, deadline_ms, first, length, to_decoy);
+    opening->heard_length += seen;
+    enum decoy_verdict verdict =
+        decoy_classify(opening->heard, opening->heard_length,
+                       state.settings->decoy_strict);
+    if (verdict == DECOY_NEED_MORE &&
+        opening->heard_length < DECOY_FIRST_BYTES_MAX)
+        return false;
+    if (verdict != DECOY_WHATSAPP)
+        opening->destination = TO_DECOY;
+    return true;
 }
 
 /* Logs what happened to one client of listener, whose addresses are
@@ -3025,249 +2823,17 @@ static void client_log(const struct listener *listener,
              port, what);
 }
 
-/* Counts and logs why a conversation step did not finish: a failure in
- * failed_counter (COUNTER_COUNT: log it only), a timeout in
- * COUNTER_HANDSHAKE_TIMEOUT. STEP_STOPPING is not the client's fault and is
- * not counted. */
-static void conversation_count_failure(const struct conversation *conversation,
-                                       enum step_result step,
-                                       enum counter failed_counter,
-                                       const char *failed_text)
-{
-    if (step == STEP_FAILED) {
-        if (failed_counter != COUNTER_COUNT)
-            counter_add(failed_counter, 1);
-        client_log(conversation->listener, &conversation->addresses,
-                   LOG_DEBUG, failed_text);
-    } else if (step == STEP_TIMED_OUT) {
-        counter_add(COUNTER_HANDSHAKE_TIMEOUT, 1);
-        client_log(conversation->listener, &conversation->addresses,
-                   LOG_DEBUG, "too slow to start");
-    }
-}
-
-/* Serves one conversation: steps 1 to 5 of the section comment. Frees the
- * conversation; its worker gives its slot back. */
-static void conversation_serve(struct conversation *conversation)
-{
-    const struct listener_spec *spec = &conversation->listener->spec;
-    int client_fd = conversation->client_fd;
-    long long deadline_ms = now_ms() + state.settings->timeout_handshake_ms;
-    enum step_result step = STEP_DONE;
-    SSL *tls = NULL;
-
-    if (spec->accept_proxy) {
-        step = proxyhdr_read(client_fd, deadline_ms, &conversation->addresses);
-        conversation_count_failure(conversation, step,
-                                   COUNTER_BAD_PROXY_HEADER,
-                                   "bad PROXY header");
-    }
-    if (step == STEP_DONE && spec->tls) {
-        step = tls_accept(client_fd, deadline_ms, &tls);
-        conversation_count_failure(conversation, step,
-                                   COUNTER_TLS_HANDSHAKE_FAILED,
-                                   "TLS handshake failed");
-    }
-    if (step != STEP_DONE)
-        goto out;
-
-    if (state.settings->max_per_ip > 0 && spec->accept_proxy) {
-        /* The real address came with the PROXY header (for the others,
-         * client_prepare() counted it already). */
-        conversation->per_ip = per_ip_take(&conversation->addresses.source);
-        if (conversation->per_ip == NULL) {
-            counter_add(COUNTER_REJECTED_PER_IP, 1);
-            client_log(conversation->listener, &conversation->addresses,
-                       LOG_DEBUG, "over --max-per-ip");
-            goto out;
-        }
-    }
-
-    uint8_t first[DECOY_FIRST_BYTES_MAX];
-    size_t first_length = 0;
-    bool to_decoy = false;
-    if (state.settings->decoy_enabled && !spec->media) {
-        step = decoy_choose(client_fd, tls, deadline_ms, first, &first_length,
-                            &to_decoy);
-        conversation_count_failure(conversation, step, COUNTER_COUNT,
-                                   "closed before its first bytes");
-        if (step != STEP_DONE)
-            goto out;
-    }
-
-    /* SHORTCUT: a media client goes to the one media server whatever name
-     * it asks for in its TLS ClientHello; reading that name (SNI) and
-     * allowing only WhatsApp's media hosts would be stricter (tutorial.md,
-     * exercise "an allow-list of media host names"). */
-    enum destination destination = to_decoy      ? TO_DECOY
-                                   : spec->media ? TO_MEDIA_SERVER
-                                                 : TO_CHAT_SERVERS;
-    relay_adopt(conversation->listener, client_fd, tls, destination,
-                &conversation->addresses, first, first_length,
-                conversation->per_ip);
-    client_fd = -1; /* the relay thread owns it now */
-out:
-    if (client_fd >= 0) {
-        SSL_free(tls);
-        close(client_fd);
-        per_ip_release(conversation->per_ip);
-        connection_ended(conversation->listener);
-    }
-    free(conversation);
-}
-
-/* The body of a worker thread: serves queued conversations one after the
- * other; ends after WORKER_IDLE_MS without work, or when told to quit.
- * Takes conversation_lock between conversations, never during one. */
-static void *conversation_worker_run(void *unused)
-{
-    (void)unused;
-    pthread_mutex_lock(&state.conversation_lock);
-    for (;;) {
-        while (state.queue_first == NULL && !state.workers_quit) {
-            struct timespec until;
-            clock_gettime(CLOCK_MONOTONIC, &until);
-            until.tv_sec += WORKER_IDLE_MS / 1000;
-            state.workers_idle++;
-            int waited = pthread_cond_timedwait(&state.work_waiting,
-                                                &state.conversation_lock,
-                                                &until);
-            state.workers_idle--;
-            if (waited == ETIMEDOUT && state.queue_first == NULL)
-                break;
-        }
-        struct conversation *conversation = state.queue_first;
-        if (conversation == NULL)
-            break; /* idle too long, or quitting */
-        state.queue_first = conversation->next;
-        if (state.queue_first == NULL)
-            state.queue_last = NULL;
-        state.queue_length--;
-        pthread_mutex_unlock(&state.conversation_lock);
-        conversation_serve(conversation);
-        /* The slot is given back under the same lock hold in which this
-         * worker turns idle, so the next client finds it idle instead of
-         * starting yet another worker. */
-        pthread_mutex_lock(&state.conversation_lock);
-        conversation_slot_release_locked();
-    }
-    state.workers_now--;
-    if (state.workers_now == 0)
-        pthread_cond_broadcast(&state.ended);
-    pthread_mutex_unlock(&state.conversation_lock);
-    return NULL;
-}
-
-/* Starts one more worker thread. Returns false if the system has no more
- * threads to give. The caller holds conversation_lock. */
-static bool conversation_worker_add(void)
-{
-    pthread_attr_t attributes;
-    pthread_t thread;
-    pthread_attr_init(&attributes);
-    pthread_attr_setdetachstate(&attributes, PTHREAD_CREATE_DETACHED);
-    pthread_attr_setstacksize(&attributes, WORKER_STACK_BYTES);
-    int failure = pthread_create(&thread, &attributes,
-                                 conversation_worker_run, NULL);
-    pthread_attr_destroy(&attributes);
-    if (failure != 0) {
-        log_line(LOG_WARN, "cannot start a thread: %s", strerror(failure));
-        return false;
-    }
-    state.workers_now++;
-    return true;
-}
-
-/* Returns whether clients of the listener spec say something that must be
- * read before their bytes can be relayed (a PROXY header, first bytes for
- * the decoy's choice), and so need a conversation. A TLS handshake alone
- * does not: a relay thread does it (section 10). */
-static bool listener_needs_conversation(const struct listener_spec *spec)
-{
-    return spec->accept_proxy ||
-           (state.settings->decoy_enabled && !spec->media);
-}
-
-/* Does what every admitted client needs first: notes its addresses (for
- * the PROXY header we send), turns on TCP_NODELAY, and with --max-per-ip
- * counts its address where it is known now (no PROXY header to wait for),
- * before it can hold anything else. Returns false if that address is over
- * --max-per-ip: then the client is counted and closed. */
-static bool client_prepare(struct listener *listener, int client_fd,
-                           const struct sockaddr_storage *peer,
-                           struct proxy_addresses *addresses,
-                           struct per_ip **per_ip)
-{
-    *addresses = (struct proxy_addresses){.known = true, .source = *peer};
-    socklen_t length = sizeof addresses->destination;
-    getsockname(client_fd, (struct sockaddr *)&addresses->destination,
-                &length);
-    address_unmap_ipv4(&addresses->source);
-    address_unmap_ipv4(&addresses->destination);
-    socket_set_nodelay(client_fd);
-
-    *per_ip = NULL;
-    if (state.settings->max_per_ip == 0 || listener->spec.accept_proxy)
-        return true;
-    *per_ip = per_ip_take(&addresses->source);
-    if (*per_ip != NULL)
-        return true;
-    counter_add(COUNTER_REJECTED_PER_IP, 1);
-    close(client_fd);
-    connection_ended(listener);
-    return false;
-}
-
-/* Queues an admitted client of a listener that needs conversations for a
- * worker, waking an idle one or starting a new one. The caller holds a
- * conversation slot for it, which the worker gives back. If there is no
- * worker and none can be started, the client is closed and the slot given
- * back here. Takes conversation_lock. */
-static void conversation_start(struct listener *listener, int client_fd,
-                               const struct sockaddr_storage *peer)
-{
-    struct conversation *conversation = xcalloc(1, sizeof *conversation);
-    conversation->client_fd = client_fd;
-    conversation->listener = listener;
-    if (!client_prepare(listener, client_fd, peer, &conversation->addresses,
-                        &conversation->per_ip)) {
-        free(conversation);
-        conversation_slot_release();
-        return;
-    }
-
-    /* Every queued conversation needs a worker of its own: an idle one that
-     * no earlier conversation has claimed yet, or a new one. */
-    pthread_mutex_lock(&state.conversation_lock);
-    bool served = state.queue_length + 1 <= state.workers_idle ||
-                  conversation_worker_add() || state.workers_now > 0;
-    if (served) {
-        if (state.queue_last != NULL)
-            state.queue_last->next = conversation;
-        else
-            state.queue_first = conversation;
-        state.queue_last = conversation;
-        state.queue_length++;
-        pthread_cond_signal(&state.work_waiting);
-    }
-    pthread_mutex_unlock(&state.conversation_lock);
-    if (!served) {
-        close(client_fd);
-        per_ip_release(conversation->per_ip);
-        connection_ended(listener);
-        free(conversation);
-        conversation_slot_release();
-    }
-}
-
 /* ==== 10. Relay ==== */
 
 /*
- * A relay thread moves bytes for thousands of connections at once. It never
- * blocks on one of them: its sockets are non-blocking, and one epoll loop
- * tells it which sockets are ready. A connection here is a "pair": the
- * client's side and the upstream's side, and two "flows" of bytes between
- * them, one each way.
+ * A relay thread serves thousands of connections at once. It never blocks
+ * on one of them: its sockets are non-blocking, and one epoll loop tells it
+ * which sockets are ready. There is one relay thread per CPU, and they do
+ * everything a connection needs, from accept() to close(): no connection
+ * ever waits for a thread.
+ *
+ * A connection here is a "pair": the client's side and the upstream's
+ * side, and two "flows" of bytes between them, one each way.
  *
  *        client side                          upstream side
  *       +-----------+  to_upstream flow  +-------------+
@@ -3275,98 +2841,124 @@ static void conversation_start(struct listener *listener, int client_fd,
  *       |           | <----------------- |             |
  *       +-----------+   to_client flow   +-------------+
  *
- * Moving bytes. A flow reads into the thread's one scratch buffer and writes
- * straight on. Only when the other side cannot take everything (its socket
- * buffer is full: a slow phone network) are the remaining bytes copied into
- * a "pending" buffer of exactly their size, and the flow stops reading until
- * they are gone: this is backpressure, and it means an idle connection holds
- * no buffer at all. Reading and writing in turn inside one flow, never
- * waiting on one direction while the other is stuck, is what keeps the relay
- * from the deadlock of a naive blocking loop (both sides writing, nobody
- * reading).
+ * The life of a pair, one state at a time (pair->state says which, and
+ * each state waits for one thing, bounded by one timeout):
  *
- * Waiting. Each flow remembers the one thing it waits for: "the client side
- * readable", "the upstream side writable", and so on. A side asks epoll for
- * exactly what its flows wait for. TLS makes this subtle: reading TLS may
- * need to write (a key update), and writing may need to read, so the wait
- * comes from OpenSSL's answer (SSL_ERROR_WANT_READ or WANT_WRITE), not from
- * the direction of the flow. And OpenSSL may already hold decrypted bytes
- * that no socket event will announce (SSL_has_pending()), so a flow keeps
- * reading while they are there.
+ *   accept()
+ *      |  (steps 1 to 3 only where the port and the settings need them;
+ *      v   all three together within --timeout-handshake of accept)
+ *   READING_HEADER ------ the PROXY header (section 9)
+ *      |
+ *   HANDSHAKING --------- the TLS handshake, one step per event (5)
+ *      |
+ *   READING_FIRST_BYTES - the first bytes, for the decoy's choice (9)
+ *      |
+ *   CONNECTING ---------- to the upstream, next server on failure (6);
+ *      |                  --timeout-connect per try
+ *   RELAYING ------------ bytes both ways; --timeout-idle
+ *      |
+ *   HALF_CLOSED --------- one way has ended, the other goes on;
+ *      |                  --timeout-fin while its source is silent,
+ *      |                  --timeout-idle while its reader is slow
+ *   CLOSED -------------- both ways ended, an error, or a timeout
  *
- * Handshaking. A client of a TLS port that the relay thread accepted itself
- * (section 9 says which) first does its TLS handshake here: each time epoll
- * says its socket is ready, the thread takes the handshake one step further
- * (tls_handshake_step(), section 5) and goes back to its other clients.
- * Meanwhile the pair waits in a list of its own, timed by
- * --timeout-handshake from the moment it was accepted; being in that list
- * is what marks it as handshaking.
+ * Waiting. A pair asks epoll for exactly what its state waits for: the
+ * client readable while it reads what the client says first, the
+ * upstream writable while it connects (a non-blocking connect() ends with
+ * the socket turning writable), and while relaying what each flow waits
+ * for. TLS makes this subtle: reading TLS may need to write (a key update),
+ * and writing may need to read, so the wait comes from OpenSSL's answer
+ * (SSL_ERROR_WANT_READ or WANT_WRITE), not from the direction of the flow.
+ * And OpenSSL may already hold decrypted bytes that no socket event will
+ * announce (SSL_has_pending()), so a flow keeps reading while they are
+ * there.
  *
- * Connecting. A pair starts with only its client side; the relay thread
- * starts a non-blocking connect to its upstream (section 6) and lets epoll
- * say when the socket turns writable, which is when the connect has worked
- * or failed. Meanwhile the pair waits in a list timed by --timeout-connect;
- * on failure the next server is tried. Only then is the client's socket
- * watched for its bytes: nothing can be relayed before there is somewhere
- * to relay it to.
+ * Moving bytes, with nothing held. A flow looks at the bytes waiting in
+ * its source without taking them (recv() with MSG_PEEK, or SSL_peek_ex()),
+ * writes them to its destination, and then takes exactly as many as the
+ * destination took. What the destination cannot take yet stays where it
+ * was, in the source's socket, and the flow waits until the destination
+ * is writable: this is backpressure, and the kernel's TCP window passes it
+ * on to the sender. So the proxy holds no payload of its own for any
+ * connection, however slow its reader and however fast its sender: an
+ * open pair costs its struct and its two sockets' kernel buffers, and on
+ * TLS OpenSSL's state, which keeps at most one record each way (it frees
+ * its buffers while a connection is idle, section 5). Reading and writing
+ * in turn inside one flow, never waiting on one direction while the other
+ * is stuck, is what keeps the relay from the deadlock of a naive blocking
+ * loop (both sides writing, nobody reading).
  *
  * Ending. When a side ends its sending (TCP FIN, or TLS close_notify), the
- * flow passes the end on to the other side once its pending bytes are sent
- * (shutdown() of the write half; on TLS close_notify first): this is a
- * half-close, and the other flow carries on. When both flows have ended,
- * the pair is closed. A half-close is normal traffic, not a sign that the
- * end is near: a phone may close its sending and then read a large answer
- * slowly, and every byte of it must arrive. A socket whose peer has ended
- * both ways may still hold unread bytes: it is read to the end. An error
- * or reset on either side closes the pair at once, and each side is told
- * as HAProxy tells it (enum pair_end): a reset is passed on as a reset.
+ * flow passes the end on to the other side (shutdown() of the write half;
+ * on TLS close_notify first): this is a half-close, and the other flow
+ * carries on. When both flows have ended, the pair is closed. A half-close
+ * is normal traffic, not a sign that the end is near: a phone may close
+ * its sending and then read a large answer slowly, and every byte of it
+ * must arrive. A socket whose peer has ended both ways may still hold
+ * unread bytes: it is read to the end. An error or reset on either side
+ * closes the pair at once, and each side is told as HAProxy tells it
+ * (enum pair_end): a reset is passed on as a reset.
  *
- * Timeouts. Each relay thread keeps its pairs in four lists ordered by last
- * activity, most recent first: handshaking pairs (--timeout-handshake),
- * connecting pairs (--timeout-connect), open pairs (--timeout-idle) and
- * half-closed pairs waiting for their last source to say more
- * (--timeout-fin). A half-closed pair whose bytes wait for a slow reader
- * stays with the open pairs: --timeout-fin bounds a silence, never a
- * reader. Any activity moves a pair to the front (in the first list, only
- * its arrival: the handshake's time counts from there), so the oldest pair
- * is always at the back, and finding the expired ones never means walking
- * through the live ones.
+ * Timers. Each relay thread keeps its pairs in four lists ordered by last
+ * activity, most recent first, one per timeout: opening pairs (the first
+ * three states, --timeout-handshake from accept), connecting pairs
+ * (--timeout-connect), open pairs (--timeout-idle) and half-closed pairs
+ * waiting for their last source to say more (--timeout-fin). The list only
+ * times a pair; its state says what it is doing. Activity moves a pair to
+ * the front, so the oldest pair is always at the back, and finding the
+ * expired ones never means walking through the live ones.
+ *
+ * Accepting. Every relay thread watches every listening socket in its own
+ * epoll loop, with EPOLLEXCLUSIVE: the kernel wakes one of the waiting
+ * threads for a new client instead of all of them, and that thread takes
+ * it. (SO_REUSEPORT, one listening socket per thread, would spread clients
+ * too, but by a hash of their addresses, blind to how busy each thread is,
+ * and a client waiting in the queue of a busy thread cannot be taken by an
+ * idle one.) A thread that holds two pairs more than another hands the new
+ * one over (relay_thread_choose()) through that thread's inbox: a list
+ * under a mutex, and an eventfd that wakes its epoll_wait().
+ *
+ * Fairness. Relaying comes before handshakes: a TLS handshake step costs
+ * far more CPU than moving a chat message, so in each pass through the
+ * loop the events of other pairs are served first, and at most
+ * HANDSHAKE_STEPS_PER_PASS handshake steps follow. The others stay ready,
+ * and epoll reports them again in the next pass. A flood of handshakes
+ * then delays established connections by one pass, not by the flood.
  *
  * Ownership: a pair belongs to exactly one relay thread, and only that
- * thread touches it or its SSL object. A pair is born in the thread when
- * the thread accepts a client itself (see relay_accept()), or arrives
- * through the thread's inbox (a list under a mutex) and an eventfd that
- * wakes its epoll_wait(): from a conversation, or from another relay
- * thread that accepted it (see relay_thread_choose()).
+ * thread touches it or its SSL object.
  */
+
+/* The states of a pair: see the section comment. */
+enum pair_state {
+    PAIR_ACCEPTED,            /* just accepted: its first step starts now */
+    PAIR_READING_HEADER,      /* the client's PROXY header */
+    PAIR_HANDSHAKING,         /* the TLS handshake */
+    PAIR_READING_FIRST_BYTES, /* the first bytes, for the decoy's choice */
+    PAIR_CONNECTING,          /* a connect to the upstream is under way */
+    PAIR_RELAYING,            /* bytes move both ways */
+    PAIR_HALF_CLOSED,         /* one flow has ended, the other goes on */
+    PAIR_CLOSED               /* sockets closed; freed after this batch */
+};
 
 /* What a flow is doing. */
 enum flow_state {
     FLOW_OPEN,   /* bytes may come */
-    FLOW_ENDING, /* the source has ended; send what is pending, then end */
+    FLOW_ENDING, /* the source has ended; pass the end on */
     FLOW_ENDED   /* the end has been passed on; nothing more goes this way */
 };
 
-/* What one read or write on a side did. */
+/* What one look, write or end on a side did. */
 enum io_status {
     IO_DONE,    /* some or all bytes moved */
     IO_BLOCKED, /* nothing more now; wait for the events it names */
-    IO_END,     /* (read only) the peer has ended its sending */
+    IO_END,     /* (look only) the peer has ended its sending */
     IO_ERROR    /* the connection is broken */
 };
 
 struct relay_pair;
 
-/* What a pair needs until its upstream is connected; then freed. It is
- * kept apart (320 bytes) so that an idle pair, the common case by far,
- * stays at 256. */
-struct relay_connecting {
-    struct upstream_attempts attempts; /* section 6 */
-    enum destination destination;
-    struct proxy_addresses addresses;  /* for our PROXY header and the log */
-};
-
-/* One socket of a pair. */
+/* One socket of a pair, or (with no pair) a listening socket. */
 struct relay_side {
     int fd;
     SSL *tls;                /* TLS on the client side, or NULL */
@@ -3381,34 +2973,33 @@ struct relay_flow {
     struct relay_side *from;
     struct relay_side *to;
     enum flow_state state;
-    uint8_t *pending;              /* bytes `to` could not take yet, or NULL */
-    size_t pending_offset;         /* the first of them not yet sent */
-    size_t pending_length;         /* how many are left */
     struct relay_side *waiting_on; /* the side whose readiness we wait for */
     uint32_t waiting_events;       /* EPOLLIN or EPOLLOUT on waiting_on */
     enum counter byte_counter;     /* where the moved bytes are counted */
 };
 
-/* One client connection in a relay thread: 256 bytes while idle. */
+/* One client connection in a relay thread: 208 bytes while open. */
 struct relay_pair {
+    enum pair_state state;
     struct relay_side client;
-    struct relay_side upstream;     /* fd -1 between connect attempts */
+    struct relay_side upstream;     /* fd -1 until a connect starts */
     struct relay_flow to_upstream;
     struct relay_flow to_client;
-    struct relay_connecting *connecting; /* until connected, else NULL */
+    struct opening *opening;        /* until connected, else NULL (9) */
     struct listener *listener;
     struct per_ip *per_ip;      /* with --max-per-ip, the client's address */
-    long long last_active_ms;   /* now_ms() of the last byte moved */
-    struct pair_list *list;     /* the list it is in, or NULL */
-    struct relay_pair *newer;   /* neighbours in that list */
-    struct relay_pair *older;
-    bool closed;                /* closed, to be freed after this batch */
+    long long last_active_ms;   /* now_ms() of the last activity */
+    struct pair_list *timer;    /* the list that times it, or NULL */
+    struct relay_pair *newer;   /* neighbours in that list; `older` also */
+    struct relay_pair *older;   /* links the inbox and the closed pairs */
 };
 
 /* A doubly linked list of pairs, most recently active first. */
 struct pair_list {
     struct relay_pair *newest;
     struct relay_pair *oldest;
+    const int *timeout_ms;      /* the setting that times its pairs */
+    enum counter expired;       /* where a pair that times out is counted */
 };
 
 struct relay_thread {
@@ -3420,23 +3011,26 @@ struct relay_thread {
     atomic_uint pairs_now;        /* its pairs: see relay_thread_choose() */
 
     pthread_mutex_t inbox_lock;   /* guards the two fields below */
-    struct relay_pair *inbox;     /* adopted pairs, linked by `older` */
+    struct relay_pair *inbox;     /* handed-over pairs, linked by `older` */
     bool stop;                    /* close everything and end */
 
     /* Owned by the thread alone: */
     struct relay_side listening[MAX_LISTENERS]; /* see relay_accept() */
     bool listeners_watched;       /* false during a rest from accepting */
-    struct pair_list handshaking_pairs; /* timed by --timeout-handshake */
-    struct pair_list connecting_pairs; /* timed by --timeout-connect */
-    struct pair_list open_pairs;    /* timed by --timeout-idle */
-    struct pair_list closing_pairs; /* half-closed, timed by --timeout-fin */
-    struct relay_pair *closed_pairs; /* to free after this epoll batch */
+    struct pair_list opening_pairs;    /* --timeout-handshake */
+    struct pair_list connecting_pairs; /* --timeout-connect */
+    struct pair_list open_pairs;       /* --timeout-idle */
+    struct pair_list closing_pairs;    /* --timeout-fin */
+    struct relay_pair *closed_pairs;   /* to free after this epoll batch */
 };
 
-/* Links pair in front of list (it must not be in a list). */
-static void pair_list_push(struct pair_list *list, struct relay_pair *pair)
+/* Links pair in front of list (it must not be in a list), as active at
+ * now. */
+static void pair_list_push(struct pair_list *list, struct relay_pair *pair,
+                           long long now)
 {
-    pair->list = list;
+    pair->timer = list;
+    pair->last_active_ms = now;
     pair->newer = NULL;
     pair->older = list->newest;
     if (list->newest != NULL)
@@ -3446,10 +3040,12 @@ static void pair_list_push(struct pair_list *list, struct relay_pair *pair)
         list->oldest = pair;
 }
 
-/* Unlinks pair from the list it is in. */
+/* Unlinks pair from the list that times it, if any. */
 static void pair_list_remove(struct relay_pair *pair)
 {
-    struct pair_list *list = pair->list;
+    struct pair_list *list = pair->timer;
+    if (list == NULL)
+        return;
     if (pair->newer != NULL)
         pair->newer->older = pair->older;
     else
@@ -3458,71 +3054,54 @@ static void pair_list_remove(struct relay_pair *pair)
         pair->older->newer = pair->newer;
     else
         list->oldest = pair->newer;
-    pair->list = NULL;
+    pair->timer = NULL;
     pair->newer = pair->older = NULL;
 }
 
-/* Makes the pair for a client of listener, to be connected to
- * destination: the arguments are those of relay_adopt() (section 9). */
+/* Moves pair to the front of list, as active at now. */
+static void pair_list_move(struct pair_list *list, struct relay_pair *pair,
+                           long long now)
+{
+    pair_list_remove(pair);
+    pair_list_push(list, pair, now);
+}
+
+/* Makes the pair for a newly accepted client of listener, whose addresses
+ * (for our PROXY header and the log) are known. */
 static struct relay_pair *pair_new(struct listener *listener, int client_fd,
-                                   SSL *tls, enum destination destination,
                                    const struct proxy_addresses *addresses,
-                                   const uint8_t *first, size_t first_length,
                                    struct per_ip *per_ip)
 {
     struct relay_pair *pair = xcalloc(1, sizeof *pair);
     pair->listener = listener;
     pair->per_ip = per_ip;
-    pair->client = (struct relay_side){.fd = client_fd, .tls = tls,
-                                       .pair = pair};
+    pair->client = (struct relay_side){.fd = client_fd, .pair = pair};
     pair->upstream = (struct relay_side){.fd = -1, .pair = pair};
-    pair->connecting = xcalloc(1, sizeof *pair->connecting);
-    pair->connecting->destination = destination;
-    pair->connecting->addresses = *addresses;
-    if (destination == TO_CHAT_SERVERS)
-        upstream_attempts_begin(&pair->connecting->attempts,
-                                state.chat_upstreams,
-                                state.settings->chat_upstream_count);
-    else
-        upstream_attempts_begin(&pair->connecting->attempts,
-                                destination == TO_DECOY ? state.decoy_upstream
-                                                        : state.media_upstream,
-                                1);
+    pair->opening = xcalloc(1, sizeof *pair->opening);
+    pair->opening->addresses = *addresses;
+    pair->opening->destination =
+        listener->spec.media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS;
     pair->to_upstream = (struct relay_flow){
         .from = &pair->client, .to = &pair->upstream,
         .byte_counter = COUNTER_BYTES_FROM_CLIENTS};
     pair->to_client = (struct relay_flow){
         .from = &pair->upstream, .to = &pair->client,
         .byte_counter = COUNTER_BYTES_TO_CLIENTS};
-    if (first_length > 0) {
-        /* Bytes read to choose the server go first, as if left over. */
-        pair->to_upstream.pending = xmalloc(first_length);
-        memcpy(pair->to_upstream.pending, first, first_length);
-        pair->to_upstream.pending_length = first_length;
-        counter_add(COUNTER_BYTES_FROM_CLIENTS, first_length);
-    }
-
     return pair;
 }
 
 /* Chooses the relay thread for a new pair and counts the pair for it.
- * A relay thread that accepted the client itself (asking) keeps it, with
- * no hand-over, unless another holds at least two pairs fewer; a pair
- * from a conversation (asking NULL) goes to the thread with the fewest.
- * Without this, the thread that happens to wake for a burst of new clients
- * could take them all: 8 bulk transfers on one thread move half as much.
- * Handing over at any difference would cost a hand-over for every other
- * client when the threads are even (make bench: the slowest 1% of plain
- * connections took 1.5x longer). */
+ * The relay thread that accepted the client (asking) keeps it, with no
+ * hand-over, unless another holds at least two pairs fewer. Without this,
+ * the thread that happens to wake for a burst of new clients could take
+ * them all, and 8 bulk transfers on one thread move half as much. Handing
+ * over at any difference would cost a hand-over for every other client
+ * when the threads are even. */
 static struct relay_thread *relay_thread_choose(struct relay_thread *asking)
 {
-    struct relay_thread *chosen =
-        asking != NULL ? asking : &state.relay_threads[0];
-    unsigned fewest = UINT_MAX;
-    if (asking != NULL) {
-        unsigned mine = atomic_load(&asking->pairs_now);
-        fewest = mine > 0 ? mine - 1 : 0; /* another must hold fewer */
-    }
+    struct relay_thread *chosen = asking;
+    unsigned mine = atomic_load(&asking->pairs_now);
+    unsigned fewest = mine > 0 ? mine - 1 : 0; /* another must hold fewer */
     for (unsigned i = 0; i < state.relay_thread_count; i++) {
         struct relay_thread *thread = &state.relay_threads[i];
         unsigned pairs = atomic_load(&thread->pairs_now);
@@ -3551,50 +3130,13 @@ static void relay_inbox_push(struct relay_thread *thread,
         eventfd_write(thread->wake_fd, 1);
 }
 
-/* Moves pair to the front of list, as active at now. */
-static void pair_list_move(struct pair_list *list, struct relay_pair *pair,
-                           long long now)
+/* Turns OpenSSL's verdict on a failed call on side into ours; on
+ * IO_BLOCKED *wait is the event it waits for. */
+static enum io_status side_tls_status(struct relay_side *side, uint32_t *wait)
 {
-    if (pair->list != NULL)
-        pair_list_remove(pair);
-    pair->last_active_ms = now;
-    pair_list_push(list, pair);
-}
-
-/* Reads up to capacity bytes from side into buffer. On IO_DONE *got is the
- * count; on IO_BLOCKED *wait is the epoll event to wait for. */
-static enum io_status side_read(struct relay_side *side, uint8_t *buffer,
-                                size_t capacity, size_t *got, uint32_t *wait)
-{
-    *wait = EPOLLIN;
-    if (side->tls == NULL) {
-        ssize_t count = recv(side->fd, buffer, capacity, 0);
-        if (count > 0) {
-            *got = (size_t)count;
-            return IO_DONE;
-        }
-        if (count == 0)
-            return IO_END;
-        return errno == EAGAIN || errno == EINTR ? IO_BLOCKED : IO_ERROR;
-    }
-
-    /* One SSL_read_ex() returns at most one TLS record (16 KiB): read as
-     * many as are here, so the other side gets one large write instead of
-     * many small ones. A failure after some bytes is met again next time. */
-    *got = 0;
-    for (;;) {
-        size_t count = 0;
-        ERR_clear_error(); /* SSL_get_error() reads this thread's queue */
-        if (SSL_read_ex(side->tls, buffer + *got, capacity - *got, &count) != 1)
-            break;
-        *got += count;
-        if (*got == capacity)
-            return IO_DONE;
-    }
-    if (*got > 0)
-        return IO_DONE;
     switch (SSL_get_error(side->tls, 0)) {
     case SSL_ERROR_WANT_READ:
+        *wait = EPOLLIN;
         return IO_BLOCKED;
     case SSL_ERROR_WANT_WRITE:
         *wait = EPOLLOUT;
@@ -3604,6 +3146,47 @@ static enum io_status side_read(struct relay_side *side, uint8_t *buffer,
     default:
         return IO_ERROR;
     }
+}
+
+/* Copies up to capacity of the bytes that side has received into buffer,
+ * without taking them: side_take() takes them. On IO_DONE *seen is the
+ * count; on IO_BLOCKED *wait is the epoll event to wait for. On TLS, one
+ * look sees at most one record (16 KiB): the rest waits in OpenSSL. */
+static enum io_status side_look(struct relay_side *side, uint8_t *buffer,
+                                size_t capacity, size_t *seen, uint32_t *wait)
+{
+    *wait = EPOLLIN;
+    if (side->tls == NULL) {
+        ssize_t count = recv(side->fd, buffer, capacity, MSG_PEEK);
+        if (count > 0) {
+            *seen = (size_t)count;
+            return IO_DONE;
+        }
+        if (count == 0)
+            return IO_END;
+        return errno == EAGAIN || errno == EINTR ? IO_BLOCKED : IO_ERROR;
+    }
+    ERR_clear_error(); /* SSL_get_error() reads this thread's queue */
+    if (SSL_peek_ex(side->tls, buffer, capacity, seen) == 1)
+        return IO_DONE;
+    return side_tls_status(side, wait);
+}
+
+/* Takes count bytes that side_look() has seen: they leave the socket (or
+ * OpenSSL) for good. scratch may be overwritten. Cannot fail: the bytes
+ * are there already. */
+static void side_take(struct relay_side *side, uint8_t *scratch, size_t count)
+{
+    size_t taken = 0;
+    if (side->tls == NULL) {
+        /* On TCP, MSG_TRUNC drops the bytes without copying them. */
+        ssize_t dropped = recv(side->fd, scratch, count, MSG_TRUNC);
+        taken = dropped > 0 ? (size_t)dropped : 0;
+    } else {
+        SSL_read_ex(side->tls, scratch, count, &taken);
+    }
+    assert(taken == count);
+    (void)taken;
 }
 
 /* Writes buffer[0..length) to side. *sent says how many bytes went; on
@@ -3628,15 +3211,9 @@ static enum io_status side_write_now(struct relay_side *side,
         } else {
             ERR_clear_error();
             if (SSL_write_ex(side->tls, buffer + *sent, length - *sent,
-                             &count) != 1) {
-                int reason = SSL_get_error(side->tls, 0);
-                if (reason == SSL_ERROR_WANT_READ)
-                    *wait = EPOLLIN;
-                return reason == SSL_ERROR_WANT_WRITE ||
-                               reason == SSL_ERROR_WANT_READ
-                           ? IO_BLOCKED
-                           : IO_ERROR;
-            }
+                             &count) != 1)
+                return side_tls_status(side, wait) == IO_BLOCKED
+                           ? IO_BLOCKED : IO_ERROR;
         }
         *sent += count;
     }
@@ -3690,9 +3267,11 @@ static void flow_wait(struct relay_flow *flow, struct relay_side *side,
     flow->waiting_events = events;
 }
 
-/* Moves bytes along flow until one side would block, using scratch as the
- * read buffer. Sets *moved if any byte moved. Returns the side that broke
- * (a reset or other error: the pair must be closed), or NULL. */
+/* Moves bytes along flow until one side would block, using scratch to
+ * carry them: look at what the source holds, write it, take what was
+ * written (see the section comment). Sets *moved if any byte moved.
+ * Returns the side that broke (a reset or other error: the pair must be
+ * closed), or NULL. */
 static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
                                     bool *moved)
 {
@@ -3701,26 +3280,7 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
     flow_wait(flow, NULL, 0);
 
     for (;;) {
-        /* 1. Bytes left over from last time go first, in order. */
-        if (flow->pending != NULL) {
-            size_t sent;
-            enum io_status status = side_write(
-                flow->to, flow->pending + flow->pending_offset,
-                flow->pending_length, &sent, &wait);
-            flow->pending_offset += sent;
-            flow->pending_length -= sent;
-            *moved |= sent > 0;
-            if (status == IO_ERROR)
-                return flow->to;
-            if (status == IO_BLOCKED) {
-                flow_wait(flow, flow->to, wait);
-                return NULL;
-            }
-            free(flow->pending);
-            flow->pending = NULL;
-        }
-
-        /* 2. The source has ended and all is sent: pass the end on. */
+        /* 1. The source has ended: pass the end on. */
         if (flow->state == FLOW_ENDING) {
             if (side_end_sending(flow->to, &wait) == IO_BLOCKED) {
                 flow_wait(flow, flow->to, wait);
@@ -3731,8 +3291,8 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
         if (flow->state == FLOW_ENDED)
             return NULL;
 
-        /* 3. Fair share: after RELAY_TURN_BYTES let other pairs move. Bytes
-         * that no socket event would ever announce must be read now,
+        /* 2. Fair share: after RELAY_TURN_BYTES let other pairs move. Bytes
+         * that no socket event would ever announce must be moved now,
          * though: those OpenSSL has decrypted already, and those of a
          * socket that has hung up, which is watched no more. */
         bool tls_holds_bytes =
@@ -3743,14 +3303,14 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
             return NULL;
         }
 
-        /* 4. Read fresh bytes and write them straight on.
+        /* 3. Look, write, take what was written.
          * SHORTCUT: every byte is copied into our scratch buffer and out
          * again. On plain sides, splice() through a pipe would let the
          * kernel move them without the copy (tutorial.md, exercise
          * "splice() for plain ports"). */
-        size_t got;
+        size_t seen;
         enum io_status status =
-            side_read(flow->from, scratch, RELAY_SCRATCH_BYTES, &got, &wait);
+            side_look(flow->from, scratch, RELAY_SCRATCH_BYTES, &seen, &wait);
         if (status == IO_ERROR)
             return flow->from;
         if (status == IO_BLOCKED) {
@@ -3761,44 +3321,78 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
             flow->state = FLOW_ENDING;
             continue;
         }
-        counter_add(flow->byte_counter, got);
-        moved_this_turn += got;
-        *moved = true;
-
         size_t sent;
-        status = side_write(flow->to, scratch, got, &sent, &wait);
+        status = side_write(flow->to, scratch, seen, &sent, &wait);
+        if (sent > 0) {
+            side_take(flow->from, scratch, sent);
+            counter_add(flow->byte_counter, sent);
+            moved_this_turn += sent;
+            *moved = true;
+        }
         if (status == IO_ERROR)
             return flow->to;
         if (status == IO_BLOCKED) {
-            /* Keep the rest and stop reading until it is gone. */
-            flow->pending_length = got - sent;
-            flow->pending_offset = 0;
-            flow->pending = xmalloc(flow->pending_length);
-            memcpy(flow->pending, scratch + sent, flow->pending_length);
-            flow_wait(flow, flow->to, wait);
+            flow_wait(flow, flow->to, wait); /* the rest stays in the source */
             return NULL;
         }
     }
 }
 
-/* Asks epoll to watch on each side of pair exactly what its flows wait for.
- * Calls epoll_ctl() only when that changes. */
-static void relay_watch(struct relay_thread *thread, struct relay_pair *pair)
+/* What pair waits for on side now, from its state: the events epoll must
+ * watch there. */
+static uint32_t pair_wanted_events(const struct relay_pair *pair,
+                                   const struct relay_side *side)
 {
-    struct relay_side *sides[2] = {&pair->client, &pair->upstream};
-    for (size_t i = 0; i < 2; i++) {
-        struct relay_side *side = sides[i];
+    bool client = side == &pair->client;
+    switch (pair->state) {
+    case PAIR_ACCEPTED:
+    case PAIR_READING_HEADER:
+    case PAIR_HANDSHAKING:
+    case PAIR_READING_FIRST_BYTES:
+        return client ? pair->opening->client_wait : 0;
+    case PAIR_CONNECTING:
+        return client ? 0 : EPOLLOUT;
+    case PAIR_RELAYING:
+    case PAIR_HALF_CLOSED: {
         uint32_t wanted = 0;
         if (pair->to_upstream.waiting_on == side)
             wanted |= pair->to_upstream.waiting_events;
         if (pair->to_client.waiting_on == side)
             wanted |= pair->to_client.waiting_events;
+        return wanted;
+    }
+    case PAIR_CLOSED:
+        break;
+    }
+    return 0;
+}
+
+/* Asks epoll to watch on each side of pair exactly what the pair waits
+ * for there. Calls epoll_ctl() only when that changes. */
+static void relay_watch(struct relay_thread *thread, struct relay_pair *pair)
+{
+    struct relay_side *sides[2] = {&pair->client, &pair->upstream};
+    for (size_t i = 0; i < 2; i++) {
+        struct relay_side *side = sides[i];
+        uint32_t wanted = pair_wanted_events(pair, side);
         if (!side->in_epoll || wanted == side->watched_events)
             continue;
         struct epoll_event event = {.events = wanted, .data.ptr = side};
         epoll_ctl(thread->epoll_fd, EPOLL_CTL_MOD, side->fd, &event);
         side->watched_events = wanted;
     }
+}
+
+/* Adds side's socket to the thread's epoll, watching what pair waits for
+ * there. */
+static void relay_watch_new(struct relay_thread *thread,
+                            struct relay_side *side)
+{
+    side->watched_events = pair_wanted_events(side->pair, side);
+    side->in_epoll = true;
+    struct epoll_event event = {.events = side->watched_events,
+                                .data.ptr = side};
+    epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, side->fd, &event);
 }
 
 /* How a pair ends, which decides what each side is told. As HAProxy
@@ -3816,9 +3410,9 @@ enum pair_end {
                            close_notify (TLS) and a FIN */
 };
 
-/* Closes side's socket as `end` says: with a reset (abort true), or else
- * with close_notify first when TLS is up on it. Best effort: a peer that
- * cannot take the close_notify now does without. Frees its SSL object. */
+/* Closes side's socket: with a reset (abort true), or else with
+ * close_notify first when TLS is up on it. Best effort: a peer that cannot
+ * take the close_notify now does without. Frees its SSL object. */
 static void side_close(struct relay_side *side, bool abort)
 {
     if (side->fd < 0)
@@ -3847,18 +3441,16 @@ static void side_close(struct relay_side *side, bool abort)
 static void relay_close(struct relay_thread *thread, struct relay_pair *pair,
                         enum pair_end end)
 {
-    if (pair->list != NULL)
-        pair_list_remove(pair);
+    pair_list_remove(pair);
     /* The broken side itself needs no goodbye: it cannot hear one. */
     side_close(&pair->client, end == END_CLIENT_BROKE);
     side_close(&pair->upstream, end == END_CLIENT_BROKE);
-    free(pair->connecting);
-    free(pair->to_upstream.pending);
+    free(pair->opening);
+    pair->opening = NULL;
     atomic_fetch_sub(&thread->pairs_now, 1);
-    free(pair->to_client.pending);
     per_ip_release(pair->per_ip);
     connection_ended(pair->listener);
-    pair->closed = true;
+    pair->state = PAIR_CLOSED;
     pair->older = thread->closed_pairs;
     thread->closed_pairs = pair;
 }
@@ -3871,6 +3463,18 @@ static void relay_close_broken(struct relay_thread *thread,
     counter_add(COUNTER_RELAY_ERROR, 1);
     relay_close(thread, pair, broken == &pair->client ? END_CLIENT_BROKE
                                                       : END_UPSTREAM_BROKE);
+}
+
+/* Closes a pair in its first steps: the client did not say what it had to
+ * (what says why; counted in which, unless which is COUNTER_COUNT). */
+static void relay_close_opening(struct relay_thread *thread,
+                                struct relay_pair *pair, enum counter which,
+                                const char *what)
+{
+    if (which != COUNTER_COUNT)
+        counter_add(which, 1);
+    client_log(pair->listener, &pair->opening->addresses, LOG_DEBUG, what);
+    relay_close(thread, pair, END_CLIENT_BROKE);
 }
 
 /* Moves what can be moved both ways on pair, then decides its fate: closed
@@ -3903,13 +3507,15 @@ static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
         relay_close(thread, pair, END_FINISHED);
         return;
     }
+    if (upstream_ended || client_ended)
+        pair->state = PAIR_HALF_CLOSED;
     struct relay_flow *open_flow = upstream_ended ? client_flow
                                                   : upstream_flow;
-    bool waits_for_silence = (upstream_ended || client_ended) &&
+    bool waits_for_silence = pair->state == PAIR_HALF_CLOSED &&
                              open_flow->waiting_on != open_flow->to;
     struct pair_list *list = waits_for_silence ? &thread->closing_pairs
                                                : &thread->open_pairs;
-    if (moved || pair->list != list)
+    if (moved || pair->timer != list)
         pair_list_move(list, pair, now);
     relay_watch(thread, pair);
 }
@@ -3921,23 +3527,19 @@ static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
 static bool relay_connect_next(struct relay_thread *thread,
                                struct relay_pair *pair, long long now)
 {
-    struct relay_connecting *connecting = pair->connecting;
-    int fd = upstream_attempt_next(&connecting->attempts);
+    struct opening *opening = pair->opening;
+    int fd = upstream_attempt_next(&opening->attempts);
     if (fd < 0) {
         int failure = errno;
         counter_add(COUNTER_UPSTREAM_UNREACHABLE, 1);
-        client_log(pair->listener, &connecting->addresses, LOG_WARN,
+        client_log(pair->listener, &opening->addresses, LOG_WARN,
                    "no server reachable; closing it");
         relay_close(thread, pair, END_UPSTREAM_BROKE);
         errno = failure;
         return false;
     }
     pair->upstream.fd = fd;
-    pair->upstream.watched_events = EPOLLOUT;
-    pair->upstream.in_epoll = true;
-    struct epoll_event event = {.events = EPOLLOUT,
-                                .data.ptr = &pair->upstream};
-    epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, fd, &event);
+    relay_watch_new(thread, &pair->upstream);
     pair_list_move(&thread->connecting_pairs, pair, now);
     return true;
 }
@@ -3959,179 +3561,273 @@ static void relay_connect_failed(struct relay_thread *thread,
  * one call. */
 #define FIRST_BYTES_WITH_HEADER 4096
 
-/* Copies up to capacity of the bytes that side has received, without
- * taking them: a later side_read() still gets them. Returns how many, 0 if
- * none has arrived yet. */
-static size_t side_peek(struct relay_side *side, uint8_t *buffer,
-                        size_t capacity)
+/* Sends what must reach pair's new upstream before the relaying starts:
+ * our PROXY header (to chat servers, in the version of --send-proxy), and
+ * the client's first bytes right behind it: those heard already (section
+ * 9), or else those waiting in the client's socket, which are looked at
+ * and taken only once they are sent. One send(), so the server gets the
+ * header and what follows in one TCP segment instead of two, and wakes
+ * once for both: one packet fewer for every new client. Returns false if
+ * the connection is broken. */
+static bool relay_send_opening(struct relay_thread *thread,
+                               struct relay_pair *pair)
 {
-    size_t count = 0;
-    if (side->tls == NULL) {
-        ssize_t seen = recv(side->fd, buffer, capacity,
-                            MSG_PEEK | MSG_DONTWAIT);
-        count = seen > 0 ? (size_t)seen : 0;
-    } else {
-        ERR_clear_error();
-        if (SSL_peek_ex(side->tls, buffer, capacity, &count) != 1)
-            count = 0;
-    }
-    return count;
-}
-
-/* Sends our PROXY header to pair's upstream (a chat server), in the
- * version of --send-proxy, with the client's first bytes right behind it
- * when they have arrived already: those the conversation read, or else
- * those waiting in the client's socket, which are looked at with
- * side_peek() and taken only once they are sent. One send(), so the server
- * gets the header and what follows in one TCP segment instead of two, and
- * wakes once for both: one packet fewer for every new client. Returns false
- * if the connection is broken. */
-static bool relay_send_header(struct relay_thread *thread,
-                              struct relay_pair *pair)
-{
-    struct relay_flow *flow = &pair->to_upstream;
+    struct opening *opening = pair->opening;
     uint8_t *out = thread->scratch;
-    const struct proxy_addresses *addresses = &pair->connecting->addresses;
-    size_t length = state.settings->send_proxy == SEND_PROXY_V1
-                        ? proxyhdr_encode_v1(addresses, out,
-                                             PROXYHDR_ENCODED_MAX_BYTES)
-                        : proxyhdr_encode_v2(addresses, out,
-                                             PROXYHDR_ENCODED_MAX_BYTES);
-    size_t first = 0;
-    if (flow->pending == NULL) {
-        first = side_peek(flow->from, out + length, FIRST_BYTES_WITH_HEADER);
-    } else if (flow->pending_length <= FIRST_BYTES_WITH_HEADER) {
-        first = flow->pending_length;
-        memcpy(out + length, flow->pending, first);
+    size_t length = 0;
+    if (opening->destination == TO_CHAT_SERVERS) {
+        if (state.settings->send_proxy == SEND_PROXY_V1)
+            length = proxyhdr_encode_v1(&opening->addresses, out,
+                                        PROXYHDR_ENCODED_MAX_BYTES);
+        else if (state.settings->send_proxy == SEND_PROXY_V2)
+            length = proxyhdr_encode_v2(&opening->addresses, out,
+                                        PROXYHDR_ENCODED_MAX_BYTES);
     }
+    size_t first = opening->heard_length;
+    memcpy(out + length, opening->heard, first);
+    size_t peeked = 0;
+    uint32_t unused;
+    if (first == 0 && length > 0 &&
+        side_look(&pair->client, out + length, FIRST_BYTES_WITH_HEADER,
+                  &peeked, &unused) == IO_DONE)
+        first = peeked;
+    if (length + first == 0)
+        return true;
     /* The send buffer is empty, so a short count means a broken
      * connection. */
-    if (send(flow->to->fd, out, length + first, MSG_NOSIGNAL) !=
+    if (send(pair->upstream.fd, out, length + first, MSG_NOSIGNAL) !=
         (ssize_t)(length + first))
         return false;
-    if (flow->pending != NULL && first > 0) {
-        free(flow->pending); /* counted when the conversation read them */
-        flow->pending = NULL;
-        flow->pending_offset = flow->pending_length = 0;
-    } else if (first > 0) {
-        size_t taken = 0;
-        uint32_t unused;
-        side_read(flow->from, out, first, &taken, &unused);
-        assert(taken == first); /* they were there a moment ago */
-        counter_add(flow->byte_counter, first);
-    }
+    if (peeked > 0)
+        side_take(&pair->client, out, peeked);
+    counter_add(COUNTER_BYTES_FROM_CLIENTS, first);
     return true;
 }
 
-/* The upstream of pair is connected: sends our PROXY header (to chat
- * servers), then starts relaying: both sides watched for reading, and
- * the bytes that no socket event will announce (read by the
- * conversation, or held decrypted by OpenSSL) moved at once. */
+/* The upstream of pair is connected: sends what must go first, then
+ * starts relaying, both sides watched for reading, and the bytes that no
+ * socket event will announce (held decrypted by OpenSSL) moved at once. */
 static void relay_connected(struct relay_thread *thread,
                             struct relay_pair *pair, long long now)
 {
-    struct relay_connecting *connecting = pair->connecting;
-    if (connecting->destination == TO_CHAT_SERVERS &&
-        state.settings->send_proxy != SEND_PROXY_NONE &&
-        !relay_send_header(thread, pair)) {
+    struct opening *opening = pair->opening;
+    if (!relay_send_opening(thread, pair)) {
         relay_close_broken(thread, pair, &pair->upstream);
         return;
     }
-    counter_add(connecting->destination == TO_DECOY
+    counter_add(opening->destination == TO_DECOY
                     ? COUNTER_DECOYED : COUNTER_CONNECTIONS_RELAYED, 1);
-    free(connecting);
-    pair->connecting = NULL;
-
-    struct epoll_event event = {.events = EPOLLIN, .data.ptr = &pair->client};
-    epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, pair->client.fd, &event);
-    pair->client.watched_events = EPOLLIN;
-    pair->client.in_epoll = true;
-    event.data.ptr = &pair->upstream;
-    epoll_ctl(thread->epoll_fd, EPOLL_CTL_MOD, pair->upstream.fd, &event);
-    pair->upstream.watched_events = EPOLLIN;
-
-    pair_list_move(&thread->open_pairs, pair, now);
+    free(opening);
+    pair->opening = NULL;
+    pair->state = PAIR_RELAYING;
     flow_wait(&pair->to_upstream, &pair->client, EPOLLIN);
     flow_wait(&pair->to_client, &pair->upstream, EPOLLIN);
-    if (pair->to_upstream.pending != NULL ||
-        (pair->client.tls != NULL && SSL_has_pending(pair->client.tls)))
+    pair_list_move(&thread->open_pairs, pair, now);
+    if (pair->client.tls != NULL && SSL_has_pending(pair->client.tls))
         relay_service(thread, pair, now);
+    else
+        relay_watch(thread, pair);
 }
 
-/* Takes pair's TLS handshake one step further (section 5): waits for what
- * it asks for next, or, once it is done, starts connecting the upstream. A
- * client that fails it is counted and closed. */
-static void relay_handshake_step(struct relay_thread *thread,
-                                 struct relay_pair *pair, long long now)
+/* The step that follows `done` for pair: the next one its port and the
+ * settings need, in the order of the section comment; CONNECTING when
+ * none is left. */
+static enum pair_state pair_step_after(const struct relay_pair *pair,
+                                       enum pair_state done)
 {
-    struct relay_side *client = &pair->client;
-    enum handshake_progress progress = tls_handshake_step(client->tls);
-    if (progress == HANDSHAKE_FAILED) {
-        counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1);
-        client_log(pair->listener, &pair->connecting->addresses, LOG_DEBUG,
-                   "TLS handshake failed");
-        relay_close(thread, pair, END_CLIENT_BROKE);
-        return;
+    const struct listener_spec *spec = &pair->listener->spec;
+    switch (done) {
+    case PAIR_ACCEPTED:
+        if (spec->accept_proxy)
+            return PAIR_READING_HEADER;
+        /* fall through */
+    case PAIR_READING_HEADER:
+        if (spec->tls)
+            return PAIR_HANDSHAKING;
+        /* fall through */
+    case PAIR_HANDSHAKING:
+        if (state.settings->decoy_enabled && !spec->media)
+            return PAIR_READING_FIRST_BYTES;
+        /* fall through */
+    default:
+        return PAIR_CONNECTING;
     }
-    if (progress == HANDSHAKE_DONE) {
-        /* The client's socket is watched again once the upstream is
-         * connected (relay_connected()); relay_connect_next() moves the
-         * pair on to the connecting list. */
-        epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, client->fd, NULL);
-        client->in_epoll = false;
-        client->watched_events = 0;
-        if (!relay_connect_next(thread, pair, now) &&
-            out_of_descriptors(errno))
-            accept_rest_begin(errno);
-        return;
-    }
-    /* Until it is done, the handshake waits as a flow does. */
-    flow_wait(&pair->to_upstream, client,
-              progress == HANDSHAKE_WANTS_READ ? EPOLLIN : EPOLLOUT);
-    relay_watch(thread, pair);
 }
 
-/* Starts a new pair in this thread: with its TLS handshake if it has one
- * still to do, else with its upstream connect. Returns false if the pair
- * had to be closed at once, with errno saying why (relay_connect_next(), or
- * ENOMEM when OpenSSL could not make the client's SSL object). */
+static void pair_read_header(struct relay_thread *thread,
+                             struct relay_pair *pair, long long now);
+static void pair_read_first_bytes(struct relay_thread *thread,
+                                  struct relay_pair *pair, long long now);
+
+/* Moves pair on from the step `done` to the next one, and starts it:
+ * what it waits for, and its first try where the bytes it needs have
+ * probably arrived already. Returns false if the pair had to be closed,
+ * with errno saying why when it is our own shortage (no descriptor for
+ * the upstream, or no memory for an SSL object): the caller then rests
+ * from accepting (section 8). */
+static bool pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
+                         enum pair_state done, long long now)
+{
+    struct opening *opening = pair->opening;
+    pair->state = pair_step_after(pair, done);
+    opening->client_wait = EPOLLIN;
+    switch (pair->state) {
+    case PAIR_READING_HEADER:
+        pair_read_header(thread, pair, now);
+        return true;
+    case PAIR_HANDSHAKING:
+        pair->client.tls = tls_new(pair->client.fd);
+        if (pair->client.tls == NULL) {
+            relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
+                                "no memory for TLS");
+            errno = ENOMEM;
+            return false;
+        }
+        /* The ClientHello has usually arrived already, and epoll will say
+         * so at once; stepping here instead would do a burst of new
+         * clients' costly first steps before any other client's events. */
+        relay_watch(thread, pair);
+        return true;
+    case PAIR_READING_FIRST_BYTES:
+        /* --sni: a TLS client that asks for another name goes to the decoy
+         * without a word read. */
+        if (pair->client.tls != NULL && state.settings->sni_count > 0 &&
+            !tls_server_name_listed(SSL_get_servername(
+                pair->client.tls, TLSEXT_NAMETYPE_host_name))) {
+            opening->destination = TO_DECOY;
+            return pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now);
+        }
+        pair_read_first_bytes(thread, pair, now);
+        return true;
+    default:
+        break;
+    }
+    /* PAIR_CONNECTING. SHORTCUT: a media client goes to the one media
+     * server whatever name it asks for in its TLS ClientHello; reading
+     * that name (SNI) and allowing only WhatsApp's media hosts would be
+     * stricter (tutorial.md, exercise "an allow-list of media host
+     * names"). */
+    if (opening->destination == TO_CHAT_SERVERS)
+        upstream_attempts_begin(&opening->attempts, state.chat_upstreams,
+                                state.settings->chat_upstream_count);
+    else
+        upstream_attempts_begin(&opening->attempts,
+                                opening->destination == TO_DECOY
+                                    ? state.decoy_upstream
+                                    : state.media_upstream, 1);
+    relay_watch(thread, pair); /* nothing more on the client meanwhile */
+    return relay_connect_next(thread, pair, now);
+}
+
+/* Step 1, on what has arrived: the PROXY header (section 9). With
+ * --max-per-ip, the address it carries is counted at once. */
+static void pair_read_header(struct relay_thread *thread,
+                             struct relay_pair *pair, long long now)
+{
+    struct opening *opening = pair->opening;
+    size_t seen;
+    uint32_t wait;
+    enum io_status status =
+        side_look(&pair->client, opening->heard + opening->heard_length,
+                  sizeof opening->heard - opening->heard_length, &seen, &wait);
+    if (status == IO_BLOCKED) {
+        relay_watch(thread, pair);
+        return;
+    }
+    bool complete = false;
+    int belongs = status == IO_DONE
+                      ? opening_hear_header(opening, seen, &complete) : -1;
+    if (belongs < 0) {
+        relay_close_opening(thread, pair, COUNTER_BAD_PROXY_HEADER,
+                            "bad PROXY header");
+        return;
+    }
+    side_take(&pair->client, thread->scratch, (size_t)belongs);
+    if (!complete) {
+        relay_watch(thread, pair);
+        return;
+    }
+    if (state.settings->max_per_ip > 0) {
+        pair->per_ip = per_ip_take(&opening->addresses.source);
+        if (pair->per_ip == NULL) {
+            relay_close_opening(thread, pair, COUNTER_REJECTED_PER_IP,
+                                "over --max-per-ip");
+            return;
+        }
+    }
+    if (!pair_step_on(thread, pair, PAIR_READING_HEADER, now) &&
+        out_of_descriptors(errno))
+        accept_rest_begin(errno);
+}
+
+/* Step 2, one call further: the TLS handshake (section 5). */
+static void pair_handshake_step(struct relay_thread *thread,
+                                struct relay_pair *pair, long long now)
+{
+    enum handshake_progress progress = tls_handshake_step(pair->client.tls);
+    if (progress == HANDSHAKE_FAILED) {
+        relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
+                            "TLS handshake failed");
+        return;
+    }
+    if (progress != HANDSHAKE_DONE) {
+        pair->opening->client_wait =
+            progress == HANDSHAKE_WANTS_READ ? EPOLLIN : EPOLLOUT;
+        relay_watch(thread, pair);
+        return;
+    }
+    if (!pair_step_on(thread, pair, PAIR_HANDSHAKING, now) &&
+        out_of_descriptors(errno))
+        accept_rest_begin(errno);
+}
+
+/* Step 3, on what has arrived: the first bytes, for the decoy's choice
+ * (section 9). */
+static void pair_read_first_bytes(struct relay_thread *thread,
+                                  struct relay_pair *pair, long long now)
+{
+    struct opening *opening = pair->opening;
+    size_t seen;
+    uint32_t wait;
+    enum io_status status =
+        side_look(&pair->client, opening->heard + opening->heard_length,
+                  DECOY_FIRST_BYTES_MAX - opening->heard_length, &seen, &wait);
+    if (status == IO_BLOCKED) {
+        opening->client_wait = wait;
+        relay_watch(thread, pair);
+        return;
+    }
+    if (status != IO_DONE) {
+        relay_close_opening(thread, pair, COUNTER_COUNT,
+                            "closed before its first bytes");
+        return;
+    }
+    side_take(&pair->client, thread->scratch, seen);
+    if (!opening_hear_first_bytes(opening, seen)) {
+        opening->client_wait = EPOLLIN;
+        relay_watch(thread, pair);
+        return;
+    }
+    if (!pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now) &&
+        out_of_descriptors(errno))
+        accept_rest_begin(errno);
+}
+
+/* Starts a new pair in this thread: its socket joins the thread's epoll,
+ * and its first step begins. Returns false if the pair had to be closed
+ * at once, with errno saying why (see pair_step_on()). */
 static bool relay_start(struct relay_thread *thread, struct relay_pair *pair,
                         long long now)
 {
-    struct relay_side *client = &pair->client;
-    /* No TLS, or a conversation did the handshake already. */
-    if (!pair->listener->spec.tls || client->tls != NULL)
-        return relay_connect_next(thread, pair, now);
-    client->tls = tls_new(client->fd); /* made by the thread that uses it */
-    if (client->tls == NULL) {
-        counter_add(COUNTER_TLS_HANDSHAKE_FAILED, 1);
-        relay_close(thread, pair, END_TIMED_OUT);
-        errno = ENOMEM;
-        return false;
-    }
-    /* The ClientHello has usually arrived already, and epoll will say so at
-     * once; stepping here instead would do a burst of new clients' costly
-     * first steps all before the events of any other client. */
-    client->in_epoll = true;
-    client->watched_events = EPOLLIN;
-    struct epoll_event event = {.events = EPOLLIN, .data.ptr = client};
-    epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, client->fd, &event);
-    pair_list_move(&thread->handshaking_pairs, pair, now);
-    return true;
+    pair_list_push(&thread->opening_pairs, pair, now);
+    pair->opening->client_wait = 0;
+    relay_watch_new(thread, &pair->client);
+    return pair_step_on(thread, pair, PAIR_ACCEPTED, now);
 }
 
-/* Accepting. Clients of ports that need no conversation (section 9) say
- * nothing that must be read before their bytes, but a TLS handshake on TLS
- * ports, so the relay threads accept them themselves: each thread watches
- * those listening sockets in its own epoll loop, and the thread that wakes
- * takes the client, does its handshake, connects it and relays it, with no
- * hand-over to another thread, unless another holds fewer connections
- * (relay_thread_choose()). EPOLLEXCLUSIVE asks the kernel to wake one of
- * the waiting threads for a new client instead of all of them. A listener
- * is in thread->listening[] at the same index as in state.listeners[]; a
- * relay_side without a pair is a listening socket. */
-
-/* Starts (watch true) or stops watching this thread's listening sockets. */
+/* Starts (watch true) or stops watching this thread's listening sockets.
+ * A listener is in thread->listening[] at the same index as in
+ * state.listeners[]; a relay_side without a pair is a listening socket. */
 static void relay_watch_listeners(struct relay_thread *thread, bool watch)
 {
     for (size_t i = 0; i < state.listener_count; i++) {
@@ -4146,8 +3842,10 @@ static void relay_watch_listeners(struct relay_thread *thread, bool watch)
 }
 
 /* Accepts up to ACCEPT_BATCH waiting clients of one listening socket and
- * starts each (relay_start()). Out of descriptors, for the client or for
- * its upstream, accepting rests (section 8); a socket shut at stop is
+ * starts each here or in a less busy thread (see the section comment).
+ * Where the client's address is known now (no PROXY header to wait for),
+ * --max-per-ip counts it at once. Out of descriptors, for the client or
+ * for its upstream, accepting rests (section 8); a socket shut at stop is
  * watched no more. */
 static void relay_accept(struct relay_thread *thread,
                          struct relay_side *listening, long long now)
@@ -4169,15 +3867,25 @@ static void relay_accept(struct relay_thread *thread,
             listening->fd = -1;
             return;
         }
-        struct proxy_addresses addresses;
-        struct per_ip *per_ip;
-        if (result == REFUSED ||
-            !client_prepare(listener, fd, &peer, &addresses, &per_ip))
+        if (result == REFUSED)
             continue;
-        struct relay_pair *pair =
-            pair_new(listener, fd, NULL,
-                     listener->spec.media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS,
-                     &addresses, NULL, 0, per_ip);
+        struct proxy_addresses addresses = {.known = true, .source = peer};
+        socklen_t length = sizeof addresses.destination;
+        getsockname(fd, (struct sockaddr *)&addresses.destination, &length);
+        address_unmap_ipv4(&addresses.source);
+        address_unmap_ipv4(&addresses.destination);
+        socket_set_nodelay(fd);
+        struct per_ip *per_ip = NULL;
+        if (state.settings->max_per_ip > 0 && !listener->spec.accept_proxy) {
+            per_ip = per_ip_take(&addresses.source);
+            if (per_ip == NULL) {
+                counter_add(COUNTER_REJECTED_PER_IP, 1);
+                close(fd);
+                connection_ended(listener);
+                continue;
+            }
+        }
+        struct relay_pair *pair = pair_new(listener, fd, &addresses, per_ip);
         struct relay_thread *chosen = relay_thread_choose(thread);
         if (chosen != thread)
             relay_inbox_push(chosen, pair);
@@ -4189,7 +3897,7 @@ static void relay_accept(struct relay_thread *thread,
     }
 }
 
-/* Handles epoll's report of events on side. */
+/* Handles epoll's report of events on side, as its pair's state says. */
 static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
                            uint32_t events, long long now)
 {
@@ -4198,18 +3906,48 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
         relay_accept(thread, side, now);
         return;
     }
-    if (pair->closed)
+    /* A client that resets or vanishes before its bytes flow: nothing is
+     * left to do for it. (While relaying, its flows find out themselves.) */
+    bool client_broke = side == &pair->client &&
+                        (events & (EPOLLERR | EPOLLHUP)) != 0;
+    switch (pair->state) {
+    case PAIR_ACCEPTED:
+    case PAIR_READING_HEADER:
+    case PAIR_HANDSHAKING:
+    case PAIR_READING_FIRST_BYTES:
+    case PAIR_CONNECTING:
+        if (client_broke) {
+            relay_close_opening(thread, pair, COUNTER_COUNT,
+                                "gone before its bytes could flow");
+            return;
+        }
+        break;
+    case PAIR_RELAYING:
+    case PAIR_HALF_CLOSED:
+        break;
+    case PAIR_CLOSED:
         return; /* closed earlier in this batch */
-    if (pair->list == &thread->handshaking_pairs) {
-        relay_handshake_step(thread, pair, now); /* only the client is watched */
-        return;
     }
-    if (pair->connecting != NULL) { /* only the upstream is watched */
-        if (upstream_attempt_ended(&pair->connecting->attempts, side->fd))
+    switch (pair->state) {
+    case PAIR_READING_HEADER:
+        pair_read_header(thread, pair, now);
+        return;
+    case PAIR_HANDSHAKING:
+        pair_handshake_step(thread, pair, now);
+        return;
+    case PAIR_READING_FIRST_BYTES:
+        pair_read_first_bytes(thread, pair, now);
+        return;
+    case PAIR_CONNECTING:
+        if (side != &pair->upstream)
+            return; /* the client is not watched meanwhile */
+        if (upstream_attempt_ended(&pair->opening->attempts, side->fd))
             relay_connected(thread, pair, now);
         else
             relay_connect_failed(thread, pair, now);
         return;
+    default:
+        break;
     }
     if (events & EPOLLERR) {
         relay_close_broken(thread, pair, side);
@@ -4223,22 +3961,22 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
     if (events & EPOLLHUP)
         side->hung_up = true;
     relay_service(thread, pair, now);
-    if (side->hung_up && !pair->closed && side->in_epoll) {
+    if (side->hung_up && pair->state != PAIR_CLOSED && side->in_epoll) {
         epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, side->fd, NULL);
         side->in_epoll = false;
     }
 }
 
-/* Closes the pairs of list whose last activity is timeout_ms or more ago,
- * counting each in which. Returns the milliseconds until the next one
- * expires, or -1 if the list is empty. */
+/* Closes the pairs of list whose last activity is its timeout or more ago,
+ * counting each. Returns the milliseconds until the next one expires, or
+ * -1 if the list is empty. */
 static int relay_expire_list(struct relay_thread *thread,
-                             struct pair_list *list, int timeout_ms,
-                             enum counter which, long long now)
+                             struct pair_list *list, long long now)
 {
+    int timeout_ms = *list->timeout_ms;
     while (list->oldest != NULL &&
            list->oldest->last_active_ms + timeout_ms <= now) {
-        counter_add(which, 1);
+        counter_add(list->expired, 1);
         relay_close(thread, list->oldest, END_TIMED_OUT);
     }
     if (list->oldest == NULL)
@@ -4260,11 +3998,11 @@ static int wait_earlier(int first_ms, int second_ms)
 static int relay_expire_connects(struct relay_thread *thread, long long now)
 {
     struct pair_list *list = &thread->connecting_pairs;
-    int timeout_ms = state.settings->timeout_connect_ms;
+    int timeout_ms = *list->timeout_ms;
     while (list->oldest != NULL &&
            list->oldest->last_active_ms + timeout_ms <= now) {
         struct relay_pair *pair = list->oldest;
-        upstream_attempt_failed(&pair->connecting->attempts,
+        upstream_attempt_failed(&pair->opening->attempts,
                                 strerror(ETIMEDOUT));
         relay_connect_failed(thread, pair, now);
     }
@@ -4276,17 +4014,11 @@ static int relay_expire_connects(struct relay_thread *thread, long long now)
 /* Closes expired pairs; returns how long epoll_wait() may sleep. */
 static int relay_expire(struct relay_thread *thread, long long now)
 {
-    int handshake = relay_expire_list(thread, &thread->handshaking_pairs,
-                                      state.settings->timeout_handshake_ms,
-                                      COUNTER_HANDSHAKE_TIMEOUT, now);
+    int opening = relay_expire_list(thread, &thread->opening_pairs, now);
     int connect = relay_expire_connects(thread, now);
-    int idle = relay_expire_list(thread, &thread->open_pairs,
-                                 state.settings->timeout_idle_ms,
-                                 COUNTER_IDLE_TIMEOUT, now);
-    int fin = relay_expire_list(thread, &thread->closing_pairs,
-                                state.settings->timeout_fin_ms,
-                                COUNTER_FIN_TIMEOUT, now);
-    return wait_earlier(wait_earlier(handshake, connect),
+    int idle = relay_expire_list(thread, &thread->open_pairs, now);
+    int fin = relay_expire_list(thread, &thread->closing_pairs, now);
+    return wait_earlier(wait_earlier(opening, connect),
                         wait_earlier(idle, fin));
 }
 
@@ -4337,8 +4069,15 @@ static int relay_accept_rest(struct relay_thread *thread, long long now)
     return watch ? -1 : left;
 }
 
-/* The body of a relay thread: wait for events, serve them, expire idle
- * pairs; at stop, close every pair. */
+/* The most handshake steps one pass through the event loop takes, after
+ * every other event of the pass (see "Fairness" in the section comment).
+ * One step of an ECDSA P-256 handshake costs roughly a tenth of a
+ * millisecond, so an established connection waits about that much longer
+ * per step allowed here. */
+#define HANDSHAKE_STEPS_PER_PASS 4
+
+/* The body of a relay thread: wait for events, serve them (handshakes
+ * last), expire what timed out; at stop, close every pair. */
 static void *relay_thread_run(void *argument)
 {
     struct relay_thread *thread = argument;
@@ -4352,40 +4091,34 @@ static void *relay_thread_run(void *argument)
         int ready = epoll_wait(thread->epoll_fd, events, ARRAY_LENGTH(events),
                                sleep_ms);
         long long now = now_ms();
+        bool handshake[ARRAY_LENGTH(events)];
         for (int i = 0; i < ready; i++) {
-            if (events[i].data.ptr == NULL)
+            struct relay_side *side = events[i].data.ptr;
+            handshake[i] = side != NULL && side->pair != NULL &&
+                           side->pair->state == PAIR_HANDSHAKING;
+            if (side == NULL)
                 stop = relay_take_inbox(thread, now);
-            else
-                relay_on_event(thread, events[i].data.ptr, events[i].events,
-                               now);
+            else if (!handshake[i])
+                relay_on_event(thread, side, events[i].events, now);
+        }
+        int steps = 0;
+        for (int i = 0; i < ready && steps < HANDSHAKE_STEPS_PER_PASS; i++) {
+            if (!handshake[i])
+                continue;
+            relay_on_event(thread, events[i].data.ptr, events[i].events, now);
+            steps++;
         }
         relay_free_closed(thread);
     }
 
-    while (thread->handshaking_pairs.oldest != NULL)
-        relay_close(thread, thread->handshaking_pairs.oldest, END_TIMED_OUT);
-    while (thread->connecting_pairs.oldest != NULL)
-        relay_close(thread, thread->connecting_pairs.oldest, END_TIMED_OUT);
-    while (thread->open_pairs.oldest != NULL)
-        relay_close(thread, thread->open_pairs.oldest, END_TIMED_OUT);
-    while (thread->closing_pairs.oldest != NULL)
-        relay_close(thread, thread->closing_pairs.oldest, END_TIMED_OUT);
+    struct pair_list *lists[] = {&thread->opening_pairs,
+                                 &thread->connecting_pairs,
+                                 &thread->open_pairs, &thread->closing_pairs};
+    for (size_t i = 0; i < ARRAY_LENGTH(lists); i++)
+        while (lists[i]->oldest != NULL)
+            relay_close(thread, lists[i]->oldest, END_TIMED_OUT);
     relay_free_closed(thread);
     return NULL;
-}
-
-/* Hands a pair to the next relay thread; see the declaration in section 9.
- * Takes that thread's inbox_lock. */
-static void relay_adopt(struct listener *listener, int client_fd, SSL *tls,
-                        enum destination destination,
-                        const struct proxy_addresses *addresses,
-                        const uint8_t *first, size_t first_length,
-                        struct per_ip *per_ip)
-{
-    struct relay_pair *pair = pair_new(listener, client_fd, tls, destination,
-                                       addresses, first, first_length,
-                                       per_ip);
-    relay_inbox_push(relay_thread_choose(NULL), pair);
 }
 
 /* ==== 11. Check summary ==== */
@@ -4974,7 +4707,10 @@ static void stats_client_serve(struct stats_client *client)
 }
 
 /* The statistics thread: one poll() loop over its listener, its clients
- * and abort_fd, until abort_fd says the proxy is going away. */
+ * and abort_fd, until abort_fd says the proxy is going away. While the
+ * process is out of descriptors it rests from accepting, as the relay
+ * threads do (section 8): a waiting client would make poll() return at
+ * once, again and again. */
 static void *stats_run(void *unused)
 {
     (void)unused;
@@ -4985,10 +4721,12 @@ static void *stats_run(void *unused)
     for (;;) {
         struct pollfd watched[2 + STATS_CLIENTS_MAX];
         watched[0] = (struct pollfd){.fd = state.abort_fd, .events = POLLIN};
-        watched[1] = (struct pollfd){.fd = state.stats_listener->fd,
-                                     .events = POLLIN};
         long long now = now_ms();
-        long long next_deadline = now + STATS_TIMEOUT_MS;
+        int rest_ms = accept_rest_left(now);
+        watched[1] = (struct pollfd){.fd = state.stats_listener->fd,
+                                     .events = rest_ms > 0 ? 0 : POLLIN};
+        long long next_deadline = now + (rest_ms > 0 ? rest_ms
+                                                     : STATS_TIMEOUT_MS);
         for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
             struct stats_client *client = &clients[i];
             if (client->fd >= 0 && client->deadline_ms <= now)
@@ -5011,6 +4749,8 @@ static void *stats_run(void *unused)
         if (watched[1].revents != 0) {
             int fd = accept4(state.stats_listener->fd, NULL, NULL,
                              SOCK_NONBLOCK | SOCK_CLOEXEC);
+            if (fd < 0 && out_of_descriptors(errno))
+                accept_rest_begin(errno);
             struct stats_client *slot = NULL;
             for (size_t i = 0; i < STATS_CLIENTS_MAX && fd >= 0; i++)
                 if (clients[i].fd < 0 && slot == NULL)
@@ -5032,32 +4772,25 @@ static void *stats_run(void *unused)
 
 /*
  * proxy_open() makes everything ready in dependency order and fails with one
- * line before any client is served; proxy_run() is the acceptor loop, which
- * the main thread runs until a stop is requested, and then the orderly end:
+ * line before any client is served. Then the relay threads serve every
+ * client (section 10), and the main thread, in proxy_run(), only waits:
+ * for a certificate reload (SIGHUP), done here, off the relay threads, and
+ * for a stop, and then it runs the orderly end:
  *
- *   1. stop accepting and shut the listening sockets (shutdown()): new
- *      clients are refused at once, so their apps move on to another
- *      proxy. They are closed in step 5, when no relay thread can be
- *      accepting on them any more;
+ *   1. shut the listening sockets (shutdown()): new clients are refused at
+ *      once, so their apps move on to another proxy, and the relay threads
+ *      stop watching them. They are closed in step 5, when no relay thread
+ *      can be accepting on them any more;
  *   2. let the connections in flight end by themselves, for up to --grace
  *      seconds (30): a chat connection usually lasts longer, but a transfer
  *      under way gets to finish;
- *   3. write abort_fd: every conversation, the health thread and the
- *      statistics thread give up their waits and end; wait for them, then
- *      tell the idle conversation workers to quit (workers_quit);
+ *   3. write abort_fd: the health thread and the statistics thread give up
+ *      their waits and end; join them;
  *   4. tell every relay thread to close what is left, and join them;
  *   5. free everything, so that proxy_open() can run again (the tests do).
  *
- * The acceptor watches the listeners of conversations (PROXY ports, and
- * every chat port with --decoy; the relay threads accept on the others) and acceptor_wake_fd with one epoll. It stops watching them (and
- * so stops accepting there) while no conversation slot is free, or for a
- * moment when the process runs out of file descriptors: otherwise a
- * listener with waiting clients would wake it again and again in a busy
- * loop. Its epoll is made in proxy_open(), before the relay threads start
- * accepting: they could take the last free descriptors. Signals only set a
- * flag and write acceptor_wake_fd; the acceptor does the work (a stop, or a
- * certificate reload) outside the signal handler, where anything may be
- * called.
+ * Signals only set a flag and write main_wake_fd; the main thread does the
+ * work outside the signal handler, where anything may be called.
  *
  * Privileges. Ports below 1024 and the key files need root, so the proxy
  * binds and reads first and then, with --user, becomes that user for good
@@ -5132,13 +4865,22 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
             return parse_failure(error, error_size,
                                  "cannot start relay thread %u: %s", i,
                                  strerror(errno));
-        /* The plain ports: every relay thread accepts there (section 10). */
-        for (size_t l = 0; l < state.listener_count; l++) {
-            const struct listener *listener = &state.listeners[l];
-            thread->listening[l] = (struct relay_side){
-                .fd = listener_needs_conversation(&listener->spec)
-                          ? -1 : listener->fd};
-        }
+        /* Every relay thread accepts on every port (section 10). */
+        for (size_t l = 0; l < state.listener_count; l++)
+            thread->listening[l] =
+                (struct relay_side){.fd = state.listeners[l].fd};
+        const struct settings *settings = state.settings;
+        thread->opening_pairs = (struct pair_list){
+            .timeout_ms = &settings->timeout_handshake_ms,
+            .expired = COUNTER_HANDSHAKE_TIMEOUT};
+        thread->connecting_pairs = (struct pair_list){
+            .timeout_ms = &settings->timeout_connect_ms};
+        thread->open_pairs = (struct pair_list){
+            .timeout_ms = &settings->timeout_idle_ms,
+            .expired = COUNTER_IDLE_TIMEOUT};
+        thread->closing_pairs = (struct pair_list){
+            .timeout_ms = &settings->timeout_fin_ms,
+            .expired = COUNTER_FIN_TIMEOUT};
         relay_watch_listeners(thread, true);
         thread->listeners_watched = true;
     }
@@ -5211,13 +4953,10 @@ static void proxy_free(void)
     state.tls_context = NULL;
     if (state.abort_fd >= 0)
         close(state.abort_fd);
-    if (state.acceptor_wake_fd >= 0)
-        close(state.acceptor_wake_fd);
-    if (state.acceptor_epoll_fd >= 0)
-        close(state.acceptor_epoll_fd);
-    state.abort_fd = state.acceptor_wake_fd = state.acceptor_epoll_fd = -1;
+    if (state.main_wake_fd >= 0)
+        close(state.main_wake_fd);
+    state.abort_fd = state.main_wake_fd = -1;
     pthread_cond_destroy(&state.ended);
-    pthread_cond_destroy(&state.work_waiting);
 }
 
 /* Makes the upstream list from the settings; every server starts in
@@ -5290,7 +5029,6 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     atomic_store(&state.accept_warned_ms, LLONG_MIN / 2); /* never warned */
     stop_requested = 0;
     state.reload_requested = 0;
-    state.workers_quit = false;
     state.started_at = time(NULL);
     /* Writing to a socket whose peer is gone must fail with EPIPE, not
      * kill the whole process with SIGPIPE (OpenSSL writes with write()). */
@@ -5302,16 +5040,13 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     pthread_condattr_init(&attributes);
     pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
     pthread_cond_init(&state.ended, &attributes);
-    pthread_cond_init(&state.work_waiting, &attributes);
     pthread_condattr_destroy(&attributes);
 
     state.abort_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    state.acceptor_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    state.acceptor_epoll_fd = epoll_create1(EPOLL_CLOEXEC);
-    if (state.abort_fd < 0 || state.acceptor_wake_fd < 0 ||
-        state.acceptor_epoll_fd < 0) {
-        parse_failure(error, error_size, "cannot make an eventfd or epoll: "
-                      "%s", strerror(errno));
+    state.main_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (state.abort_fd < 0 || state.main_wake_fd < 0) {
+        parse_failure(error, error_size, "cannot make an eventfd: %s",
+                      strerror(errno));
         goto failed;
     }
 
@@ -5366,83 +5101,18 @@ failed:
     return -1;
 }
 
-/* Tells epoll which listeners of conversations to watch: none while
- * resting after a failed accept, or while every conversation slot is
- * taken. (The relay threads accept on the others: section 10.) */
-static void acceptor_watch_listeners(int epoll_fd, bool watch)
+/* What the main thread does while the relay threads serve: waits for a
+ * signal, reloads the certificate when asked, and returns when a stop is
+ * requested. */
+static void main_wait_for_stop(void)
 {
-    for (size_t i = 0; i < state.listener_count; i++) {
-        if (!listener_needs_conversation(&state.listeners[i].spec))
-            continue;
-        struct epoll_event event = {.events = watch ? EPOLLIN : 0,
-                                    .data.u64 = i};
-        epoll_ctl(epoll_fd, EPOLL_CTL_MOD, state.listeners[i].fd, &event);
-    }
-}
-
-/* Accepts up to ACCEPT_BATCH waiting clients of listener, each taking a
- * conversation slot. Returns false, with errno set, when accept() ran out
- * of descriptors or memory, so that the caller rests. */
-static bool acceptor_accept(struct listener *listener)
-{
-    if (accept_rest_left(now_ms()) > 0)
-        return true; /* another thread began a rest: the loop stops watching */
-    for (int i = 0; i < ACCEPT_BATCH && conversation_slot_take(); i++) {
-        int fd;
-        struct sockaddr_storage peer;
-        enum accept_result result = client_accept(listener, &fd, &peer);
-        if (result == ACCEPTED) {
-            conversation_start(listener, fd, &peer);
-            continue;
-        }
-        int failure = errno;
-        conversation_slot_release();
-        if (result == OUT_OF_FILES) {
-            errno = failure;
-            return false;
-        }
-        if (result != REFUSED)
-            return true;
-    }
-    return true;
-}
-
-/* The acceptor loop: accepts clients until a stop is requested, and
- * reloads the certificate when asked. */
-static void acceptor_run(void)
-{
-    int epoll_fd = state.acceptor_epoll_fd;
-    struct epoll_event wake = {.events = EPOLLIN, .data.u64 = SIZE_MAX};
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.acceptor_wake_fd, &wake);
-    for (size_t i = 0; i < state.listener_count; i++) {
-        if (!listener_needs_conversation(&state.listeners[i].spec))
-            continue;
-        struct epoll_event event = {.events = EPOLLIN, .data.u64 = i};
-        epoll_ctl(epoll_fd, EPOLL_CTL_ADD, state.listeners[i].fd, &event);
-    }
-
-    bool watching = true;
     while (!stop_requested) {
         if (atomic_exchange(&state.reload_requested, 0))
             tls_reload();
-        int rest_ms = accept_rest_left(now_ms());
-        bool accepting = rest_ms == 0 && conversation_slot_free();
-        if (watching != accepting) {
-            watching = accepting;
-            acceptor_watch_listeners(epoll_fd, watching);
-        }
-        int sleep_ms = rest_ms == 0 ? -1 : rest_ms + 1;
-        struct epoll_event events[16];
-        int ready = epoll_wait(epoll_fd, events, ARRAY_LENGTH(events),
-                               sleep_ms);
-        for (int i = 0; i < ready; i++) {
-            uint64_t which = events[i].data.u64;
-            if (which == SIZE_MAX) {
-                eventfd_t ignored;
-                eventfd_read(state.acceptor_wake_fd, &ignored);
-            } else if (!acceptor_accept(&state.listeners[which])) {
-                accept_rest_begin(errno);
-            }
+        struct pollfd wake = {.fd = state.main_wake_fd, .events = POLLIN};
+        if (poll(&wake, 1, -1) > 0) {
+            eventfd_t ignored;
+            eventfd_read(state.main_wake_fd, &ignored);
         }
     }
 }
@@ -5459,20 +5129,20 @@ static unsigned connections_drain(int grace_ms)
         deadline.tv_sec++;
         deadline.tv_nsec -= 1000000000;
     }
-    pthread_mutex_lock(&state.conversation_lock);
+    pthread_mutex_lock(&state.stop_lock);
     while (atomic_load(&state.connections_now) > 0 &&
-           pthread_cond_timedwait(&state.ended, &state.conversation_lock,
+           pthread_cond_timedwait(&state.ended, &state.stop_lock,
                                   &deadline) == 0)
         ;
-    pthread_mutex_unlock(&state.conversation_lock);
+    pthread_mutex_unlock(&state.stop_lock);
     return atomic_load(&state.connections_now);
 }
 
-/* The acceptor loop, then the orderly end; see whatsapp_proxy.h and the
+/* Waits for a stop, then the orderly end; see whatsapp_proxy.h and the
  * section comment for the five steps. */
 void proxy_run(void)
 {
-    acceptor_run();
+    main_wait_for_stop();
 
     for (size_t i = 0; i < state.listener_count; i++)        /* step 1 */
         shutdown(state.listeners[i].fd, SHUT_RDWR);
@@ -5486,14 +5156,6 @@ void proxy_run(void)
         log_line(LOG_INFO, "grace period over: closing %u connections", left);
 
     eventfd_write(state.abort_fd, 1);                         /* step 3 */
-    pthread_mutex_lock(&state.conversation_lock);
-    while (state.conversations_now > 0)
-        pthread_cond_wait(&state.ended, &state.conversation_lock);
-    state.workers_quit = true;               /* idle workers end now */
-    pthread_cond_broadcast(&state.work_waiting);
-    while (state.workers_now > 0)
-        pthread_cond_wait(&state.ended, &state.conversation_lock);
-    pthread_mutex_unlock(&state.conversation_lock);
     pthread_join(state.health_thread, NULL);
     if (state.stats_listener != NULL)
         pthread_join(state.stats_thread, NULL);
@@ -5507,16 +5169,16 @@ void proxy_run(void)
 void proxy_request_stop(void)
 {
     stop_requested = 1;
-    if (state.acceptor_wake_fd >= 0)
-        eventfd_write(state.acceptor_wake_fd, 1);
+    if (state.main_wake_fd >= 0)
+        eventfd_write(state.main_wake_fd, 1);
 }
 
 /* Asks for a certificate reload; see whatsapp_proxy.h. */
 void proxy_request_reload(void)
 {
     state.reload_requested = 1;
-    if (state.acceptor_wake_fd >= 0)
-        eventfd_write(state.acceptor_wake_fd, 1);
+    if (state.main_wake_fd >= 0)
+        eventfd_write(state.main_wake_fd, 1);
 }
 
 uint16_t proxy_listener_port(size_t index)
