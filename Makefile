@@ -89,6 +89,10 @@ SOAK_SECONDS ?= 60
 soak: whatsapp_proxy
 	sh tests/soak.sh $(SOAK_SECONDS)
 
+# Memory per stalled slow reader beside HAProxy, and survival under a 160 MiB data limit.
+test-memory: whatsapp_proxy
+	sh tests/slow_readers.sh
+
 # Measures whatsapp_proxy beside HAProxy on loopback (bench/README.md).
 bench: whatsapp_proxy
 	$(MAKE) -C bench run
@@ -109,4 +113,4 @@ install: whatsapp_proxy
 clean:
 	rm -f whatsapp_proxy test_proxy *.o demo/demo_upstream demo/*.o
 
-.PHONY: all deps demo run test tutorial-check test-asan test-tsan valgrind fuzz test-peers soak bench bench-quick certs install clean
+.PHONY: all deps demo run test tutorial-check test-asan test-tsan valgrind fuzz test-peers soak test-memory bench bench-quick certs install clean

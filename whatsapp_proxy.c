@@ -53,9 +53,9 @@
  *    5. TLS termination         certificates and the TLS handshake
  *    6. Upstreams               WhatsApp's servers: dialling, health checks
  *    7. Listeners               the ports clients connect to
- *    8. Admission               maxconn, conversations at once, per address
+ *    8. Admission               --maxconn and --max-per-ip
  *    9. Conversation            what a client says first; the decoy
- *   10. Relay                   a few threads that move all the bytes
+ *   10. Relay                   a few threads that serve every connection
  *   11. Check summary           --check and what to tell WhatsApp users
  *   12. Statistics              the HTML page, /metrics and /healthz
  *   13. Starting and stopping   proxy_open(), proxy_run(), signals, main()
@@ -66,43 +66,31 @@
  * One connection's life
  * ---------------------
  *
- *   1. The client is accepted, and the admission rules (section 8)
- *      decide: over --maxconn it is closed at once. A relay thread accepts
- *      the clients of plain and TLS ports; the acceptor (the main thread,
- *      section 13) those of PROXY ports, and of every chat port when there
- *      is a decoy.
- *   2. If the client says something that must be read before its bytes
- *      can be relayed (a PROXY header, its first bytes when there is a
- *      decoy to choose), a conversation worker (section 9) reads it as
- *      plain blocking code, with the TLS handshake in between on TLS ports,
- *      checks --max-per-ip and chooses WhatsApp or the decoy. The other
- *      clients skip this step.
- *   3. A relay thread (section 10) does the TLS handshake if it is still
- *      to do, connects the client to the upstream, sends the PROXY header
+ * One relay thread (section 10) does all of it, one step at a time, in an
+ * event loop that serves thousands of other connections in between:
+ *
+ *   1. it accepts the client, and the admission rules (section 8) decide:
+ *      over --maxconn it is closed at once;
+ *   2. it reads what the client must say first, where the port needs it
+ *      (section 9): a PROXY header, then --max-per-ip on the address it
+ *      carries; the TLS handshake (section 5); the first bytes, when a
+ *      decoy is to be chosen;
+ *   3. it connects to the upstream (section 6), sends our PROXY header
  *      there, and moves bytes both ways until both sides close, or the
  *      connection is idle for too long.
  *
- * Why two kinds of threads? A WhatsApp chat connection is idle nearly all the
- * time: a phone keeps it open for hours and sends a few bytes now and then.
- * A thread parked in read() for each of them would cost about 30 KiB of
- * memory (kernel stack plus the touched part of its user stack), and the
- * reference holds 27,500 connections on one host: 800 MiB for nothing. An
- * idle connection in an epoll loop costs only its sockets and a small struct
- * (a few hundred bytes). But reading what a client says first (a PROXY
- * header, the first bytes for the decoy) is much easier to read as
- * straight-line code, and it lasts only a moment, so a thread does it for
- * that moment only. A TLS handshake alone is done in the event loop, one
- * step at a time (sections 5 and 10): 64 at once in 64 threads took longer
- * at the slow end than in HAProxy's event loops.
- * Measured by `make bench`: 0.25 KiB of process memory per idle plain
- * connection (HAProxy's reference configuration: 3.5 KiB) and 14 KiB per
- * idle TLS connection, nearly all of it OpenSSL's state for that client.
+ * Why an event loop, and not a thread per connection? A WhatsApp chat
+ * connection is idle nearly all the time: a phone keeps it open for hours
+ * and sends a few bytes now and then. A thread parked in read() for each of
+ * them would cost about 30 KiB of memory (kernel stack plus the touched
+ * part of its user stack), and the reference holds 27,500 connections on
+ * one host: 800 MiB for nothing. A connection in an epoll loop costs only
+ * its sockets and a small struct, and a client that connects and says
+ * nothing holds no thread that others need.
  *
- * The threads, all told: the main thread accepts on PROXY ports (and on
- * every chat port with --decoy) (section 13); conversation workers, as many
- * as clients in their first steps there, up to 1,024 (9); one relay thread
- * per CPU, which also accept on the other ports and do TLS handshakes (10);
- * one health-check thread (6); one statistics thread (12).
+ * The threads, all told: one relay thread per CPU (section 10); one
+ * health-check thread (6); one statistics thread (12); and the main
+ * thread, which starts everything, waits for signals and stops (13).
  *
  * Error policy: problems at startup stop the program with one line that
  * names the flag, port or file and the fix (exit 2). Problems with one
@@ -1455,20 +1443,17 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
  *
  * The SSL_CTX ("context") holds the certificate and the rules; it is fully
  * configured before any thread starts and then only read, which OpenSSL
- * allows from many threads. Each client gets its own SSL object, used by one
- * thread at a time: its relay thread, or first a conversation worker and
- * then its relay thread. Using one SSL from two threads at once corrupts it
- * (openssl-threads(7)).
+ * allows from many threads. Each client gets its own SSL object, made and
+ * used by its relay thread alone. Using one SSL from two threads at once
+ * corrupts it (openssl-threads(7)).
  *
  * The handshake takes turns: the client speaks (ClientHello), we answer
  * (our half of the key exchange, the certificate, a signature), the client
  * finishes. On a non-blocking socket, SSL_accept() does what it can with
  * the bytes that have arrived and then says what it waits for;
- * tls_handshake_step() is one such call. Who calls it again decides how
- * the waiting is done: a relay thread (section 10) when its epoll loop says
- * the socket is ready, serving thousands of other clients in between; a
- * conversation (section 9) in tls_accept(), which simply waits, as blocking
- * code does.
+ * tls_handshake_step() is one such call. A relay thread (section 10) calls
+ * it again when its epoll loop says the socket is ready, serving thousands
+ * of other clients in between.
  *
  * The server name. A TLS client says which name it wants in its first
  * message (the ClientHello's "SNI"). With --sni, only listed names are
@@ -1761,9 +1746,9 @@ static bool tls_server_name_listed(const char *name)
 
 /* OpenSSL calls this during a handshake when --sni names are given, after
  * reading the ClientHello. A listed name goes on; another goes on too when
- * there is a decoy (the conversation then hands the client to it, section
- * 9); without a decoy the handshake fails with the "unrecognized_name"
- * alert, as a strict web server would. Counts matches and misses. */
+ * there is a decoy (the client then goes to it, section 9); without a
+ * decoy the handshake fails with the "unrecognized_name" alert, as a
+ * strict web server would. Counts matches and misses. */
 static int tls_check_server_name(SSL *tls, int *alert, void *unused)
 {
     (void)unused;

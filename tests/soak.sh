@@ -4,6 +4,16 @@
 # proxy must hold no more descriptors, threads or memory than after a
 # warm-up round. tests/README.md gives the figures measured.
 #
+# The traffic is what phones do, the awkward parts included (soak_load.c
+# says how often each happens): readers that stop reading for 0.2 to
+# 2.5 s in the middle of an answer; connections that half-close right
+# after sending their last message, while its answer is still coming,
+# and pause then (past the proxy's 1 s --timeout-fin; a few of them with
+# 16 MiB of answer still to come, more than the sockets around the proxy
+# can hold); and connections that vanish with a reset mid-exchange. Every
+# byte of every answer must still arrive, then the FIN; a client's reset
+# must reach the server as a reset, and only a client's reset may.
+#
 #   sh tests/soak.sh [SECONDS]      (or: make soak SOAK_SECONDS=600)
 #
 # Environment: SOAK_CONNECTIONS (2000) connections kept open at once.
@@ -206,6 +216,8 @@ echo "# $CONNECTIONS connections, $LOAD_THREADS load threads, seed $SEED, open-f
 
 run_load "$WARMUP" warmup
 echo "# warm-up ${WARMUP} s: $LOAD_LINE"
+# The echo server counts the resets of both rounds: so must we.
+WARMUP_ABORTS=$(field aborts "$LOAD_LINE")
 if [ "$LOAD_STATUS" = 0 ]; then
     ok "warm-up: $(field exchanges "$LOAD_LINE") exchanges, no byte lost or corrupted"
 else
@@ -231,11 +243,23 @@ for key in bytes_lost bytes_corrupted connect_failures resets early_closes stall
 done
 sent=$(field bytes_sent "$LOAD_LINE")
 received=$(field bytes_received "$LOAD_LINE")
+# The exchanges that ended in an abort are counted apart (aborted_bytes_*):
+# what remains is exact.
 if [ -n "$sent" ] && [ "$sent" -gt 0 ] && [ "$sent" = "$received" ]; then
     ok "soak: every byte sent came back ($sent bytes each way, $(field exchanges "$LOAD_LINE") exchanges on $(field connections "$LOAD_LINE") connections)"
 else
     not_ok "soak: every byte sent came back (sent '$sent', received '$received')"
 fi
+# The awkward traffic really happened (a figure of 0 would mean the checks
+# above proved nothing about it).
+for key in pauses pauses_after_half_close half_closes_mid_echo slow_readers aborts; do
+    value=$(field "$key" "$LOAD_LINE")
+    if [ -n "$value" ] && [ "$value" -gt 0 ]; then
+        ok "soak: the traffic had $key ($value)"
+    else
+        not_ok "soak: the traffic had $key (got '${value:-no figure}')"
+    fi
+done
 if [ "$PEAK_FDS" -ge "$CONNECTIONS" ]; then
     ok "soak: the proxy really held the connections at once (peak $PEAK_FDS descriptors)"
 else
@@ -310,6 +334,34 @@ if [ "$bad" = 0 ] && [ "$missing" = 0 ]; then
     ok "upstream: every connection began with a well-formed PROXY v2 header ($(field header_v2 "$ECHO_LINE") headers)"
 else
     not_ok "upstream: every connection began with a well-formed PROXY v2 header (bad '$bad', missing '$missing')"
+fi
+# How the echo server's connections ended. A client that aborted (RST)
+# should reach it as a reset, as HAProxy passes one on; every other
+# connection, and the proxy's health checks, must end with a FIN. The
+# counts cannot tell which connection was which: a reset in place of a
+# FIN and a FIN in place of a reset, the same number of each, would go
+# unseen; both kinds of mistake alone are caught.
+SOAK_ABORTS=$(field aborts "$LOAD_LINE")
+aborts=$(( ${WARMUP_ABORTS:-0} + ${SOAK_ABORTS:-0} ))
+connections=$(field connections "$ECHO_LINE")
+ended_fin=$(field ended_fin "$ECHO_LINE")
+ended_reset=$(field ended_reset "$ECHO_LINE")
+ended_error=$(field ended_error "$ECHO_LINE")
+: "${connections:=0}" "${ended_fin:=0}" "${ended_reset:=0}" "${ended_error:=-1}"
+if [ "$ended_error" = 0 ] && [ $((ended_fin + ended_reset)) -eq "$connections" ]; then
+    ok "upstream: every connection ended with a FIN or a reset ($ended_fin FIN, $ended_reset reset, $connections connections)"
+else
+    not_ok "upstream: every connection ended with a FIN or a reset ($ended_fin FIN, $ended_reset reset, $ended_error other errors, $connections connections)"
+fi
+if [ "$aborts" -gt 0 ] && [ $((ended_reset * 10)) -ge $((aborts * 9)) ]; then
+    ok "upstream: the clients' resets arrived as resets ($ended_reset of $aborts aborts, at least 90 % needed)"
+else
+    not_ok "upstream: the clients' resets arrived as resets ($ended_reset of $aborts aborts, at least 90 % needed)"
+fi
+if [ "$ended_reset" -le "$aborts" ]; then
+    ok "upstream: no reset without a client's abort ($ended_reset resets, $aborts aborts)"
+else
+    not_ok "upstream: no reset without a client's abort ($ended_reset resets, $aborts aborts)"
 fi
 problems=$(grep -cE ' (warn|error):' "$TMP/proxy.log")
 # Two warnings at start are about the machine, not about connections.

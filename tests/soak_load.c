@@ -6,8 +6,10 @@
  *   soak_load echo PORT THREADS
  *       Listens on 127.0.0.1:PORT. Each connection: read the PROXY header
  *       (v1 or v2; exactly the header, not one byte more), then echo every
- *       byte back until the client closes. On SIGTERM it prints its counters
- *       ("echo key=value ...") and exits.
+ *       byte back until the client closes. It counts how each connection
+ *       ended: with the client's FIN (read returns 0), with a reset
+ *       (ECONNRESET, or EPIPE on a write) or with another error. On SIGTERM
+ *       it prints its counters ("echo key=value ...") and exits.
  *
  *   soak_load load PORT CONNECTIONS SECONDS THREADS SEED
  *       Keeps CONNECTIONS connections to 127.0.0.1:PORT open for SECONDS.
@@ -15,8 +17,24 @@
  *       (N random, 1 byte to 256 KiB, spread evenly over the powers of two
  *       so small and large exchanges are both common) while reading the
  *       echo, and compare it byte for byte with what was sent. After a
- *       random number of exchanges (1 to 32) the connection half-closes,
- *       waits for the proxy's FIN, and a new connection takes its place.
+ *       random number of exchanges (1 to 32) the connection ends, and a
+ *       new connection takes its place. The traffic is made of what phones
+ *       really do, not only of polite exchanges:
+ *         - pauses: 1 exchange in 8 stops reading its echo halfway, for
+ *           0.2 to 2.5 s (a phone busy elsewhere, or in a tunnel), then
+ *           reads on; every byte must still come;
+ *         - how a connection ends, drawn when it opens:
+ *           11 in 16 half-close after the echo of their last exchange has
+ *           fully come back, then wait for the proxy's FIN;
+ *           4 in 16 half-close right after *sending* their last exchange,
+ *           read the rest of its echo (half of them pausing 0.2 to 2.5 s
+ *           on the way, longer than the proxy's 1 s --timeout-fin), then
+ *           the FIN: a half-close must not cut the answer short;
+ *           1 in 16 abort in the middle of their last exchange: a reset
+ *           (SO_LINGER 0, then close), a phone that vanished. That
+ *           exchange's bytes are counted apart (aborted_bytes_*), never as
+ *           lost, so that bytes_sent = bytes_received stays an exact check
+ *           of everything else.
  *       At SECONDS no new exchange starts; the ones in flight get up to
  *       DRAIN_SECONDS to finish. Prints "load key=value ..." and exits 0
  *       if no byte was lost or corrupted and no connection failed.
@@ -55,6 +73,16 @@
 #define ECHO_BUFFER 16384       /* echo buffer per connection: 2,000 x 16 KiB */
 #define DRAIN_SECONDS 30        /* bound on finishing exchanges after SECONDS */
 #define STALL_SECONDS 30        /* an exchange without progress this long fails */
+#define PAUSE_ONE_IN 8          /* 1 exchange in 8 pauses its reading */
+#define PAUSE_MIN_MS 200        /* a pause lasts 0.2 s ... */
+#define PAUSE_MAX_MS 2500       /* ... to 2.5 s: past the proxy's 1 s --timeout-fin */
+#define ENDING_DRAW 16          /* how a connection ends, drawn 1 in 16: */
+#define ENDING_ABORTS 1         /*   1 in 16 abort with a reset */
+#define ENDING_EARLY 4          /*   4 in 16 half-close before their echo is back */
+#define EARLY_PAUSE_ONE_IN 2    /* of those, 1 in 2 pause after the half-close */
+#define EARLY_RECEIVE_BUFFER 16384 /* SO_RCVBUF of those (see load_connect) */
+#define SLOW_READERS 4          /* per load thread: the first 4 of those are */
+#define SLOW_READER_BYTES (16 * 1024 * 1024) /* slow readers of a 16 MiB echo */
 #define V1_MAX 107              /* PROXY v1 line limit, CRLF included */
 #define V2_FIXED 16             /* PROXY v2 signature + version + family + length */
 
@@ -144,7 +172,11 @@ static struct {
     atomic_long header_bad;     /* a malformed header */
     atomic_long empty;          /* closed before any byte: health checks */
     atomic_long bytes;          /* echoed */
-    atomic_long resets;         /* read or write errors */
+    /* How connections ended, seen from here. Each one counts once, except
+     * those we close ourselves for a malformed header (header_bad). */
+    atomic_long ended_fin;      /* the client's FIN: read returned 0 */
+    atomic_long ended_reset;    /* ECONNRESET on a read or write, or EPIPE */
+    atomic_long ended_error;    /* any other error */
 } echo_counters;
 
 static int echo_port;
@@ -193,6 +225,17 @@ static long echo_header_length(struct echo_conn *c)
     return 0;
 }
 
+/* Counts how a connection ended after a failed read or write. A reset
+ * shows as ECONNRESET; a write after the reset has been reported once
+ * says EPIPE instead. Anything else is an error we did not expect. */
+static void echo_count_error(int error)
+{
+    if (error == ECONNRESET || error == EPIPE)
+        atomic_fetch_add(&echo_counters.ended_reset, 1);
+    else
+        atomic_fetch_add(&echo_counters.ended_error, 1);
+}
+
 static void echo_close(int epoll_fd, struct echo_conn *c)
 {
     epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
@@ -214,7 +257,7 @@ static void echo_step(int epoll_fd, struct echo_conn *c)
                 return;
             }
             if (n < 0) {
-                atomic_fetch_add(&echo_counters.resets, 1);
+                echo_count_error(errno);
                 echo_close(epoll_fd, c);
                 return;
             }
@@ -230,12 +273,17 @@ static void echo_step(int epoll_fd, struct echo_conn *c)
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
             return;
         if (n <= 0) {
-            if (n < 0)
-                atomic_fetch_add(&echo_counters.resets, 1);
-            else if (c->state == ECHO_HEADER && c->have == 0)
-                atomic_fetch_add(&echo_counters.empty, 1);
-            else if (c->state == ECHO_HEADER)
-                atomic_fetch_add(&echo_counters.header_bad, 1);
+            if (n < 0) {
+                echo_count_error(errno);
+            } else {
+                /* The FIN comes after every byte of the client's, and we
+                 * only read once all we had was echoed: nothing is left. */
+                atomic_fetch_add(&echo_counters.ended_fin, 1);
+                if (c->state == ECHO_HEADER && c->have == 0)
+                    atomic_fetch_add(&echo_counters.empty, 1);
+                else if (c->state == ECHO_HEADER)
+                    atomic_fetch_add(&echo_counters.header_bad, 1);
+            }
             echo_close(epoll_fd, c);
             return;
         }
@@ -312,7 +360,8 @@ static int echo_main(int port, int threads)
     while (!echo_stop)
         usleep(100 * 1000);
     printf("echo connections=%ld header_v2=%ld header_v1=%ld header_local=%ld "
-           "header_missing=%ld header_bad=%ld empty=%ld bytes=%ld resets=%ld\n",
+           "header_missing=%ld header_bad=%ld empty=%ld bytes=%ld "
+           "ended_fin=%ld ended_reset=%ld ended_error=%ld\n",
            atomic_load(&echo_counters.connections),
            atomic_load(&echo_counters.header_v2),
            atomic_load(&echo_counters.header_v1),
@@ -321,7 +370,9 @@ static int echo_main(int port, int threads)
            atomic_load(&echo_counters.header_bad),
            atomic_load(&echo_counters.empty),
            atomic_load(&echo_counters.bytes),
-           atomic_load(&echo_counters.resets));
+           atomic_load(&echo_counters.ended_fin),
+           atomic_load(&echo_counters.ended_reset),
+           atomic_load(&echo_counters.ended_error));
     fflush(stdout);
     _exit(0); /* the echo threads never end by themselves */
 }
@@ -331,23 +382,52 @@ static int echo_main(int port, int threads)
 enum load_state {
     LOAD_CONNECTING,  /* non-blocking connect() in progress */
     LOAD_EXCHANGING,  /* sending and reading back one exchange */
-    LOAD_CLOSING,     /* write side shut; waiting for the proxy's FIN */
+    LOAD_CLOSING,     /* write side shut, echo all in; waiting for the FIN */
 };
+
+/* How a connection ends, drawn when it opens (see the top of the file). */
+enum load_ending {
+    ENDS_AFTER_ECHO,  /* half-close once the last echo is all back */
+    ENDS_BEFORE_ECHO, /* half-close right after sending the last exchange */
+    ENDS_ABORTED,     /* reset in the middle of the last exchange */
+};
+
+#define NO_PAUSE SIZE_MAX       /* pause_at of an exchange that does not pause */
 
 struct load_conn {
     int fd;
     enum load_state state;
-    int exchanges_left;         /* before this connection closes */
+    enum load_ending ending;
+    int exchanges_left;         /* before this connection ends */
+    uint32_t watched;           /* what epoll watches on fd; 0: not in epoll */
+    bool last;                  /* the current exchange is the last one */
+    bool write_shut;            /* shutdown(SHUT_WR) done: our FIN is sent */
     uint64_t seed;              /* of the current exchange */
     size_t size, sent, received;
-    long long progress_ms;      /* last time a byte moved */
+    size_t pause_at;            /* pause once this much echo is in, or NO_PAUSE */
+    bool pause_after_shut;      /* ... and not before the half-close */
+    size_t abort_at;            /* reset once this much echo is in, or 0 */
+    bool slow_reader;           /* this exchange: 16 MiB, paused 2.5 s */
+    bool paused;                /* not reading until paused_until_ms */
+    long long paused_until_ms;
+    int paused_index;           /* its place in load_thread.paused */
+    long long progress_ms;      /* last time a byte moved (or a pause ended) */
 };
 
 struct load_totals {
-    long connections, exchanges, bytes_sent, bytes_received;
+    long connections, exchanges;
+    long bytes_sent, bytes_received; /* of exchanges that were not aborted */
     long bytes_lost;            /* sent but never echoed */
     long bytes_corrupted;       /* echoed but different, or extra */
     long connect_failures, resets, early_closes, stalls;
+    long pauses;                /* reads paused mid-echo, before a half-close */
+    long pauses_after_half_close; /* reads paused after our half-close */
+    long pause_ms;              /* the length of all those pauses */
+    long half_closes_mid_echo;  /* half-closed with the last echo on its way */
+    long slow_readers;          /* of those, paused 2.5 s with 16 MiB to come */
+    long aborts;                /* connections we ended with a reset */
+    long aborted_bytes_sent;    /* the bytes of their last exchange: not */
+    long aborted_bytes_received; /* counted in bytes_sent/bytes_received */
 };
 
 struct load_thread {
@@ -356,6 +436,9 @@ struct load_thread {
     int open;                   /* open now */
     struct load_conn **pending; /* closed, to reconnect after this batch */
     int pending_count;
+    struct load_conn **paused;  /* pausing now, in no particular order */
+    int paused_count;
+    int slow_readers_left;      /* SLOW_READERS at the start */
     uint64_t rng;
     struct load_totals totals;
     uint8_t sent_copy[IO_CHUNK], received[IO_CHUNK];
@@ -365,7 +448,36 @@ static int load_port;
 static long long load_end_ms;   /* no new exchange after this */
 static long long load_drain_ms; /* everything still open fails after this */
 
-/* Starts a non-blocking connect of c to the proxy. */
+/* Asks epoll to watch on c exactly what it waits for now, and calls
+ * epoll_ctl() only when that changes. A pause takes EPOLLIN away: a level-
+ * triggered EPOLLIN left on would wake us for bytes we refuse to read, over
+ * and over. With nothing left to watch, the socket leaves epoll altogether
+ * (an empty mask would still report EPOLLHUP, again and again, once the
+ * proxy's FIN is in while we pause after our own). */
+static void load_watch(int epoll_fd, struct load_conn *c)
+{
+    uint32_t wanted;
+    if (c->state == LOAD_CONNECTING) {
+        wanted = EPOLLOUT;
+    } else {
+        wanted = c->paused ? 0 : EPOLLIN;
+        if (c->state == LOAD_EXCHANGING && c->sent < c->size)
+            wanted |= EPOLLOUT;    /* a pause stops reading, not sending */
+    }
+    if (wanted == c->watched)
+        return;
+    struct epoll_event e = {.events = wanted, .data.ptr = c};
+    if (c->watched == 0)
+        epoll_ctl(epoll_fd, EPOLL_CTL_ADD, c->fd, &e);
+    else if (wanted == 0)
+        epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
+    else
+        epoll_ctl(epoll_fd, EPOLL_CTL_MOD, c->fd, &e);
+    c->watched = wanted;
+}
+
+/* Starts a non-blocking connect of c to the proxy, and draws how it will
+ * end. */
 static bool load_connect(int epoll_fd, struct load_thread *t,
                          struct load_conn *c)
 {
@@ -373,6 +485,20 @@ static bool load_connect(int epoll_fd, struct load_thread *t,
     if (c->fd < 0) {
         t->totals.connect_failures++;
         return false;
+    }
+    unsigned draw = (unsigned)(next_random(&t->rng) % ENDING_DRAW);
+    c->ending = draw < ENDING_ABORTS                  ? ENDS_ABORTED
+                : draw < ENDING_ABORTS + ENDING_EARLY ? ENDS_BEFORE_ECHO
+                                                      : ENDS_AFTER_ECHO;
+    if (c->ending == ENDS_BEFORE_ECHO) {
+        /* A small receive buffer, set before connect() so that the window
+         * offered is small from the start. Without it a whole 256 KiB echo
+         * could wait in this socket while we pause after our half-close,
+         * and the proxy would have nothing left to hold for us: with it,
+         * the proxy's side of the pair must keep the rest, half-closed,
+         * for longer than its --timeout-fin. */
+        int bytes = EARLY_RECEIVE_BUFFER;
+        setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
     }
     struct sockaddr_in address = {.sin_family = AF_INET,
                                   .sin_port = htons((uint16_t)load_port)};
@@ -386,14 +512,18 @@ static bool load_connect(int epoll_fd, struct load_thread *t,
     }
     c->state = LOAD_CONNECTING;
     c->exchanges_left = 1 + (int)(next_random(&t->rng) % MAX_EXCHANGES);
+    c->watched = 0;
+    c->write_shut = false;
+    c->paused = false;
     c->progress_ms = now_ms();
-    struct epoll_event e = {.events = EPOLLOUT, .data.ptr = c};
-    epoll_ctl(epoll_fd, EPOLL_CTL_ADD, c->fd, &e);
+    load_watch(epoll_fd, c);
     t->totals.connections++;
     t->open++;
     return true;
 }
 
+/* Draws the next exchange of c: its bytes, whether it pauses and where,
+ * and, if it is the last of an aborting connection, where it aborts. */
 static void load_begin_exchange(int epoll_fd, struct load_thread *t,
                                 struct load_conn *c)
 {
@@ -401,8 +531,81 @@ static void load_begin_exchange(int epoll_fd, struct load_thread *t,
     c->seed = next_random(&t->rng);
     c->size = exchange_size(&t->rng);
     c->sent = c->received = 0;
-    struct epoll_event e = {.events = EPOLLIN | EPOLLOUT, .data.ptr = c};
-    epoll_ctl(epoll_fd, EPOLL_CTL_MOD, c->fd, &e);
+    c->last = c->exchanges_left <= 1 || now_ms() >= load_end_ms;
+    c->pause_at = NO_PAUSE;
+    c->pause_after_shut = false;
+    c->abort_at = 0;
+    c->slow_reader = false;
+    /* The slow readers: see the top of the file. Their pause begins at
+     * the half-close and lasts PAUSE_MAX_MS. */
+    if (c->last && c->ending == ENDS_BEFORE_ECHO && t->slow_readers_left > 0) {
+        t->slow_readers_left--;
+        c->slow_reader = true;
+        c->size = SLOW_READER_BYTES;
+        c->pause_at = 0;
+        c->pause_after_shut = true;
+        load_watch(epoll_fd, c);
+        return;
+    }
+    /* A pause point anywhere in the echo, from before its first byte to
+     * just before its last: the reader stops with the echo under way. */
+    if (c->last && c->ending == ENDS_BEFORE_ECHO &&
+        next_random(&t->rng) % EARLY_PAUSE_ONE_IN == 0) {
+        c->pause_at = next_random(&t->rng) % c->size;
+        c->pause_after_shut = true;
+    } else if (next_random(&t->rng) % PAUSE_ONE_IN == 0) {
+        c->pause_at = next_random(&t->rng) % c->size;
+    }
+    /* The abort comes once 1 to all bytes of the echo are in: the proxy
+     * has surely connected its upstream by then, and bytes are usually
+     * still on their way both ways. */
+    if (c->last && c->ending == ENDS_ABORTED)
+        c->abort_at = 1 + next_random(&t->rng) % c->size;
+    load_watch(epoll_fd, c);
+}
+
+/* Takes c off the list of pausing connections (swapping the list's last
+ * one into its place). Does not change what epoll watches. */
+static void load_unpause(struct load_thread *t, struct load_conn *c)
+{
+    struct load_conn *moved = t->paused[--t->paused_count];
+    t->paused[c->paused_index] = moved;
+    moved->paused_index = c->paused_index;
+    c->paused = false;
+}
+
+/* Stops reading c for PAUSE_MIN_MS to PAUSE_MAX_MS; the thread's loop
+ * ends the pause (see load_thread_run()). The echo piles up in the
+ * sockets and in the proxy, which must keep every byte for us. */
+static void load_pause(int epoll_fd, struct load_thread *t,
+                       struct load_conn *c)
+{
+    long length = c->slow_reader
+                      ? PAUSE_MAX_MS
+                      : PAUSE_MIN_MS + (long)(next_random(&t->rng) %
+                                              (PAUSE_MAX_MS - PAUSE_MIN_MS + 1));
+    c->pause_at = NO_PAUSE;                 /* one pause per exchange */
+    c->paused = true;
+    c->paused_until_ms = now_ms() + length;
+    c->paused_index = t->paused_count;
+    t->paused[t->paused_count++] = c;
+    if (c->write_shut)
+        t->totals.pauses_after_half_close++;
+    else
+        t->totals.pauses++;
+    t->totals.slow_readers += c->slow_reader;
+    t->totals.pause_ms += length;
+    load_watch(epoll_fd, c);
+}
+
+/* Whether c's pause is due now: its point in the echo reached (and the
+ * echo not complete), and for a pause that waits for the half-close, the
+ * half-close done. */
+static bool load_pause_due(const struct load_conn *c)
+{
+    return c->state == LOAD_EXCHANGING && c->pause_at != NO_PAUSE &&
+           c->received >= c->pause_at && c->received < c->size &&
+           (c->write_shut || !c->pause_after_shut);
 }
 
 /* Ends c's connection; counts what an unfinished exchange lost. Unless the
@@ -414,12 +617,30 @@ static void load_finish(int epoll_fd, struct load_thread *t,
 {
     if (failed && c->state == LOAD_EXCHANGING)
         t->totals.bytes_lost += (long)(c->sent - c->received);
-    epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (c->paused)
+        load_unpause(t, c);
+    if (c->watched != 0)
+        epoll_ctl(epoll_fd, EPOLL_CTL_DEL, c->fd, NULL);
+    c->watched = 0;
     close(c->fd);
     c->fd = -1;
     t->open--;
     if (now_ms() < load_end_ms)
         t->pending[t->pending_count++] = c;
+}
+
+/* Ends c with a reset in the middle of its exchange, as a phone that
+ * vanishes: a zero linger time makes close() send RST instead of FIN, and
+ * drop whatever is still unread or unsent. Not a failure, and its bytes
+ * in flight are not lost: they were counted apart from the start. The
+ * proxy should pass the reset on (the echo server counts ended_reset). */
+static void load_abort(int epoll_fd, struct load_thread *t,
+                       struct load_conn *c)
+{
+    struct linger reset_now = {.l_onoff = 1, .l_linger = 0};
+    setsockopt(c->fd, SOL_SOCKET, SO_LINGER, &reset_now, sizeof reset_now);
+    t->totals.aborts++;
+    load_finish(epoll_fd, t, c, false);
 }
 
 /* One exchange step on a ready connection. */
@@ -440,6 +661,7 @@ static void load_step(int epoll_fd, struct load_thread *t, struct load_conn *c,
         load_begin_exchange(epoll_fd, t, c);
         return;
     }
+    bool aborting = c->abort_at > 0;    /* its bytes are counted apart */
     if ((events & EPOLLOUT) && c->state == LOAD_EXCHANGING &&
         c->sent < c->size) {
         size_t chunk = c->size - c->sent;
@@ -454,17 +676,48 @@ static void load_step(int epoll_fd, struct load_thread *t, struct load_conn *c,
         }
         if (n > 0) {
             c->sent += (size_t)n;
-            t->totals.bytes_sent += n;
+            if (aborting)
+                t->totals.aborted_bytes_sent += n;
+            else
+                t->totals.bytes_sent += n;
             c->progress_ms = now_ms();
         }
-        if (c->sent == c->size) {                   /* only reading now */
-            struct epoll_event e = {.events = EPOLLIN, .data.ptr = c};
-            epoll_ctl(epoll_fd, EPOLL_CTL_MOD, c->fd, &e);
+        if (c->sent == c->size) {               /* only reading now */
+            if (c->last && c->ending == ENDS_BEFORE_ECHO) {
+                /* Half-close at once, the echo still on its way: the
+                 * proxy passes our FIN on to the echo server, and must
+                 * still bring us every byte of the echo before its own. */
+                shutdown(c->fd, SHUT_WR);
+                c->write_shut = true;
+                t->totals.half_closes_mid_echo++;
+                if (load_pause_due(c)) {
+                    load_pause(epoll_fd, t, c);
+                    return;
+                }
+            }
+            load_watch(epoll_fd, c);
         }
     }
-    if (!(events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
+    /* A pausing connection reads nothing, even for an event that was
+     * already in this batch when the pause began. */
+    if (c->paused || !(events & (EPOLLIN | EPOLLHUP | EPOLLERR)))
         return;
-    ssize_t n = recv(c->fd, t->received, IO_CHUNK, 0);
+    if (load_pause_due(c)) {
+        load_pause(epoll_fd, t, c);
+        return;
+    }
+    /* Read no further than a pause point or an abort point ahead, so
+     * that the pause or the abort comes exactly there, with the rest of
+     * the echo still on its way (a 64 KiB read would often take it all). */
+    size_t want = IO_CHUNK;
+    if (c->state == LOAD_EXCHANGING && c->pause_at != NO_PAUSE &&
+        (c->write_shut || !c->pause_after_shut) && c->pause_at > c->received &&
+        c->pause_at - c->received < want)
+        want = c->pause_at - c->received;
+    if (aborting && c->abort_at > c->received &&
+        c->abort_at - c->received < want)
+        want = c->abort_at - c->received;
+    ssize_t n = recv(c->fd, t->received, want, 0);
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
         return;
     if (n < 0) {
@@ -490,16 +743,32 @@ static void load_step(int epoll_fd, struct load_thread *t, struct load_conn *c,
             for (size_t i = 0; i < compare; i++)
                 t->totals.bytes_corrupted += t->sent_copy[i] != t->received[i];
         c->received += compare;
-        t->totals.bytes_received += (long)compare;
+        if (aborting)
+            t->totals.aborted_bytes_received += (long)compare;
+        else
+            t->totals.bytes_received += (long)compare;
     }
     t->totals.bytes_corrupted += (long)((size_t)n - compare); /* extra bytes */
+    if (aborting && c->received >= c->abort_at) {
+        load_abort(epoll_fd, t, c);
+        return;
+    }
+    if (load_pause_due(c)) {
+        load_pause(epoll_fd, t, c);
+        return;
+    }
     if (c->state == LOAD_EXCHANGING && c->received == c->size) {
         t->totals.exchanges++;
-        if (--c->exchanges_left > 0 && now_ms() < load_end_ms) {
+        if (!c->last && now_ms() < load_end_ms) {
+            c->exchanges_left--;
             load_begin_exchange(epoll_fd, t, c);
         } else {
             c->state = LOAD_CLOSING;                /* half-close, await FIN */
-            shutdown(c->fd, SHUT_WR);
+            if (!c->write_shut) {
+                shutdown(c->fd, SHUT_WR);
+                c->write_shut = true;
+            }
+            load_watch(epoll_fd, c);
         }
     }
 }
@@ -509,8 +778,10 @@ static void *load_thread_run(void *argument)
     struct load_thread *t = argument;
     struct load_conn *conns = calloc((size_t)t->connections, sizeof *conns);
     t->pending = calloc((size_t)t->connections, sizeof *t->pending);
+    t->paused = calloc((size_t)t->connections, sizeof *t->paused);
     int epoll_fd = epoll_create1(0);
-    if (conns == NULL || t->pending == NULL || epoll_fd < 0)
+    if (conns == NULL || t->pending == NULL || t->paused == NULL ||
+        epoll_fd < 0)
         die("load: setup");
     for (int i = 0; i < t->connections; i++)
         conns[i].fd = -1;
@@ -531,6 +802,7 @@ static void *load_thread_run(void *argument)
                 }
             break;
         }
+        /* At most 100 ms asleep: that is how late a pause may end. */
         int ready = epoll_wait(epoll_fd, events, 256, 100);
         for (int i = 0; i < ready; i++) {
             struct load_conn *c = events[i].data.ptr;
@@ -540,6 +812,20 @@ static void *load_thread_run(void *argument)
         while (t->pending_count > 0 && now_ms() < load_end_ms)
             load_connect(epoll_fd, t, t->pending[--t->pending_count]);
         t->pending_count = 0;
+        /* Pauses that are over: watch the socket again. Bytes that came
+         * in meanwhile wake the next epoll_wait() at once. Each turn takes
+         * one off the list or moves on, so the walk is bounded. */
+        long long after = now_ms();
+        for (int i = 0; i < t->paused_count;) {
+            struct load_conn *c = t->paused[i];
+            if (after < c->paused_until_ms) {
+                i++;
+                continue;
+            }
+            load_unpause(t, c);
+            c->progress_ms = after;     /* the pause is not a stall */
+            load_watch(epoll_fd, c);
+        }
         if (now - last_stall_check_ms >= 1000) {    /* no progress: failed */
             last_stall_check_ms = now;
             for (int i = 0; i < t->connections; i++)
@@ -551,6 +837,7 @@ static void *load_thread_run(void *argument)
         }
     }
     close(epoll_fd);
+    free(t->paused);
     free(t->pending);
     free(conns);
     return NULL;
@@ -571,6 +858,7 @@ static int load_main(int port, int connections, int seconds, int threads,
         workers[i].connections = connections / threads +
                                  (i < connections % threads);
         workers[i].rng = mix64(seed + (uint64_t)i) | 1;
+        workers[i].slow_readers_left = SLOW_READERS;
         if (pthread_create(&workers[i].thread, NULL, load_thread_run,
                            &workers[i]) != 0)
             die("pthread_create");
@@ -589,20 +877,37 @@ static int load_main(int port, int connections, int seconds, int threads,
         sum.resets += w->resets;
         sum.early_closes += w->early_closes;
         sum.stalls += w->stalls;
+        sum.pauses += w->pauses;
+        sum.pauses_after_half_close += w->pauses_after_half_close;
+        sum.pause_ms += w->pause_ms;
+        sum.half_closes_mid_echo += w->half_closes_mid_echo;
+        sum.slow_readers += w->slow_readers;
+        sum.aborts += w->aborts;
+        sum.aborted_bytes_sent += w->aborted_bytes_sent;
+        sum.aborted_bytes_received += w->aborted_bytes_received;
     }
     double elapsed_s = (now_ms() - start_ms) / 1000.0;
     printf("load seconds=%.1f connections=%ld exchanges=%ld bytes_sent=%ld "
            "bytes_received=%ld bytes_lost=%ld bytes_corrupted=%ld "
            "connect_failures=%ld resets=%ld early_closes=%ld stalls=%ld "
-           "mib_per_s=%.1f\n",
+           "pauses=%ld pauses_after_half_close=%ld pause_s=%.1f "
+           "half_closes_mid_echo=%ld slow_readers=%ld aborts=%ld "
+           "aborted_bytes_sent=%ld "
+           "aborted_bytes_received=%ld mib_per_s=%.1f\n",
            elapsed_s, sum.connections, sum.exchanges, sum.bytes_sent,
            sum.bytes_received, sum.bytes_lost, sum.bytes_corrupted,
            sum.connect_failures, sum.resets, sum.early_closes, sum.stalls,
-           (sum.bytes_sent + sum.bytes_received) / elapsed_s / 1048576.0);
+           sum.pauses, sum.pauses_after_half_close, sum.pause_ms / 1000.0,
+           sum.half_closes_mid_echo, sum.slow_readers, sum.aborts,
+           sum.aborted_bytes_sent,
+           sum.aborted_bytes_received,
+           (sum.bytes_sent + sum.bytes_received + sum.aborted_bytes_sent +
+            sum.aborted_bytes_received) / elapsed_s / 1048576.0);
     free(workers);
     bool clean = sum.exchanges > 0 && sum.bytes_lost == 0 &&
                  sum.bytes_corrupted == 0 && sum.connect_failures == 0 &&
-                 sum.resets == 0 && sum.early_closes == 0 && sum.stalls == 0;
+                 sum.resets == 0 && sum.early_closes == 0 && sum.stalls == 0 &&
+                 sum.bytes_sent == sum.bytes_received;
     return clean ? 0 : 1;
 }
 
