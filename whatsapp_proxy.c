@@ -251,7 +251,7 @@ struct settings {
     bool check_only;                /* --check: validate, summarise, exit */
 };
 
-/* The chat pool of the newest reference (SPEC.md). */
+/* The chat pool of the newest official proxy configuration. */
 static const struct upstream_spec DEFAULT_CHAT_UPSTREAMS[] = {
     {"g.whatsapp.net", 5222},          {"g.whatsapp.net", 80},
     {"g.whatsapp.net", 443},           {"g-fallback.whatsapp.net", 5222},
@@ -368,7 +368,7 @@ unsigned proxy_connections_now(void)
 
 static void *xcalloc(size_t count, size_t size);
 
-/* Returns settings with every default of SPEC.md; see whatsapp_proxy.h. */
+/* Returns settings with the reference's defaults; see whatsapp_proxy.h. */
 struct settings *settings_new(void)
 {
     struct settings *settings = xcalloc(1, sizeof *settings);
@@ -601,6 +601,13 @@ static const struct option OPTIONS[] = {
     {"--help", NULL, "show this help and exit"},
     {"--version", NULL, "show the version and exit"},
 };
+
+/* The name of flag number index, in the order of --help; see
+ * whatsapp_proxy.h. */
+const char *settings_flag_name(size_t index)
+{
+    return index < ARRAY_LENGTH(OPTIONS) ? OPTIONS[index].name : NULL;
+}
 
 /* Writes printf-style text into error (always terminated) and returns -1, so
  * that parsers can say "return parse_failure(...)". */

@@ -23,7 +23,7 @@
  * fills it with command-line flags. */
 struct settings;
 
-/* Returns a new settings object holding the defaults of SPEC.md (the
+/* Returns a new settings object holding the official proxy's defaults (the
  * reference's ports, upstreams, limits and timeouts). Free with
  * settings_free(). Never returns NULL (aborts when memory runs out). */
 struct settings *settings_new(void);
@@ -82,6 +82,10 @@ int host_port_parse(const char *text, char *host, size_t host_size,
  * milliseconds. Returns 0, or -1 with one line in error naming flag_name. */
 int seconds_parse(const char *text, const char *flag_name, int *out_ms,
                   char *error, size_t error_size);
+
+/* The name of command-line flag number index ("--listen", ...), in the
+ * order --help lists them, or NULL past the last one. */
+const char *settings_flag_name(size_t index);
 
 /* What settings_parse() tells its caller to do next. */
 enum parse_result {
