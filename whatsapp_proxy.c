@@ -1802,16 +1802,15 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
                       * connection, which is nearly all of them. */
                      SSL_MODE_RELEASE_BUFFERS |
                      /* Let SSL_write_ex() send part of a buffer and say how
-                      * much, like write(); section 10 keeps the rest. */
+                      * much, like write(); the rest stays in the source
+                      * socket until the next try (section 10). */
                      SSL_MODE_ENABLE_PARTIAL_WRITE |
                      /* After WANT_WRITE, OpenSSL wants the same bytes
-                      * again; section 10 offers them from its pending
-                      * buffer, at another address than the first time. */
+                      * again; section 10 offers them again from its
+                      * scratch buffer, at the same or another address. */
                      SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     /* Read whatever the socket has, not one record's header and then its
-     * body: half the read() calls on bulk transfers (measured with
-     * bench/loadgen, 8 TLS clients sending: 0.77x of TLS direct before,
-     * 0.79x after).
+     * body: half the read() calls on bulk transfers.
      * Bytes read ahead wait in OpenSSL, which SSL_has_pending() reports;
      * section 10 reads them before it waits for the socket. */
     SSL_CTX_set_read_ahead(context, 1);

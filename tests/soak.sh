@@ -347,11 +347,13 @@ connections=$(field connections "$ECHO_LINE")
 ended_fin=$(field ended_fin "$ECHO_LINE")
 ended_reset=$(field ended_reset "$ECHO_LINE")
 ended_error=$(field ended_error "$ECHO_LINE")
-: "${connections:=0}" "${ended_fin:=0}" "${ended_reset:=0}" "${ended_error:=-1}"
-if [ "$ended_error" = 0 ] && [ $((ended_fin + ended_reset)) -eq "$connections" ]; then
-    ok "upstream: every connection ended with a FIN or a reset ($ended_fin FIN, $ended_reset reset, $connections connections)"
+ended_here=$(field ended_here "$ECHO_LINE")
+: "${connections:=0}" "${ended_fin:=0}" "${ended_reset:=0}" "${ended_error:=-1}" "${ended_here:=0}"
+if [ "$ended_error" = 0 ] &&
+   [ $((ended_fin + ended_reset + ended_here)) -eq "$connections" ]; then
+    ok "upstream: every connection ended, with a FIN or a reset ($ended_fin FIN, $ended_reset reset, $connections connections)"
 else
-    not_ok "upstream: every connection ended with a FIN or a reset ($ended_fin FIN, $ended_reset reset, $ended_error other errors, $connections connections)"
+    not_ok "upstream: every connection ended, with a FIN or a reset ($ended_fin FIN, $ended_reset reset, $ended_error other errors, $ended_here closed for a bad header, $connections connections)"
 fi
 if [ "$aborts" -gt 0 ] && [ $((ended_reset * 10)) -ge $((aborts * 9)) ]; then
     ok "upstream: the clients' resets arrived as resets ($ended_reset of $aborts aborts, at least 90 % needed)"

@@ -8,8 +8,9 @@
  *       (v1 or v2; exactly the header, not one byte more), then echo every
  *       byte back until the client closes. It counts how each connection
  *       ended: with the client's FIN (read returns 0), with a reset
- *       (ECONNRESET, or EPIPE on a write) or with another error. On SIGTERM
- *       it prints its counters ("echo key=value ...") and exits.
+ *       (ECONNRESET, or EPIPE on a write), with another error, or closed
+ *       here for a malformed header. On SIGTERM it prints its counters
+ *       ("echo key=value ...") and exits.
  *
  *   soak_load load PORT CONNECTIONS SECONDS THREADS SEED
  *       Keeps CONNECTIONS connections to 127.0.0.1:PORT open for SECONDS.
@@ -20,21 +21,32 @@
  *       random number of exchanges (1 to 32) the connection ends, and a
  *       new connection takes its place. The traffic is made of what phones
  *       really do, not only of polite exchanges:
- *         - pauses: 1 exchange in 8 stops reading its echo halfway, for
- *           0.2 to 2.5 s (a phone busy elsewhere, or in a tunnel), then
- *           reads on; every byte must still come;
+ *         - pauses: 1 exchange in 8 stops reading its echo at a random
+ *           point, for 0.2 to 2.5 s (a phone busy elsewhere, or in a
+ *           tunnel), then reads on; every byte must still come;
  *         - how a connection ends, drawn when it opens:
  *           11 in 16 half-close after the echo of their last exchange has
  *           fully come back, then wait for the proxy's FIN;
  *           4 in 16 half-close right after *sending* their last exchange,
- *           read the rest of its echo (half of them pausing 0.2 to 2.5 s
- *           on the way, longer than the proxy's 1 s --timeout-fin), then
- *           the FIN: a half-close must not cut the answer short;
+ *           read the rest of its echo, then the FIN: a half-close must
+ *           not cut the answer short. Half of them pause 0.2 to 2.5 s
+ *           after the half-close, often longer than the proxy's 1 s
+ *           --timeout-fin, which must time a silence, never a reader;
  *           1 in 16 abort in the middle of their last exchange: a reset
  *           (SO_LINGER 0, then close), a phone that vanished. That
  *           exchange's bytes are counted apart (aborted_bytes_*), never as
  *           lost, so that bytes_sent = bytes_received stays an exact check
  *           of everything else.
+ *         - slow readers: in each load thread, the first 4 connections
+ *           that half-close before their echo is back make their last
+ *           exchange 16 MiB and pause a full 2.5 s at the half-close. Why:
+ *           on loopback the kernel gives each socket up to 4 MiB of send
+ *           buffer, so a 256 KiB echo always fits in the sockets around
+ *           the proxy, and a proxy that wrongly closed the pair at its
+ *           --timeout-fin would still deliver it all. 16 MiB cannot fit,
+ *           and the proxy must keep the pair while it waits. A relay with
+ *           that mistake, tried here, lost bytes on 8 slow readers out
+ *           of 8; with 256 KiB echoes, on 2 pauses out of 34.
  *       At SECONDS no new exchange starts; the ones in flight get up to
  *       DRAIN_SECONDS to finish. Prints "load key=value ..." and exits 0
  *       if no byte was lost or corrupted and no connection failed.
@@ -172,11 +184,11 @@ static struct {
     atomic_long header_bad;     /* a malformed header */
     atomic_long empty;          /* closed before any byte: health checks */
     atomic_long bytes;          /* echoed */
-    /* How connections ended, seen from here. Each one counts once, except
-     * those we close ourselves for a malformed header (header_bad). */
+    /* How connections ended, seen from here: each one counts once. */
     atomic_long ended_fin;      /* the client's FIN: read returned 0 */
     atomic_long ended_reset;    /* ECONNRESET on a read or write, or EPIPE */
     atomic_long ended_error;    /* any other error */
+    atomic_long ended_here;     /* we closed it: a malformed header */
 } echo_counters;
 
 static int echo_port;
@@ -294,6 +306,7 @@ static void echo_step(int epoll_fd, struct echo_conn *c)
                 continue;
             if (length == -2) {
                 atomic_fetch_add(&echo_counters.header_bad, 1);
+                atomic_fetch_add(&echo_counters.ended_here, 1);
                 echo_close(epoll_fd, c);
                 return;
             }
@@ -361,7 +374,7 @@ static int echo_main(int port, int threads)
         usleep(100 * 1000);
     printf("echo connections=%ld header_v2=%ld header_v1=%ld header_local=%ld "
            "header_missing=%ld header_bad=%ld empty=%ld bytes=%ld "
-           "ended_fin=%ld ended_reset=%ld ended_error=%ld\n",
+           "ended_fin=%ld ended_reset=%ld ended_error=%ld ended_here=%ld\n",
            atomic_load(&echo_counters.connections),
            atomic_load(&echo_counters.header_v2),
            atomic_load(&echo_counters.header_v1),
@@ -372,7 +385,8 @@ static int echo_main(int port, int threads)
            atomic_load(&echo_counters.bytes),
            atomic_load(&echo_counters.ended_fin),
            atomic_load(&echo_counters.ended_reset),
-           atomic_load(&echo_counters.ended_error));
+           atomic_load(&echo_counters.ended_error),
+           atomic_load(&echo_counters.ended_here));
     fflush(stdout);
     _exit(0); /* the echo threads never end by themselves */
 }
