@@ -252,7 +252,7 @@ else
 fi
 # The awkward traffic really happened (a figure of 0 would mean the checks
 # above proved nothing about it).
-for key in pauses pauses_after_half_close half_closes_mid_echo slow_readers aborts; do
+for key in pauses pauses_after_half_close half_closes_mid_echo big_echo_pauses aborts; do
     value=$(field "$key" "$LOAD_LINE")
     if [ -n "$value" ] && [ "$value" -gt 0 ]; then
         ok "soak: the traffic had $key ($value)"

@@ -37,7 +37,7 @@
  *           exchange's bytes are counted apart (aborted_bytes_*), never as
  *           lost, so that bytes_sent = bytes_received stays an exact check
  *           of everything else.
- *         - slow readers: in each load thread, the first 4 connections
+ *         - big echoes: in each load thread, the first 4 connections
  *           that half-close before their echo is back make their last
  *           exchange 16 MiB and pause a full 2.5 s at the half-close. Why:
  *           on loopback the kernel gives each socket up to 4 MiB of send
@@ -45,8 +45,8 @@
  *           the proxy, and a proxy that wrongly closed the pair at its
  *           --timeout-fin would still deliver it all. 16 MiB cannot fit,
  *           and the proxy must keep the pair while it waits. A relay with
- *           that mistake, tried here, lost bytes on 8 slow readers out
- *           of 8; with 256 KiB echoes, on 2 pauses out of 34.
+ *           that mistake, tried here, lost bytes on 8 big echoes out of
+ *           8; with 256 KiB echoes, on 2 pauses out of 34.
  *       At SECONDS no new exchange starts; the ones in flight get up to
  *       DRAIN_SECONDS to finish. Prints "load key=value ..." and exits 0
  *       if no byte was lost or corrupted and no connection failed.
@@ -93,8 +93,8 @@
 #define ENDING_EARLY 4          /*   4 in 16 half-close before their echo is back */
 #define EARLY_PAUSE_ONE_IN 2    /* of those, 1 in 2 pause after the half-close */
 #define EARLY_RECEIVE_BUFFER 16384 /* SO_RCVBUF of those (see load_connect) */
-#define SLOW_READERS 4          /* per load thread: the first 4 of those are */
-#define SLOW_READER_BYTES (16 * 1024 * 1024) /* slow readers of a 16 MiB echo */
+#define BIG_ECHOES 4            /* per load thread: the first 4 of those pause */
+#define BIG_ECHO_BYTES (16 * 1024 * 1024) /* with a 16 MiB echo to come */
 #define V1_MAX 107              /* PROXY v1 line limit, CRLF included */
 #define V2_FIXED 16             /* PROXY v2 signature + version + family + length */
 
@@ -421,7 +421,7 @@ struct load_conn {
     size_t pause_at;            /* pause once this much echo is in, or NO_PAUSE */
     bool pause_after_shut;      /* ... and not before the half-close */
     size_t abort_at;            /* reset once this much echo is in, or 0 */
-    bool slow_reader;           /* this exchange: 16 MiB, paused 2.5 s */
+    bool big_echo;              /* this exchange: 16 MiB, paused 2.5 s */
     bool paused;                /* not reading until paused_until_ms */
     long long paused_until_ms;
     int paused_index;           /* its place in load_thread.paused */
@@ -438,7 +438,7 @@ struct load_totals {
     long pauses_after_half_close; /* reads paused after our half-close */
     long pause_ms;              /* the length of all those pauses */
     long half_closes_mid_echo;  /* half-closed with the last echo on its way */
-    long slow_readers;          /* of those, paused 2.5 s with 16 MiB to come */
+    long big_echo_pauses;       /* of those, paused 2.5 s with 16 MiB to come */
     long aborts;                /* connections we ended with a reset */
     long aborted_bytes_sent;    /* the bytes of their last exchange: not */
     long aborted_bytes_received; /* counted in bytes_sent/bytes_received */
@@ -452,7 +452,7 @@ struct load_thread {
     int pending_count;
     struct load_conn **paused;  /* pausing now, in no particular order */
     int paused_count;
-    int slow_readers_left;      /* SLOW_READERS at the start */
+    int big_echoes_left;        /* BIG_ECHOES at the start */
     uint64_t rng;
     struct load_totals totals;
     uint8_t sent_copy[IO_CHUNK], received[IO_CHUNK];
@@ -506,11 +506,10 @@ static bool load_connect(int epoll_fd, struct load_thread *t,
                                                       : ENDS_AFTER_ECHO;
     if (c->ending == ENDS_BEFORE_ECHO) {
         /* A small receive buffer, set before connect() so that the window
-         * offered is small from the start. Without it a whole 256 KiB echo
-         * could wait in this socket while we pause after our half-close,
-         * and the proxy would have nothing left to hold for us: with it,
-         * the proxy's side of the pair must keep the rest, half-closed,
-         * for longer than its --timeout-fin. */
+         * offered is small from the start. Left to the kernel, this
+         * socket's buffer would grow to several MiB, and the echo we leave
+         * unread while we pause after our half-close would wait here
+         * instead of on the proxy's side, where it tests the proxy. */
         int bytes = EARLY_RECEIVE_BUFFER;
         setsockopt(c->fd, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
     }
@@ -549,13 +548,13 @@ static void load_begin_exchange(int epoll_fd, struct load_thread *t,
     c->pause_at = NO_PAUSE;
     c->pause_after_shut = false;
     c->abort_at = 0;
-    c->slow_reader = false;
-    /* The slow readers: see the top of the file. Their pause begins at
+    c->big_echo = false;
+    /* The big echoes: see the top of the file. Their pause begins at
      * the half-close and lasts PAUSE_MAX_MS. */
-    if (c->last && c->ending == ENDS_BEFORE_ECHO && t->slow_readers_left > 0) {
-        t->slow_readers_left--;
-        c->slow_reader = true;
-        c->size = SLOW_READER_BYTES;
+    if (c->last && c->ending == ENDS_BEFORE_ECHO && t->big_echoes_left > 0) {
+        t->big_echoes_left--;
+        c->big_echo = true;
+        c->size = BIG_ECHO_BYTES;
         c->pause_at = 0;
         c->pause_after_shut = true;
         load_watch(epoll_fd, c);
@@ -594,7 +593,7 @@ static void load_unpause(struct load_thread *t, struct load_conn *c)
 static void load_pause(int epoll_fd, struct load_thread *t,
                        struct load_conn *c)
 {
-    long length = c->slow_reader
+    long length = c->big_echo
                       ? PAUSE_MAX_MS
                       : PAUSE_MIN_MS + (long)(next_random(&t->rng) %
                                               (PAUSE_MAX_MS - PAUSE_MIN_MS + 1));
@@ -607,7 +606,7 @@ static void load_pause(int epoll_fd, struct load_thread *t,
         t->totals.pauses_after_half_close++;
     else
         t->totals.pauses++;
-    t->totals.slow_readers += c->slow_reader;
+    t->totals.big_echo_pauses += c->big_echo;
     t->totals.pause_ms += length;
     load_watch(epoll_fd, c);
 }
@@ -872,7 +871,7 @@ static int load_main(int port, int connections, int seconds, int threads,
         workers[i].connections = connections / threads +
                                  (i < connections % threads);
         workers[i].rng = mix64(seed + (uint64_t)i) | 1;
-        workers[i].slow_readers_left = SLOW_READERS;
+        workers[i].big_echoes_left = BIG_ECHOES;
         if (pthread_create(&workers[i].thread, NULL, load_thread_run,
                            &workers[i]) != 0)
             die("pthread_create");
@@ -895,7 +894,7 @@ static int load_main(int port, int connections, int seconds, int threads,
         sum.pauses_after_half_close += w->pauses_after_half_close;
         sum.pause_ms += w->pause_ms;
         sum.half_closes_mid_echo += w->half_closes_mid_echo;
-        sum.slow_readers += w->slow_readers;
+        sum.big_echo_pauses += w->big_echo_pauses;
         sum.aborts += w->aborts;
         sum.aborted_bytes_sent += w->aborted_bytes_sent;
         sum.aborted_bytes_received += w->aborted_bytes_received;
@@ -905,14 +904,14 @@ static int load_main(int port, int connections, int seconds, int threads,
            "bytes_received=%ld bytes_lost=%ld bytes_corrupted=%ld "
            "connect_failures=%ld resets=%ld early_closes=%ld stalls=%ld "
            "pauses=%ld pauses_after_half_close=%ld pause_s=%.1f "
-           "half_closes_mid_echo=%ld slow_readers=%ld aborts=%ld "
+           "half_closes_mid_echo=%ld big_echo_pauses=%ld aborts=%ld "
            "aborted_bytes_sent=%ld "
            "aborted_bytes_received=%ld mib_per_s=%.1f\n",
            elapsed_s, sum.connections, sum.exchanges, sum.bytes_sent,
            sum.bytes_received, sum.bytes_lost, sum.bytes_corrupted,
            sum.connect_failures, sum.resets, sum.early_closes, sum.stalls,
            sum.pauses, sum.pauses_after_half_close, sum.pause_ms / 1000.0,
-           sum.half_closes_mid_echo, sum.slow_readers, sum.aborts,
+           sum.half_closes_mid_echo, sum.big_echo_pauses, sum.aborts,
            sum.aborted_bytes_sent,
            sum.aborted_bytes_received,
            (sum.bytes_sent + sum.bytes_received + sum.aborted_bytes_sent +
