@@ -636,7 +636,7 @@ static int upstream_connections(struct fake_upstream *upstream)
 
 /* Waits until the upstream has accepted `count` connections. (Two clients
  * that connect one after the other may reach the round-robin in either
- * order: their conversation workers race. Waiting settles the order.) */
+ * order: the relay threads race. Waiting settles the order.) */
 static bool upstream_connections_become(struct fake_upstream *upstream,
                                         int count)
 {

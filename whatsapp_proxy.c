@@ -2695,7 +2695,7 @@ enum destination {
                                                    : DECOY_FIRST_BYTES_MAX)
 
 /* What a connection needs during its first steps and until its upstream is
- * connected; then freed. It is kept apart from the connection (about 1.9
+ * connected; then freed. It is kept apart from the connection (about 1.4
  * KiB, for a few seconds) so that an open connection, the common case by
  * far, stays small. */
 struct opening {

@@ -48,7 +48,7 @@ static void demo_address_text(const struct sockaddr_storage *address,
 /* Looks at the first bytes of a new connection (without taking them), and
  * if they are a PROXY header, takes exactly the header and prints it.
  * SHORTCUT: assumes the header arrives in one piece, which is true on
- * loopback; whatsapp_proxy.c's proxyhdr_read() shows how to do it right. */
+ * loopback; whatsapp_proxy.c's pair_read_header() shows how to do it right. */
 static void demo_print_header(int fd, unsigned connection)
 {
     unsigned char first[PROXYHDR_V2_MAX_BYTES];
