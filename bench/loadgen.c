@@ -23,7 +23,10 @@
  *              one line starting with RESULT (key=value pairs) for run.sh:
  *                 bulk      N connections move bytes one way for S seconds
  *                 rate      C clients loop: connect, [TLS handshake], 64-byte
- *                           echo, close; connections per second, p50, p99
+ *                           echo, close; connections per second, p50, p99.
+ *                           With --handshake-only no echo: connect, TLS
+ *                           handshake, close (the handshake flood that
+ *                           run.sh runs beside an rtt client)
  *                 rtt       64-byte echoes on one established connection
  *                 idle      open connections in steps, each sends one small
  *                           message and then stays idle (memory test)
@@ -97,6 +100,7 @@ struct options {
     bool tls;                /* --tls: TLS client */
     unsigned connections;    /* --conns (bulk) */
     unsigned clients;        /* --clients (rate) */
+    bool handshake_only;     /* --handshake-only (rate): no echo */
     bool upload;             /* --direction up (true) or down (false) */
     double seconds;          /* --seconds: measuring time */
     double warmup_seconds;   /* --warmup: not measured, before it */
@@ -508,8 +512,9 @@ struct rate_worker {
     _Atomic unsigned long long errors; /* failed ones */
 };
 
-/* Loops until stop_now: connect, [TLS handshake], 64-byte echo, close;
- * records the time of each whole loop. */
+/* Loops until stop_now: connect, [TLS handshake], 64-byte echo, close
+ * (with --handshake-only: connect, [TLS handshake], close); records the
+ * time of each whole loop. */
 static void *rate_worker_run(void *argument)
 {
     struct rate_worker *worker = argument;
@@ -517,7 +522,8 @@ static void *rate_worker_run(void *argument)
         uint64_t start = now_ns();
         struct client client;
         bool ok = client_open(&client) == NULL &&
-                  client_echo(&client, ECHO_BYTES, true);
+                  (options.handshake_only ||
+                   client_echo(&client, ECHO_BYTES, true));
         client_close(&client);
         if (!ok) {
             atomic_fetch_add(&worker->errors, 1);
@@ -1186,7 +1192,7 @@ static void usage(void)
         "       loadgen MODE --connect ADDR:PORT [--tls] [options]\n"
         "modes and their options:\n"
         "  bulk     --conns N --direction up|down --seconds S [--warmup S]\n"
-        "  rate     --clients C --seconds S [--warmup S]\n"
+        "  rate     --clients C --seconds S [--warmup S] [--handshake-only]\n"
         "  rtt      --seconds S [--warmup S]\n"
         "  idle     --steps N1,N2,... (SIGUSR1: next step; SIGTERM: end)\n"
         "  maxconn  --cap N\n"
@@ -1238,6 +1244,7 @@ static void options_parse(int argc, char **argv)
         {"cap", required_argument, NULL, 'm'},
         {"cert", required_argument, NULL, 'k'},
         {"key", required_argument, NULL, 'K'},
+        {"handshake-only", no_argument, NULL, 'H'},
         {NULL, 0, NULL, 0},
     };
     bool have_address = false;
@@ -1286,6 +1293,9 @@ static void options_parse(int argc, char **argv)
             break;
         case 'K':
             options.key_file = optarg;
+            break;
+        case 'H':
+            options.handshake_only = true;
             break;
         default:
             usage();
