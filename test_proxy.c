@@ -2140,12 +2140,13 @@ static long long process_cpu_ticks(pid_t pid)
 START_TEST(test_out_of_descriptors_no_busy_loop_and_service_resumes)
 {
     struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
-    uint16_t port = closed_port();
+    uint16_t port = closed_port(), stats_port = closed_port();
     static struct running_binary binary;
     binary_start(&binary, 40, "--listen", address_text("127.0.0.1:%u", port),
                  "--upstream", address_text("127.0.0.1:%u", echo->port),
                  "--media-upstream", address_text("127.0.0.1:%u", echo->port),
-                 "--stats", "off", "--grace", "0.1", NULL);
+                 "--stats", address_text("127.0.0.1:%u", stats_port),
+                 "--grace", "0.1", NULL);
     enum { CLIENTS = 40 };
     int clients[CLIENTS];
     for (int i = 0; i < CLIENTS; i++)
@@ -2153,6 +2154,12 @@ START_TEST(test_out_of_descriptors_no_busy_loop_and_service_resumes)
     ck_assert_msg(binary_log_shows(&binary, "cannot accept", SLOWLY_MS),
                   "the proxy runs out of descriptors and says so: %s",
                   binary.log);
+    /* Clients wait on the statistics port too: the first may take the one
+     * descriptor a failed upstream connect gave back, the others find
+     * none, and the statistics thread must rest as well. */
+    int stats_clients[3];
+    for (int i = 0; i < 3; i++)
+        stats_clients[i] = connect_local(stats_port);
 
     long long ticks_before = process_cpu_ticks(binary.pid);
     long long started = clock_ms();
@@ -2166,6 +2173,8 @@ START_TEST(test_out_of_descriptors_no_busy_loop_and_service_resumes)
 
     for (int i = 0; i < CLIENTS; i++)
         close(clients[i]);
+    for (int i = 0; i < 3; i++)
+        close(stats_clients[i]);
     bool served = false;
     for (int i = 0; i < 100 && !served; i++) {
         int client = connect_local(port);
