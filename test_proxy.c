@@ -1863,6 +1863,33 @@ START_TEST(test_health_checks_take_a_dead_server_out_and_back)
 }
 END_TEST
 
+/* A health check of a chat server sends what a client connection would
+ * start with: a PROXY header, here v2 LOCAL (a connection of the proxy's
+ * own); a chat server that wants a header first sees no malformed
+ * connection. */
+START_TEST(test_health_checks_send_a_proxy_header_to_chat_servers)
+{
+    struct fake_upstream *server = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0", "--check-interval", "0.05",
+                "--upstream", address_text("127.0.0.1:%u", server->port),
+                NULL);
+    struct proxy_addresses seen;
+    ck_assert_msg(upstream_header_within(server, &seen, PROMPTLY_MS),
+                  "a health check reaches the server with a PROXY header");
+    ck_assert_msg(proxy_connections_now() == 0 &&
+                      proxy_counter(COUNTER_CONNECTIONS_ACCEPTED) == 0,
+                  "no client was involved");
+    pthread_mutex_lock(&server->lock);
+    int length = server->header_length;
+    uint8_t command = server->header_bytes[12];
+    pthread_mutex_unlock(&server->lock);
+    ck_assert_msg(length == 16 && command == 0x20 && !seen.known,
+                  "the header is v2 LOCAL (%d bytes, command 0x%02x)",
+                  length, command);
+    proxy_and_upstream_stop(server);
+}
+END_TEST
+
 START_TEST(test_when_every_server_is_down_they_are_still_tried)
 {
     uint16_t dead = closed_port();
@@ -3675,6 +3702,28 @@ START_TEST(test_check_exits_one_when_a_server_does_not_resolve)
 }
 END_TEST
 
+/* A server that no listener uses is not checked: with only a chat port,
+ * a media server that does not resolve is no problem, and --check does
+ * not mention it; the health checks of chat servers send a header, and
+ * --check says which. */
+START_TEST(test_check_ignores_a_server_no_listener_uses)
+{
+    char out[16384], err[16384];
+    int status = binary_run(out, err, sizeof out, "--check", "--upstream",
+                            "127.0.0.1:5222", "--media-upstream",
+                            "nonexistent.invalid:443", "--listen",
+                            "127.0.0.1:5222", NULL);
+    ck_assert_msg(status == 0 && strstr(out, "Ready.") != NULL,
+                  "an unused media server does not make it NOT ready: %s",
+                  out);
+    ck_assert_msg(strstr(out, "nonexistent.invalid") == NULL &&
+                      strstr(out, "Media server") == NULL,
+                  "--check does not list the unused media server: %s", out);
+    ck_assert_msg(strstr(out, "health checks send PROXY v2 LOCAL") != NULL,
+                  "--check says what the health checks send: %s", out);
+}
+END_TEST
+
 /* ==== 12. Statistics ==== */
 
 static int parse_request(const char *text, char *path)
@@ -4076,6 +4125,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_connect_timeout_gives_up_on_a_silent_server);
     tcase_add_test(t, test_connect_timeout_tries_the_next_server);
     tcase_add_test(t, test_health_checks_take_a_dead_server_out_and_back);
+    tcase_add_test(t, test_health_checks_send_a_proxy_header_to_chat_servers);
     tcase_add_test(t, test_when_every_server_is_down_they_are_still_tried);
     tcase_add_test(t, test_the_decoy_is_health_checked_too);
     suite_add_tcase(suite, t);
@@ -4137,6 +4187,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_share_link_has_the_fields_the_app_reads);
     tcase_add_test(t, test_check_prints_what_to_tell_users_and_exits_zero);
     tcase_add_test(t, test_check_exits_one_when_a_server_does_not_resolve);
+    tcase_add_test(t, test_check_ignores_a_server_no_listener_uses);
     suite_add_tcase(suite, t);
 
     t = section("Statistics", 30);

@@ -2201,6 +2201,10 @@ static bool upstream_attempt_ended(struct upstream_attempts *attempts, int fd)
 
 /* Checks one server: resolve its name again (so a changed address is
  * followed), then a TCP connect within --timeout-connect, closed at once.
+ * A chat server expects our PROXY header before anything else, so it gets
+ * one, as HAProxy's checks send it: v2 LOCAL, or v1 "PROXY UNKNOWN", which
+ * say "a connection of the proxy's own, no client behind it". Otherwise
+ * every check would look to WhatsApp like a malformed client connection.
  * Returns whether both worked.
  * SHORTCUT: a server that accepts TCP but is broken above it passes this
  * check (layer 4 only, as the reference); a TLS handshake on port 443
@@ -2220,6 +2224,18 @@ static bool upstream_check(struct upstream *upstream)
         return false; /* stopping, or our own shortage: not the server's */
     upstream_record(upstream, fd >= 0, fd >= 0 ? NULL : strerror(errno),
                     true);
+    bool chat = upstream >= state.chat_upstreams &&
+                upstream < state.chat_upstreams +
+                               state.settings->chat_upstream_count;
+    if (fd >= 0 && chat && state.settings->send_proxy != SEND_PROXY_NONE) {
+        struct proxy_addresses none = {.known = false};
+        uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+        size_t header_length =
+            state.settings->send_proxy == SEND_PROXY_V1
+                ? proxyhdr_encode_v1(&none, header, sizeof header)
+                : proxyhdr_encode_v2(&none, header, sizeof header);
+        send(fd, header, header_length, MSG_NOSIGNAL); /* best effort */
+    }
     if (fd >= 0)
         close(fd);
     return fd >= 0;
@@ -2234,6 +2250,25 @@ static struct upstream *upstream_numbered(size_t i)
     return i < chat_count ? &state.chat_upstreams[i]
            : i == chat_count ? state.media_upstream
                              : state.decoy_upstream;
+}
+
+/* Returns whether some listener of settings sends its clients to the media
+ * server (media true) or to the chat pool (media false). A server no
+ * listener uses is neither checked nor reported. */
+static bool upstream_pool_used(const struct settings *settings, bool media)
+{
+    for (size_t i = 0; i < settings->listener_count; i++)
+        if (settings->listeners[i].media == media)
+            return true;
+    return false;
+}
+
+/* Returns whether server number i (as upstream_numbered() counts) serves a
+ * listener: the decoy serves the chat ports only. */
+static bool upstream_numbered_used(size_t i)
+{
+    size_t chat_count = state.settings->chat_upstream_count;
+    return upstream_pool_used(state.settings, i == chat_count);
 }
 
 /* The health thread: checks each server when it is due (see the section
@@ -2251,6 +2286,8 @@ static void *upstream_health_run(void *unused)
         long long next = now + state.settings->check_interval_ms;
         for (size_t i = 0; i < count; i++) {
             struct upstream *upstream = upstream_numbered(i);
+            if (!upstream_numbered_used(i))
+                continue;
             if (upstream->next_check_ms <= now) {
                 bool ok = upstream_check(upstream);
                 int pause_ms = ok && upstream_is_up(upstream)
@@ -4189,17 +4226,25 @@ static int check_summary_print(const struct settings *settings)
         any_tls |= settings->listeners[i].tls;
     }
 
-    printf("\nChat servers, in turn (header sent: %s):\n",
-           HEADER_NAMES[settings->send_proxy]);
-    for (size_t i = 0; i < settings->chat_upstream_count; i++) {
-        struct upstream upstream = {.spec = settings->chat_upstreams[i]};
-        ready &= check_upstream(&upstream);
+    bool chat_used = upstream_pool_used(settings, false);
+    if (chat_used) {
+        printf("\nChat servers, in turn (header sent: %s; health checks "
+               "send %s):\n", HEADER_NAMES[settings->send_proxy],
+               settings->send_proxy == SEND_PROXY_V2   ? "PROXY v2 LOCAL"
+               : settings->send_proxy == SEND_PROXY_V1 ? "PROXY UNKNOWN"
+                                                       : "nothing");
+        for (size_t i = 0; i < settings->chat_upstream_count; i++) {
+            struct upstream upstream = {.spec = settings->chat_upstreams[i]};
+            ready &= check_upstream(&upstream);
+        }
     }
-    printf("\nMedia server:\n");
-    struct upstream media = {.spec = settings->media_upstream};
-    ready &= check_upstream(&media);
+    if (upstream_pool_used(settings, true)) {
+        printf("\nMedia server:\n");
+        struct upstream media = {.spec = settings->media_upstream};
+        ready &= check_upstream(&media);
+    }
 
-    if (settings->decoy_enabled) {
+    if (settings->decoy_enabled && chat_used) {
         printf("\nDecoy web site for clients that are not WhatsApp (rule "
                "%s):\n", settings->decoy_strict ? "strict" : "http");
         struct upstream decoy = {.spec = settings->decoy};
@@ -4256,9 +4301,14 @@ static int check_summary_print(const struct settings *settings)
                           sizeof line);
         printf("  Share link:  %s\n", line);
     } else {
-        printf("  (no share link: no %s port takes clients directly; they "
-               "come through a load balancer)\n", chat == NULL ? "chat"
-                                                                : "media");
+        bool media_missing = media_port == NULL;
+        bool none_at_all = !upstream_pool_used(settings, media_missing);
+        printf("  (no share link: %s %s port%s)\n",
+               none_at_all ? "there is no" : "no",
+               media_missing ? "media" : "chat",
+               none_at_all ? "; add one with --listen"
+                           : " takes clients directly; they come through a "
+                             "load balancer");
     }
     printf("\n%s\n", ready ? "Ready." : "NOT ready: see PROBLEM above.");
     return ready ? 0 : 1;
@@ -4969,9 +5019,11 @@ static void upstreams_prepare(const struct settings *settings)
         upstream->up = true;
         upstream->next_check_ms = now_ms() + settings->check_interval_ms;
         snprintf(upstream->last_result, sizeof upstream->last_result,
-                 "not checked yet");
+                 upstream_numbered_used(i) ? "not checked yet"
+                                           : "not used by any listener");
         char warning[300];
-        if (upstream_resolve(upstream, warning, sizeof warning) < 0) {
+        if (upstream_numbered_used(i) &&
+            upstream_resolve(upstream, warning, sizeof warning) < 0) {
             log_line(LOG_WARN, "%s%s (trying again every %d s)",
                      i > count ? "--decoy: " : "", warning,
                      UPSTREAM_DOWN_CHECK_MS / 1000);
