@@ -3110,6 +3110,19 @@ END_TEST
 
 /* ---- No byte lost: half-closes, pauses and resets ---- */
 
+/* The --timeout-fin of the tests below: short, so that a pause of three
+ * times it is short too, but long enough that the server of the test
+ * (slow under valgrind, which TEST_TIME_SCALE says) is never silent for
+ * that long while it sends. */
+#define FIN_MS (200 * time_scale)
+
+static const char *fin_seconds(void)
+{
+    static char text[16];
+    snprintf(text, sizeof text, "%.3f", FIN_MS / 1000.0);
+    return text;
+}
+
 /* A server for the tests below. It accepts one connection and reads our
  * PROXY header; then it sends `to_send` bytes of stream 2 and its FIN,
  * rests `pause_ms` without reading (the pause is the scenario, not a
@@ -3239,7 +3252,7 @@ static void slow_reader_after_half_close(bool use_tls)
     struct scripted_server server;
     scripted_server_start(&server, size, 0);
     proxy_start("--listen", use_tls ? "127.0.0.1:0/tls" : "127.0.0.1:0",
-                "--timeout-fin", "0.2",
+                "--timeout-fin", fin_seconds(),
                 "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
     int fd = connect_local(proxy_listener_port(0));
     socket_timeout(fd, SLOWLY_MS);
@@ -3247,7 +3260,7 @@ static void slow_reader_after_half_close(bool use_tls)
     ck_assert_msg(!use_tls || tls != NULL, "the TLS handshake works");
     client_end_sending(fd, tls);
     size_t got = client_read_stream(fd, tls, 0, 1u << 20);
-    usleep(600 * 1000); /* the reader's pause: 3 x --timeout-fin */
+    usleep(3 * FIN_MS * 1000); /* the reader's pause: 3 x --timeout-fin */
     got += client_read_stream(fd, tls, got, size);
     ck_assert_msg(got == size, "a slow reader gets all %zu bytes after its "
                   "half-close (got %zu)", size, got);
@@ -3280,8 +3293,8 @@ START_TEST(test_an_upload_after_the_server_half_closed_arrives_whole)
 {
     const size_t size = 8u << 20;
     struct scripted_server server;
-    scripted_server_start(&server, 0, 600);
-    proxy_start("--listen", "127.0.0.1:0", "--timeout-fin", "0.2",
+    scripted_server_start(&server, 0, 3 * FIN_MS);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-fin", fin_seconds(),
                 "--upstream", address_text("127.0.0.1:%u", server.port), NULL);
     int fd = connect_local(proxy_listener_port(0));
     socket_timeout(fd, SLOWLY_MS);
