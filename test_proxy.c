@@ -865,18 +865,20 @@ static int binary_wait(struct running_binary *binary, bool signal_first)
 
 /* ==== 1. Settings and limits ==== */
 
-/* The defaults are the reference's: its ports, servers, limits, timeouts.
- * The --check summary shows them without binding anything. */
+/* The defaults are the reference's servers, limits and timeouts, and the
+ * ports a phone connects to directly (no PROXY-header port: those are for
+ * a balancer, asked for with --listen). The --check summary shows them
+ * without binding anything. */
 START_TEST(test_defaults_are_the_reference_ones)
 {
     char out[16384], err[16384];
     binary_run(out, err, sizeof out, "--check", "--cert-dir", "/tmp", NULL);
+    ck_assert_msg(strstr(out, "PROXY header in") == NULL,
+                  "no default port expects a PROXY header: %s", out);
     const char *expected[] = {
-        "port 80 (chat, plain)", "port 8080 (chat, plain, PROXY header in)",
-        "port 443 (chat, TLS)", "port 8443 (chat, TLS, PROXY header in)",
-        "port 5222 (chat, plain)", "port 8222 (chat, plain, PROXY header in)",
-        "port 587 (media, passthrough)",
-        "port 7777 (media, passthrough, PROXY header in)",
+        "port 80 (chat, plain)", "port 443 (chat, TLS)",
+        "port 5222 (chat, plain)", "port 587 (media, passthrough)",
+        "port 7777 (media, passthrough)",
         "g.whatsapp.net:5222", "g.whatsapp.net:80", "g.whatsapp.net:443",
         "g-fallback.whatsapp.net:5222", "g-fallback.whatsapp.net:80",
         "g-fallback.whatsapp.net:443", "whatsapp.net:443",
@@ -951,7 +953,8 @@ static bool log_mentions_client(bool log_clients)
                 log_clients ? "--log-clients" : NULL, NULL);
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "PROXY TCP4 203.0.113.7 192.0.2.1 40000 443\r\n", 44);
-    ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS),
+    ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1,
+                                  PROMPTLY_MS + 3000), /* after 4 tries */
                   "the proxy finds no server reachable for the client");
     close(client);
     proxy_stop();
@@ -1124,6 +1127,28 @@ START_TEST(test_settings_parse_refuses_what_cannot_work)
                                  "a\"b<i>:80", NULL), PARSE_ERROR);
     ck_assert_msg(strstr(error, "letters, digits, dots and hyphens") != NULL,
                   "a host name with quotes or markup is refused: %s", error);
+}
+END_TEST
+
+/* --trusted-proxy takes an address with or without /BITS, IPv4 or IPv6,
+ * and names the flag when the text is wrong. */
+START_TEST(test_trusted_proxy_takes_ranges_and_refuses_nonsense)
+{
+    char error[512];
+    const char *good[] = {"10.0.0.0/8", "192.0.2.7", "::1", "fd00::/8",
+                          "0.0.0.0/0"};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++)
+        ck_assert_msg(parse_flags(error, sizeof error, "--trusted-proxy",
+                                  good[i], NULL) == PARSE_RUN,
+                      "--trusted-proxy %s is taken: %s", good[i], error);
+    const char *bad[] = {"10.0.0.0/33", "::/129", "10.0.0/8", "nonsense",
+                         "10.0.0.0/", "10.0.0.0/8x"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        ck_assert_int_eq(parse_flags(error, sizeof error, "--trusted-proxy",
+                                     bad[i], NULL), PARSE_ERROR);
+        ck_assert_msg(strstr(error, "--trusted-proxy") != NULL,
+                      "the message names the flag: %s", error);
+    }
 }
 END_TEST
 
@@ -1693,21 +1718,75 @@ START_TEST(test_refused_server_is_skipped_for_the_next)
 }
 END_TEST
 
-START_TEST(test_client_is_closed_promptly_when_no_server_answers)
+/* Waits until the peer ends the connection; returns true for a clean end
+ * (FIN), false for a reset or nothing within timeout_ms. */
+static bool ends_with_fin_within(int fd, int timeout_ms)
+{
+    uint8_t sink[256];
+    return readable_within(fd, timeout_ms) &&
+           recv(fd, sink, sizeof sink, 0) == 0;
+}
+
+/* When every server refuses, the client is tried four times in all, as
+ * HAProxy's "retries 3" does, about a second apart, and then gets a FIN:
+ * its app tries again, or another proxy. */
+START_TEST(test_when_no_server_answers_the_client_gets_a_fin_after_the_retries)
 {
     proxy_start("--listen", "127.0.0.1:0",
                 "--upstream", address_text("127.0.0.1:%u", closed_port()),
                 "--upstream", address_text("127.0.0.1:%u", closed_port()),
                 NULL);
+    long long started = clock_ms();
     int client = connect_local(proxy_listener_port(0));
     send_all(client, "hello", 5);
-    ck_assert_msg(closed_within(client, 2000),
-                  "the client is closed within 2 s");
+    ck_assert_msg(ends_with_fin_within(client, PROMPTLY_MS + 3000),
+                  "the client gets a FIN after the tries");
+    long long took = clock_ms() - started;
+    ck_assert_msg(took >= 2500, "three waits of about 1 s came first "
+                  "(%lld ms)", took);
     ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS),
                   "the client is counted as finding no server");
-    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 2);
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 4);
     close(client);
     proxy_stop();
+}
+END_TEST
+
+/* A chat server that restarts: it refuses for a moment, then accepts. A
+ * client that arrives meanwhile is served by a later try, not dropped. */
+START_TEST(test_a_client_waits_out_a_server_restart)
+{
+    uint16_t port = closed_port();
+    proxy_start("--listen", "127.0.0.1:0", "--send-proxy", "none",
+                "--upstream", address_text("127.0.0.1:%u", port), NULL);
+    int client = connect_local(proxy_listener_port(0));
+    send_all(client, "hello", 5);
+    ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_CONNECT_FAILED, 2,
+                                  PROMPTLY_MS),
+                  "the server refuses twice while it restarts");
+    int server = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int on = 1;
+    setsockopt(server, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    struct sockaddr_in address = {.sin_family = AF_INET,
+                                  .sin_port = htons(port),
+                                  .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(bind(server, (struct sockaddr *)&address,
+                          sizeof address), 0);
+    ck_assert_int_eq(listen(server, 4), 0);
+    ck_assert_msg(readable_within(server, PROMPTLY_MS),
+                  "a later try reaches the server once it is back");
+    int upstream = accept(server, NULL, NULL);
+    char got[5];
+    ck_assert_uint_eq(receive_exactly(upstream, got, 5, PROMPTLY_MS), 5);
+    ck_assert_mem_eq(got, "hello", 5);
+    send_all(upstream, "hi", 2);
+    ck_assert_uint_eq(receive_exactly(client, got, 2, PROMPTLY_MS), 2);
+    ck_assert_mem_eq(got, "hi", 2);
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_UNREACHABLE), 0);
+    close(upstream);
+    close(client);
+    proxy_stop();
+    close(server);
 }
 END_TEST
 
@@ -1754,9 +1833,11 @@ START_TEST(test_connect_timeout_gives_up_on_a_silent_server)
     long long took = clock_ms() - started;
     ck_assert_msg(took >= 250, "the proxy waited for the connect (%lld ms)",
                   took);
-    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 1);
     ck_assert_msg(counter_reaches(COUNTER_UPSTREAM_UNREACHABLE, 1, PROMPTLY_MS),
                   "the client is counted as finding no server");
+    ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) == 4,
+                  "four tries, each timed out (%llu)",
+                  proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED));
     close(client);
     proxy_stop();
     silent_server_stop(&silent);
@@ -1906,10 +1987,11 @@ START_TEST(test_when_every_server_is_down_they_are_still_tried)
                               sizeof answer), 503);
     unsigned long long failed = proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED);
     int client = connect_local(proxy_listener_port(0));
-    ck_assert_msg(closed_within(client, PROMPTLY_MS),
+    ck_assert_msg(closed_within(client, PROMPTLY_MS + 3000),
                   "the client is closed when its one server refuses");
-    ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) == failed + 1,
-                  "a server that is down is still tried when all are");
+    ck_assert_msg(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED) == failed + 4,
+                  "a server that is down is still tried when all are, four "
+                  "times as any other");
     close(client);
     proxy_stop();
 }
@@ -2341,6 +2423,50 @@ START_TEST(test_max_per_ip_is_counted_before_any_tls)
         close(clients[i]);
     proxy_stop();
     fake_upstream_stop(echo);
+}
+END_TEST
+
+/* Connects to port on 127.0.0.1 from the loopback address `source`
+ * (127.0.0.2, say: the whole 127.0.0.0/8 is this machine's). */
+static int connect_local_from(const char *source, uint16_t port)
+{
+    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    struct sockaddr_in from = {.sin_family = AF_INET};
+    inet_pton(AF_INET, source, &from.sin_addr);
+    ck_assert_int_eq(bind(fd, (struct sockaddr *)&from, sizeof from), 0);
+    struct sockaddr_in to = {.sin_family = AF_INET, .sin_port = htons(port),
+                             .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    ck_assert_int_eq(connect(fd, (struct sockaddr *)&to, sizeof to), 0);
+    return fd;
+}
+
+/* A PROXY port takes a header only from a --trusted-proxy source: one
+ * from elsewhere, which could forge any address, is closed at once and
+ * counted, and never reaches a server; one from a trusted balancer is
+ * served. */
+START_TEST(test_proxy_ports_take_headers_only_from_trusted_sources)
+{
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--listen", "127.0.0.1:0/accept-proxy", "--stats",
+                "127.0.0.1:0", "--trusted-proxy", "127.0.0.1/32",
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    const char header[] = "PROXY TCP4 203.0.113.9 192.0.2.1 40000 443\r\n";
+    int forger = connect_local_from("127.0.0.2", proxy_listener_port(0));
+    send_all(forger, header, strlen(header));
+    send_all(forger, "forged", 6);
+    ck_assert_msg(closed_within(forger, PROMPTLY_MS),
+                  "a header from an untrusted source is refused");
+    ck_assert_int_eq(proxy_counter(COUNTER_REJECTED_UNTRUSTED), 1);
+    ck_assert_msg(metrics_show("whatsapp_proxy_rejected_untrusted_total 1\n",
+                               PROMPTLY_MS), "/metrics counts it");
+
+    int balancer = connect_local_from("127.0.0.1", proxy_listener_port(0));
+    send_all(balancer, header, strlen(header));
+    expect_echo(balancer, "from a trusted balancer");
+    ck_assert_int_eq(upstream_connections(echo), 1);
+    close(forger);
+    close(balancer);
+    proxy_and_upstream_stop(echo);
 }
 END_TEST
 
@@ -3694,8 +3820,7 @@ START_TEST(test_check_prints_what_to_tell_users_and_exits_zero)
     ck_assert_msg(strstr(out, "https://wa.me/proxy?host=proxy.example.org"
                               "&chatPort=443&mediaPort=587&chatTLS=true"),
                   "--check prints the share link: %s", out);
-    const char *ports[] = {" 80 ", " 8080 ", " 443 ", " 8443 ", " 5222 ",
-                           " 8222 ", " 587 ", " 7777 "};
+    const char *ports[] = {" 80 ", " 443 ", " 5222 ", " 587 ", " 7777 "};
     for (size_t i = 0; i < sizeof ports / sizeof ports[0]; i++)
         ck_assert_msg(strstr(out, ports[i]) != NULL, "lists port%s",
                       ports[i]);
@@ -4108,6 +4233,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_seconds_parse_takes_decimals_and_refuses_nonsense);
     tcase_add_test(t, test_settings_parse_names_the_flag_that_is_wrong);
     tcase_add_test(t, test_settings_parse_refuses_what_cannot_work);
+    tcase_add_test(t, test_trusted_proxy_takes_ranges_and_refuses_nonsense);
     tcase_add_test(t, test_help_lists_every_flag_and_exits_zero);
     tcase_add_test(t, test_binary_refuses_bad_input_with_one_line_and_status_2);
     suite_add_tcase(suite, t);
@@ -4134,7 +4260,8 @@ static Suite *proxy_suite(void)
     t = section("Upstreams", 60);
     tcase_add_test(t, test_chat_servers_are_used_in_turn);
     tcase_add_test(t, test_refused_server_is_skipped_for_the_next);
-    tcase_add_test(t, test_client_is_closed_promptly_when_no_server_answers);
+    tcase_add_test(t, test_when_no_server_answers_the_client_gets_a_fin_after_the_retries);
+    tcase_add_test(t, test_a_client_waits_out_a_server_restart);
     tcase_add_test(t, test_connect_timeout_gives_up_on_a_silent_server);
     tcase_add_test(t, test_connect_timeout_tries_the_next_server);
     tcase_add_test(t, test_health_checks_take_a_dead_server_out_and_back);
@@ -4156,6 +4283,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_silent_clients_hold_up_no_other_client);
     tcase_add_test(t, test_max_per_ip_is_counted_before_any_tls);
     tcase_add_test(t, test_max_per_ip_holds_with_addresses_from_proxy_headers);
+    tcase_add_test(t, test_proxy_ports_take_headers_only_from_trusted_sources);
     tcase_add_test(t, test_max_per_ip_holds_on_a_plain_port);
     suite_add_tcase(suite, t);
 

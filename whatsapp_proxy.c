@@ -30,18 +30,25 @@
  * The chat stream is end-to-end encrypted by WhatsApp itself. The proxy never
  * sees a message and never tries to: it only moves bytes.
  *
- * The listeners (the default set equals the reference's)
- * -------------------------------------------------------
+ * The listeners
+ * -------------
  *
- *   port  client side       PROXY header first?  goes to    header sent up
- *   80    plain             no                   chat pool  PROXY v2
- *   8080  plain             yes                  chat pool  PROXY v2
- *   443   TLS (ended here)  no                   chat pool  PROXY v2
- *   8443  TLS (ended here)  yes, before TLS      chat pool  PROXY v2
- *   5222  plain             no                   chat pool  PROXY v2
- *   8222  plain             yes                  chat pool  PROXY v2
- *   587   passthrough       no                   media      none
- *   7777  passthrough       yes                  media      none
+ * By default, the ports a phone connects to directly, as the official
+ * proxy's operators run them:
+ *
+ *   port  client side       goes to    header sent up
+ *   80    plain             chat pool  PROXY v2
+ *   443   TLS (ended here)  chat pool  PROXY v2
+ *   5222  plain             chat pool  PROXY v2
+ *   587   passthrough       media      none
+ *   7777  passthrough       media      none
+ *
+ * Behind a load balancer, the official proxy also has twins that read the
+ * balancer's PROXY header first: 8080 (plain), 8443 (TLS, header before
+ * TLS), 8222 (plain), asked for with --listen PORT/accept-proxy. They are
+ * not opened by default, and they take a header only from --trusted-proxy
+ * addresses: a header says who the client is, and on an open port anyone
+ * could write any address into one.
  *
  * The sections of this file
  * -------------------------
@@ -153,11 +160,18 @@
 #define HOST_NAME_BYTES 256
 /* --sni names: a few secret names are plenty. */
 #define MAX_SNI_NAMES 8
+/* --trusted-proxy ranges: the defaults are 8; room for an operator's own. */
+#define MAX_TRUSTED_PROXIES 16
 
-/* A failed upstream connect tries the next server, at most this many servers
- * per client (HAProxy's "retries 3"). With the 5 s connect timeout a client
- * waits at most 15 s before it is closed. */
-#define UPSTREAM_TRIES_MAX 3
+/* A client's upstream connect is tried at most this many times: the first
+ * try and HAProxy's "retries 3". */
+#define UPSTREAM_TRIES_MAX 4
+
+/* After a try that failed at once (refused, unreachable), the next one
+ * waits this long, as HAProxy's turn-around timer does: a chat server that
+ * restarts for a second or two then still serves the clients that arrive
+ * meanwhile. A try that timed out has waited long enough already. */
+#define UPSTREAM_RETRY_DELAY_MS 1000
 
 /* Lists in the table of connections per client address (--max-per-ip,
  * section 8): 4,096 pointers, 32 KiB, keep the lists short for the
@@ -204,6 +218,14 @@ enum log_level {
     LOG_DEBUG
 };
 
+/* A range of addresses, as "192.168.0.0/16" (--trusted-proxy). */
+struct address_range {
+    uint8_t bytes[16];   /* the network: 4 bytes for IPv4, 16 for IPv6 */
+    uint8_t length;      /* 4 or 16 */
+    uint8_t prefix_bits; /* how many leading bits must match */
+    char text[48];       /* as written, for --check */
+};
+
 /* One upstream server as the operator wrote it: a name and a port. */
 struct upstream_spec {
     char host[HOST_NAME_BYTES];
@@ -238,6 +260,8 @@ struct settings {
     char sni_names[MAX_SNI_NAMES][HOST_NAME_BYTES]; /* --sni, if any */
     size_t sni_count;
     unsigned max_per_ip;            /* connections from one address; 0: any */
+    struct address_range trusted_proxies[MAX_TRUSTED_PROXIES];
+    size_t trusted_proxy_count;     /* who may send a PROXY header */
 
     struct listener_spec stats;     /* where the statistics page is */
     bool stats_enabled;             /* false after --stats off */
@@ -258,16 +282,24 @@ static const struct upstream_spec DEFAULT_CHAT_UPSTREAMS[] = {
     {"g-fallback.whatsapp.net", 80},   {"g-fallback.whatsapp.net", 443},
 };
 
-/* The reference's listeners; port 8199 (statistics) is not a relay port. */
+/* Where a PROXY header is taken from when no --trusted-proxy is given:
+ * loopback, and the private and link-local ranges (RFC 1918, RFC 4193,
+ * RFC 3927 and RFC 4291), which is where a cloud's load balancer comes
+ * from. Anyone else could write any address into a header, and so walk
+ * past --max-per-ip and tell WhatsApp a false address. */
+static const char *const DEFAULT_TRUSTED_PROXIES[] = {
+    "127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12",
+    "192.168.0.0/16", "169.254.0.0/16", "fc00::/7", "fe80::/10"};
+
+/* The ports a phone connects to directly (see the file's opening); the
+ * PROXY-header twins are for load balancers, asked for with --listen.
+ * Port 8199 (statistics) is not a relay port. */
 static const struct listener_spec DEFAULT_LISTENERS[] = {
     {.port = 80},
-    {.port = 8080, .accept_proxy = true},
     {.port = 443, .tls = true},
-    {.port = 8443, .tls = true, .accept_proxy = true},
     {.port = 5222},
-    {.port = 8222, .accept_proxy = true},
     {.port = 587, .media = true},
-    {.port = 7777, .media = true, .accept_proxy = true},
+    {.port = 7777, .media = true},
 };
 
 #define ARRAY_LENGTH(array) (sizeof(array) / sizeof((array)[0]))
@@ -566,7 +598,8 @@ struct option {
 
 static const struct option OPTIONS[] = {
     {"--listen", "[ADDR:]PORT[/tls][/accept-proxy][/media]",
-     "a port to serve, repeatable (default: the reference's eight ports)"},
+     "a port to serve, repeatable (default: 80 443/tls 5222 587/media "
+     "7777/media)"},
     {"--upstream", "HOST:PORT",
      "a chat server, repeatable (default: g.whatsapp.net and g-fallback)"},
     {"--media-upstream", "HOST:PORT", "the media server (whatsapp.net:443)"},
@@ -589,6 +622,8 @@ static const struct option OPTIONS[] = {
     {"--sni", "NAME", "on TLS ports, serve only this server name "
      "(repeatable)"},
     {"--max-per-ip", "N", "connections at once from one address (no limit)"},
+    {"--trusted-proxy", "ADDR[/BITS]", "take PROXY headers only from here, "
+     "repeatable (loopback and private ranges)"},
     {"--stats", "[ADDR:]PORT|off", "statistics page (127.0.0.1:8199)"},
     {"--check-interval", "S", "seconds between health checks (60)"},
     {"--grace", "S", "seconds for connections to end at a stop (30)"},
@@ -865,8 +900,8 @@ static int stats_spec_parse(struct settings *settings, const char *value,
 static void help_print(void)
 {
     printf("Usage: " PROGRAM_NAME " [options]\n"
-           "A WhatsApp chat proxy. With no options it serves the reference's "
-           "ports\n(80 8080 443 8443 5222 8222 587 7777) and relays to "
+           "A WhatsApp chat proxy. With no options it serves the ports a "
+           "phone connects to\n(80 443 5222 587 7777) and relays to "
            "WhatsApp.\n\n");
     for (size_t i = 0; i < ARRAY_LENGTH(OPTIONS); i++) {
         char left[80];
@@ -881,6 +916,38 @@ static void help_print(void)
     }
     printf("\nSignals: SIGTERM or SIGINT stops (after --grace); SIGHUP "
            "reloads\nthe certificate. Read tutorial.md to learn more.\n");
+}
+
+/* Parses "ADDR/BITS" (or a bare ADDR: that one address) into *out. Returns
+ * 0, or -1 with one line naming the flag in error. */
+static int address_range_parse(const char *text, struct address_range *out,
+                               char *error, size_t error_size)
+{
+    char address[INET6_ADDRSTRLEN];
+    const char *slash = strchr(text, '/');
+    size_t address_length = slash ? (size_t)(slash - text) : strlen(text);
+    if (address_length >= sizeof address || strlen(text) >= sizeof out->text)
+        return parse_failure(error, error_size, "bad --trusted-proxy '%s': "
+                             "too long", text);
+    memcpy(address, text, address_length);
+    address[address_length] = '\0';
+    *out = (struct address_range){.length = 4};
+    if (inet_pton(AF_INET, address, out->bytes) != 1) {
+        out->length = 16;
+        if (inet_pton(AF_INET6, address, out->bytes) != 1)
+            return parse_failure(error, error_size, "bad --trusted-proxy "
+                                 "'%s': not an IPv4 or IPv6 address", text);
+    }
+    char *end = NULL;
+    long bits = slash ? strtol(slash + 1, &end, 10) : out->length * 8;
+    if (slash && (end == slash + 1 || *end != '\0' || bits < 0 ||
+                  bits > out->length * 8))
+        return parse_failure(error, error_size, "bad --trusted-proxy '%s': "
+                             "the /BITS must be 0 to %d", text,
+                             out->length * 8);
+    out->prefix_bits = (uint8_t)bits;
+    snprintf(out->text, sizeof out->text, "%s", text);
+    return 0;
 }
 
 /* Applies one flag with its value (NULL for switches) to settings. The two
@@ -930,6 +997,14 @@ static int option_apply(struct settings *settings, const char *name,
     if (strcmp(name, "--max-per-ip") == 0)
         return count_parse(value, name, 1000000, &settings->max_per_ip, error,
                            error_size);
+    if (strcmp(name, "--trusted-proxy") == 0) {
+        if (settings->trusted_proxy_count == MAX_TRUSTED_PROXIES)
+            return parse_failure(error, error_size, "too many "
+                                 "--trusted-proxy (%d)", MAX_TRUSTED_PROXIES);
+        return address_range_parse(
+            value, &settings->trusted_proxies[settings->trusted_proxy_count++],
+            error, error_size);
+    }
     if (strcmp(name, "--upstream") == 0 ||
         strcmp(name, "--media-upstream") == 0) {
         struct upstream_spec spec;
@@ -1082,6 +1157,14 @@ enum parse_result settings_parse(struct settings *settings, int argc,
             return PARSE_ERROR;
     }
 
+    /* No --trusted-proxy: the defaults. */
+    for (size_t i = 0; settings->trusted_proxy_count == 0 &&
+                       i < ARRAY_LENGTH(DEFAULT_TRUSTED_PROXIES); i++)
+        address_range_parse(DEFAULT_TRUSTED_PROXIES[i],
+                            &settings->trusted_proxies[i], error, error_size);
+    if (settings->trusted_proxy_count == 0)
+        settings->trusted_proxy_count = ARRAY_LENGTH(DEFAULT_TRUSTED_PROXIES);
+
     /* Checks that need more than one flag. */
     if ((settings->cert_file[0] == '\0') != (settings->key_file[0] == '\0')) {
         parse_failure(error, error_size,
@@ -1173,6 +1256,20 @@ static void address_unmap_ipv4(struct sockaddr_storage *address)
     memcpy(&ipv4.sin_addr, &ipv6->sin6_addr.s6_addr[12], 4);
     memset(address, 0, sizeof *address);
     memcpy(address, &ipv4, sizeof ipv4);
+}
+
+/* Returns the bytes of the IP address in *address (IPv4 or IPv6), and
+ * sets *length to 4 or 16. */
+static const uint8_t *address_bytes(const struct sockaddr_storage *address,
+                                    uint8_t *length)
+{
+    if (address->ss_family == AF_INET) {
+        *length = 4;
+        return (const uint8_t *)&((const struct sockaddr_in *)address)
+            ->sin_addr;
+    }
+    *length = 16;
+    return ((const struct sockaddr_in6 *)address)->sin6_addr.s6_addr;
 }
 
 /* Writes the IP address of *address as text into out (INET6_ADDRSTRLEN
@@ -1926,8 +2023,11 @@ static enum handshake_progress tls_handshake_step(SSL *tls)
  *
  * Connecting. A client's connect is started here and finished by its relay
  * thread (section 10), which waits for thousands of them at once in epoll.
- * A connect that is refused or takes longer than --timeout-connect tries the
- * next server of the pool, at most UPSTREAM_TRIES_MAX servers per client.
+ * A connect that is refused or takes longer than --timeout-connect is tried
+ * again, up to UPSTREAM_TRIES_MAX tries in all, as HAProxy does: on the
+ * next server of the pool, or on the same one when it is the only one (a
+ * refused try waits UPSTREAM_RETRY_DELAY_MS first). Then the client is
+ * closed, with a FIN: the phone tries again or another proxy.
  */
 
 /* HAProxy's defaults: fall 3, rise 2. */
@@ -2113,7 +2213,6 @@ struct upstream_attempts {
     unsigned first;          /* where this client's round-robin turn starts */
     size_t looked_at;        /* servers of the pool looked at so far */
     unsigned tries;          /* connects started so far */
-    bool any_up;             /* whether any server was up at the start */
     struct upstream *trying; /* the server being connected to */
 };
 
@@ -2126,8 +2225,6 @@ static void upstream_attempts_begin(struct upstream_attempts *attempts,
         .pool_size = pool_size,
         .first = pool_size == 1
                      ? 0 : atomic_fetch_add(&state.next_chat_upstream, 1)};
-    for (size_t i = 0; i < pool_size; i++)
-        attempts->any_up |= upstream_is_up(&pool[i]);
 }
 
 /* Records that the connect to the server being tried failed, for reason:
@@ -2144,21 +2241,25 @@ static void upstream_attempt_failed(struct upstream_attempts *attempts,
 }
 
 /* Starts a connect to the next server worth trying: one that is up (any
- * of them, when none is), at most UPSTREAM_TRIES_MAX in all. Returns the
- * socket, its connect under way, or -1 when no server is left to try
- * (errno EHOSTUNREACH) or no socket can be made (see out_of_descriptors()).
- * A server whose name has not resolved yet is a failed try: resolving
+ * of them, when none is now: the failed tries of this very client may
+ * have taken the last one down), going round the pool, at most
+ * UPSTREAM_TRIES_MAX in all. Returns the socket, its connect under way,
+ * or -1 when no server is left to try (errno EHOSTUNREACH) or no socket
+ * can be made (see out_of_descriptors()). A server whose name has not resolved yet is a failed try: resolving
  * here would stop the relay thread while DNS answers, so the health thread
  * does it (section 6, the top). */
 static int upstream_attempt_next(struct upstream_attempts *attempts)
 {
-    while (attempts->looked_at < attempts->pool_size &&
+    bool any_up = false;
+    for (size_t i = 0; i < attempts->pool_size; i++)
+        any_up |= upstream_is_up(&attempts->pool[i]);
+    while (attempts->looked_at < attempts->pool_size * UPSTREAM_TRIES_MAX &&
            attempts->tries < UPSTREAM_TRIES_MAX) {
         size_t which = (attempts->first + attempts->looked_at) %
                        attempts->pool_size;
         struct upstream *upstream = &attempts->pool[which];
         attempts->looked_at++;
-        if (attempts->any_up && !upstream_is_up(upstream))
+        if (any_up && !upstream_is_up(upstream))
             continue;
         attempts->tries++;
         attempts->trying = upstream;
@@ -2183,6 +2284,12 @@ static int upstream_attempt_next(struct upstream_attempts *attempts)
     }
     errno = EHOSTUNREACH;
     return -1;
+}
+
+/* Returns whether another try is allowed after the one that just failed. */
+static bool upstream_attempts_left(const struct upstream_attempts *attempts)
+{
+    return attempts->tries < UPSTREAM_TRIES_MAX;
 }
 
 /* Says whether the connect started on fd, now writable, has worked, and
@@ -2478,6 +2585,12 @@ static void listener_label(const struct listener *listener, char *out,
  *     count: a hash table of PER_IP_BUCKETS lists, under one mutex, with an
  *     entry only while that address has a connection open.
  *
+ * And one rule for PROXY ports: a PROXY header is taken only from the
+ * --trusted-proxy ranges (by default loopback and the private ranges, where
+ * load balancers live); a connection from anywhere else is closed at once
+ * and counted. A PROXY port open to the world would let anyone write any
+ * address into a header.
+ *
  * A client that is slow to say what it must say first (section 9) holds
  * nothing but its socket and a small struct meanwhile, in the event loop
  * of a relay thread (section 10). So there is no third limit on clients
@@ -2504,6 +2617,24 @@ static bool connection_admit(struct listener *listener)
     return true;
 }
 
+/* Returns whether address is in one of the --trusted-proxy ranges. */
+static bool address_trusted(const struct sockaddr_storage *address)
+{
+    uint8_t length;
+    const uint8_t *bytes = address_bytes(address, &length);
+    for (size_t i = 0; i < state.settings->trusted_proxy_count; i++) {
+        const struct address_range *range = &state.settings->trusted_proxies[i];
+        if (range->length != length)
+            continue;
+        unsigned whole = range->prefix_bits / 8, rest = range->prefix_bits % 8;
+        uint8_t mask = (uint8_t)(0xff << (8 - rest));
+        if (memcmp(bytes, range->bytes, whole) == 0 &&
+            (rest == 0 || (bytes[whole] & mask) == (range->bytes[whole] & mask)))
+            return true;
+    }
+    return false;
+}
+
 /* One client address and its connections open now. */
 struct per_ip {
     uint8_t address[16];   /* 4 bytes for IPv4, 16 for IPv6 */
@@ -2525,15 +2656,8 @@ struct per_ip {
  * rate limit per address", does both here). */
 static struct per_ip *per_ip_take(const struct sockaddr_storage *address)
 {
-    const uint8_t *bytes;
     uint8_t length;
-    if (address->ss_family == AF_INET) {
-        bytes = (const uint8_t *)&((const struct sockaddr_in *)address)->sin_addr;
-        length = 4;
-    } else {
-        bytes = ((const struct sockaddr_in6 *)address)->sin6_addr.s6_addr;
-        length = 16;
-    }
+    const uint8_t *bytes = address_bytes(address, &length);
     uint32_t hash = 2166136261u; /* FNV-1a: simple and spreads well */
     for (uint8_t i = 0; i < length; i++)
         hash = (hash ^ bytes[i]) * 16777619u;
@@ -2881,8 +3005,10 @@ static void client_log(const struct listener *listener,
  *      |
  *   READING_FIRST_BYTES - the first bytes, for the decoy's choice (9)
  *      |
- *   CONNECTING ---------- to the upstream, next server on failure (6);
- *      |                  --timeout-connect per try
+ *   CONNECTING ---------- to the upstream (6); --timeout-connect per try
+ *      |        ^
+ *      |   RETRY_WAIT ---- a try was refused: the next one in 1 s (6);
+ *      |                   4 tries in all, then CLOSED
  *   RELAYING ------------ bytes both ways; --timeout-idle
  *      |
  *   HALF_CLOSED --------- one way has ended, the other goes on;
@@ -2927,10 +3053,11 @@ static void client_log(const struct listener *listener,
  * closes the pair at once, and each side is told as HAProxy tells it
  * (enum pair_end): a reset is passed on as a reset.
  *
- * Timers. Each relay thread keeps its pairs in four lists ordered by last
+ * Timers. Each relay thread keeps its pairs in five lists ordered by last
  * activity, most recent first, one per timeout: opening pairs (the first
  * three states, --timeout-handshake from accept), connecting pairs
- * (--timeout-connect), open pairs (--timeout-idle) and half-closed pairs
+ * (--timeout-connect), pairs waiting to retry (UPSTREAM_RETRY_DELAY_MS),
+ * open pairs (--timeout-idle) and half-closed pairs
  * waiting for their last source to say more (--timeout-fin). The list only
  * times a pair; its state says what it is doing. Activity moves a pair to
  * the front, so the oldest pair is always at the back, and finding the
@@ -2964,6 +3091,7 @@ enum pair_state {
     PAIR_HANDSHAKING,         /* the TLS handshake */
     PAIR_READING_FIRST_BYTES, /* the first bytes, for the decoy's choice */
     PAIR_CONNECTING,          /* a connect to the upstream is under way */
+    PAIR_RETRY_WAIT,          /* a try failed; the next one starts soon */
     PAIR_RELAYING,            /* bytes move both ways */
     PAIR_HALF_CLOSED,         /* one flow has ended, the other goes on */
     PAIR_CLOSED               /* sockets closed; freed after this batch */
@@ -3047,6 +3175,7 @@ struct relay_thread {
     bool listeners_watched;       /* false during a rest from accepting */
     struct pair_list opening_pairs;    /* --timeout-handshake */
     struct pair_list connecting_pairs; /* --timeout-connect */
+    struct pair_list retrying_pairs;   /* UPSTREAM_RETRY_DELAY_MS */
     struct pair_list open_pairs;       /* --timeout-idle */
     struct pair_list closing_pairs;    /* --timeout-fin */
     struct relay_pair *closed_pairs;   /* to free after this epoll batch */
@@ -3380,6 +3509,8 @@ static uint32_t pair_wanted_events(const struct relay_pair *pair,
         return client ? pair->opening->client_wait : 0;
     case PAIR_CONNECTING:
         return client ? 0 : EPOLLOUT;
+    case PAIR_RETRY_WAIT:
+        return 0;
     case PAIR_RELAYING:
     case PAIR_HALF_CLOSED: {
         uint32_t wanted = 0;
@@ -3438,9 +3569,17 @@ enum pair_end {
                            close_notify (TLS) and a FIN */
 };
 
+/* How many bytes a clean close drops from a socket, at most, so that the
+ * peer gets a FIN (see side_close()). */
+#define CLOSE_DRAIN_BYTES (64 * 1024)
+
 /* Closes side's socket: with a reset (abort true), or else with
- * close_notify first when TLS is up on it. Best effort: a peer that cannot
- * take the close_notify now does without. Frees its SSL object. */
+ * close_notify first when TLS is up on it, and a FIN. Best effort: a peer
+ * that cannot take the close_notify now does without. A socket closed
+ * with bytes still unread in it sends RST instead of FIN, so up to
+ * CLOSE_DRAIN_BYTES of them are dropped first: a client that has sent a
+ * few bytes that no server will ever read still sees a clean end. Frees
+ * its SSL object. */
 static void side_close(struct relay_side *side, bool abort)
 {
     if (side->fd < 0)
@@ -3450,9 +3589,16 @@ static void side_close(struct relay_side *side, bool abort)
         struct linger reset_now = {.l_onoff = 1, .l_linger = 0};
         setsockopt(side->fd, SOL_SOCKET, SO_LINGER, &reset_now,
                    sizeof reset_now);
-    } else if (side->tls != NULL && SSL_is_init_finished(side->tls)) {
-        ERR_clear_error();
-        SSL_shutdown(side->tls); /* sends close_notify once, if not yet */
+    } else {
+        if (side->tls != NULL && SSL_is_init_finished(side->tls)) {
+            ERR_clear_error();
+            SSL_shutdown(side->tls); /* sends close_notify once, if not yet */
+        }
+        uint8_t sink[4096];
+        for (size_t dropped = 0; dropped < CLOSE_DRAIN_BYTES;
+             dropped += sizeof sink)
+            if (recv(side->fd, sink, sizeof sink, MSG_TRUNC | MSG_DONTWAIT) <= 0)
+                break; /* MSG_TRUNC: dropped without a copy */
     }
     SSL_free(side->tls); /* does not close fd: we do, here */
     side->tls = NULL;
@@ -3573,14 +3719,21 @@ static bool relay_connect_next(struct relay_thread *thread,
 }
 
 /* The connect of pair's upstream failed (and was recorded): closes that
- * socket and tries the next server. */
+ * socket, and tries again, at once after a timeout (at_once), else after
+ * UPSTREAM_RETRY_DELAY_MS (section 6). */
 static void relay_connect_failed(struct relay_thread *thread,
-                                 struct relay_pair *pair, long long now)
+                                 struct relay_pair *pair, bool at_once,
+                                 long long now)
 {
     close(pair->upstream.fd);
     pair->upstream.fd = -1;
     pair->upstream.in_epoll = false;
-    relay_connect_next(thread, pair, now);
+    if (at_once || !upstream_attempts_left(&pair->opening->attempts)) {
+        relay_connect_next(thread, pair, now);
+        return;
+    }
+    pair->state = PAIR_RETRY_WAIT;
+    pair_list_move(&thread->retrying_pairs, pair, now);
 }
 
 /* The most bytes of a client sent in one go with our PROXY header. A
@@ -3903,6 +4056,12 @@ static void relay_accept(struct relay_thread *thread,
         address_unmap_ipv4(&addresses.source);
         address_unmap_ipv4(&addresses.destination);
         socket_set_nodelay(fd);
+        if (listener->spec.accept_proxy && !address_trusted(&addresses.source)) {
+            counter_add(COUNTER_REJECTED_UNTRUSTED, 1);
+            close(fd);
+            connection_ended(listener);
+            continue;
+        }
         struct per_ip *per_ip = NULL;
         if (state.settings->max_per_ip > 0 && !listener->spec.accept_proxy) {
             per_ip = per_ip_take(&addresses.source);
@@ -3944,6 +4103,7 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
     case PAIR_HANDSHAKING:
     case PAIR_READING_FIRST_BYTES:
     case PAIR_CONNECTING:
+    case PAIR_RETRY_WAIT:
         if (client_broke) {
             relay_close_opening(thread, pair, COUNTER_COUNT,
                                 "gone before its bytes could flow");
@@ -3972,8 +4132,10 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
         if (upstream_attempt_ended(&pair->opening->attempts, side->fd))
             relay_connected(thread, pair, now);
         else
-            relay_connect_failed(thread, pair, now);
+            relay_connect_failed(thread, pair, false, now);
         return;
+    case PAIR_RETRY_WAIT:
+        return; /* only the client is in epoll, and watched for nothing */
     default:
         break;
     }
@@ -4032,18 +4194,39 @@ static int relay_expire_connects(struct relay_thread *thread, long long now)
         struct relay_pair *pair = list->oldest;
         upstream_attempt_failed(&pair->opening->attempts,
                                 strerror(ETIMEDOUT));
-        relay_connect_failed(thread, pair, now);
+        relay_connect_failed(thread, pair, true, now);
     }
     if (list->oldest == NULL)
         return -1;
     return (int)(list->oldest->last_active_ms + timeout_ms - now);
 }
 
+/* Starts the next try of the pairs whose wait after a failed try is over.
+ * Returns the milliseconds until the next one is due, or -1 if none
+ * waits. */
+static int relay_expire_retries(struct relay_thread *thread, long long now)
+{
+    struct pair_list *list = &thread->retrying_pairs;
+    while (list->oldest != NULL &&
+           list->oldest->last_active_ms + UPSTREAM_RETRY_DELAY_MS <= now) {
+        struct relay_pair *pair = list->oldest;
+        pair->state = PAIR_CONNECTING;
+        if (!relay_connect_next(thread, pair, now) &&
+            out_of_descriptors(errno))
+            accept_rest_begin(errno);
+    }
+    if (list->oldest == NULL)
+        return -1;
+    return (int)(list->oldest->last_active_ms + UPSTREAM_RETRY_DELAY_MS -
+                 now);
+}
+
 /* Closes expired pairs; returns how long epoll_wait() may sleep. */
 static int relay_expire(struct relay_thread *thread, long long now)
 {
     int opening = relay_expire_list(thread, &thread->opening_pairs, now);
-    int connect = relay_expire_connects(thread, now);
+    int connect = wait_earlier(relay_expire_connects(thread, now),
+                               relay_expire_retries(thread, now));
     int idle = relay_expire_list(thread, &thread->open_pairs, now);
     int fin = relay_expire_list(thread, &thread->closing_pairs, now);
     return wait_earlier(wait_earlier(opening, connect),
@@ -4141,6 +4324,7 @@ static void *relay_thread_run(void *argument)
 
     struct pair_list *lists[] = {&thread->opening_pairs,
                                  &thread->connecting_pairs,
+                                 &thread->retrying_pairs,
                                  &thread->open_pairs, &thread->closing_pairs};
     for (size_t i = 0; i < ARRAY_LENGTH(lists); i++)
         while (lists[i]->oldest != NULL)
@@ -4214,7 +4398,7 @@ static int check_summary_print(const struct settings *settings)
     static const char *const HEADER_NAMES[] = {"none", "PROXY v1",
                                                "PROXY v2"};
     bool ready = true;
-    bool any_tls = false;
+    bool any_tls = false, any_proxy = false;
     char line[HOST_NAME_BYTES + 128];
 
     printf(PROGRAM_NAME " " PROGRAM_VERSION ": checking the settings\n\n");
@@ -4224,7 +4408,14 @@ static int check_summary_print(const struct settings *settings)
                           settings->listeners[i].port, line, sizeof line);
         printf("  %s\n", line);
         any_tls |= settings->listeners[i].tls;
+        any_proxy |= settings->listeners[i].accept_proxy;
     }
+    for (size_t i = 0; any_proxy && i < settings->trusted_proxy_count; i++)
+        printf("%s%s", i == 0 ? "PROXY headers are taken only from "
+                                "(--trusted-proxy): " : ", ",
+               settings->trusted_proxies[i].text);
+    if (any_proxy)
+        printf("\n");
 
     bool chat_used = upstream_pool_used(settings, false);
     if (chat_used) {
@@ -4382,6 +4573,8 @@ static const struct {
         "TLS handshakes that asked for another server name, or none."},
     [COUNTER_REJECTED_PER_IP] = {"rejected_per_ip_total",
         "Client connections closed at once because of max-per-ip."},
+    [COUNTER_REJECTED_UNTRUSTED] = {"rejected_untrusted_total",
+        "Connections to a PROXY port from outside trusted-proxy, closed."},
 };
 
 /* The counters shown as "problems" on the HTML page, with plain names. */
@@ -4399,6 +4592,7 @@ static const struct {
     {COUNTER_FIN_TIMEOUT, "fin timeouts"},
     {COUNTER_RELAY_ERROR, "resets while relaying"},
     {COUNTER_REJECTED_PER_IP, "over --max-per-ip"},
+    {COUNTER_REJECTED_UNTRUSTED, "PROXY port, untrusted source"},
     {COUNTER_DECOYED, "not WhatsApp: sent to the decoy"},
     {COUNTER_SNI_MISSED, "TLS server name not in --sni"},
     {COUNTER_SNI_MATCHED, "TLS server name in --sni (not a problem)"},
@@ -4916,6 +5110,7 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
             .expired = COUNTER_HANDSHAKE_TIMEOUT};
         thread->connecting_pairs = (struct pair_list){
             .timeout_ms = &settings->timeout_connect_ms};
+        thread->retrying_pairs = (struct pair_list){0};
         thread->open_pairs = (struct pair_list){
             .timeout_ms = &settings->timeout_idle_ms,
             .expired = COUNTER_IDLE_TIMEOUT};

@@ -49,6 +49,7 @@ enum counter {
     COUNTER_SNI_MATCHED,           /* TLS server name in the --sni list */
     COUNTER_SNI_MISSED,            /* TLS server name missing or not listed */
     COUNTER_REJECTED_PER_IP,       /* closed at once: over --max-per-ip */
+    COUNTER_REJECTED_UNTRUSTED,    /* PROXY port, source not trusted */
     COUNTER_COUNT
 };
 
