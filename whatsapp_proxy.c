@@ -3695,10 +3695,11 @@ static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
 }
 
 /* Starts connecting pair to the next server worth trying, and watches the
- * new socket until it turns writable. With no server left (or no socket to
- * be had), counts the client as unreachable, closes the pair and returns
- * false with errno saying why. */
-static bool relay_connect_next(struct relay_thread *thread,
+ * new socket until it turns writable. With no server left, counts the
+ * client as unreachable and closes the pair; when that is our own shortage
+ * (no descriptor for the socket), every thread also rests from accepting
+ * (section 8), wherever the try was started. */
+static void relay_connect_next(struct relay_thread *thread,
                                struct relay_pair *pair, long long now)
 {
     struct opening *opening = pair->opening;
@@ -3709,13 +3710,13 @@ static bool relay_connect_next(struct relay_thread *thread,
         client_log(pair->listener, &opening->addresses, LOG_WARN,
                    "no server reachable; closing it");
         relay_close(thread, pair, END_UPSTREAM_BROKE);
-        errno = failure;
-        return false;
+        if (out_of_descriptors(failure))
+            accept_rest_begin(failure);
+        return;
     }
     pair->upstream.fd = fd;
     relay_watch_new(thread, &pair->upstream);
     pair_list_move(&thread->connecting_pairs, pair, now);
-    return true;
 }
 
 /* The connect of pair's upstream failed (and was recorded): closes that
@@ -3842,11 +3843,10 @@ static void pair_read_first_bytes(struct relay_thread *thread,
 
 /* Moves pair on from the step `done` to the next one, and starts it:
  * what it waits for, and its first try where the bytes it needs have
- * probably arrived already. Returns false if the pair had to be closed,
- * with errno saying why when it is our own shortage (no descriptor for
- * the upstream, or no memory for an SSL object): the caller then rests
- * from accepting (section 8). */
-static bool pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
+ * probably arrived already. Our own shortage on the way (no descriptor for
+ * the upstream, no memory for an SSL object) closes the pair and makes
+ * every thread rest from accepting (section 8). */
+static void pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
                          enum pair_state done, long long now)
 {
     struct opening *opening = pair->opening;
@@ -3855,20 +3855,20 @@ static bool pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
     switch (pair->state) {
     case PAIR_READING_HEADER:
         pair_read_header(thread, pair, now);
-        return true;
+        return;
     case PAIR_HANDSHAKING:
         pair->client.tls = tls_new(pair->client.fd);
         if (pair->client.tls == NULL) {
             relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
                                 "no memory for TLS");
-            errno = ENOMEM;
-            return false;
+            accept_rest_begin(ENOMEM);
+            return;
         }
         /* The ClientHello has usually arrived already, and epoll will say
          * so at once; stepping here instead would do a burst of new
          * clients' costly first steps before any other client's events. */
         relay_watch(thread, pair);
-        return true;
+        return;
     case PAIR_READING_FIRST_BYTES:
         /* --sni: a TLS client that asks for another name goes to the decoy
          * without a word read. */
@@ -3876,10 +3876,11 @@ static bool pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
             !tls_server_name_listed(SSL_get_servername(
                 pair->client.tls, TLSEXT_NAMETYPE_host_name))) {
             opening->destination = TO_DECOY;
-            return pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now);
+            pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now);
+            return;
         }
         pair_read_first_bytes(thread, pair, now);
-        return true;
+        return;
     default:
         break;
     }
@@ -3897,7 +3898,7 @@ static bool pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
                                     ? state.decoy_upstream
                                     : state.media_upstream, 1);
     relay_watch(thread, pair); /* nothing more on the client meanwhile */
-    return relay_connect_next(thread, pair, now);
+    relay_connect_next(thread, pair, now);
 }
 
 /* Step 1, on what has arrived: the PROXY header (section 9). With
@@ -3936,9 +3937,7 @@ static void pair_read_header(struct relay_thread *thread,
             return;
         }
     }
-    if (!pair_step_on(thread, pair, PAIR_READING_HEADER, now) &&
-        out_of_descriptors(errno))
-        accept_rest_begin(errno);
+    pair_step_on(thread, pair, PAIR_READING_HEADER, now);
 }
 
 /* Step 2, one call further: the TLS handshake (section 5). */
@@ -3957,9 +3956,7 @@ static void pair_handshake_step(struct relay_thread *thread,
         relay_watch(thread, pair);
         return;
     }
-    if (!pair_step_on(thread, pair, PAIR_HANDSHAKING, now) &&
-        out_of_descriptors(errno))
-        accept_rest_begin(errno);
+    pair_step_on(thread, pair, PAIR_HANDSHAKING, now);
 }
 
 /* Step 3, on what has arrived: the first bytes, for the decoy's choice
@@ -3989,21 +3986,18 @@ static void pair_read_first_bytes(struct relay_thread *thread,
         relay_watch(thread, pair);
         return;
     }
-    if (!pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now) &&
-        out_of_descriptors(errno))
-        accept_rest_begin(errno);
+    pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now);
 }
 
 /* Starts a new pair in this thread: its socket joins the thread's epoll,
- * and its first step begins. Returns false if the pair had to be closed
- * at once, with errno saying why (see pair_step_on()). */
-static bool relay_start(struct relay_thread *thread, struct relay_pair *pair,
+ * and its first step begins (see pair_step_on()). */
+static void relay_start(struct relay_thread *thread, struct relay_pair *pair,
                         long long now)
 {
     pair_list_push(&thread->opening_pairs, pair, now);
     pair->opening->client_wait = 0;
     relay_watch_new(thread, &pair->client);
-    return pair_step_on(thread, pair, PAIR_ACCEPTED, now);
+    pair_step_on(thread, pair, PAIR_ACCEPTED, now);
 }
 
 /* Starts (watch true) or stops watching this thread's listening sockets.
@@ -4074,13 +4068,12 @@ static void relay_accept(struct relay_thread *thread,
         }
         struct relay_pair *pair = pair_new(listener, fd, &addresses, per_ip);
         struct relay_thread *chosen = relay_thread_choose(thread);
+        /* A start that runs out of descriptors begins a rest, which the
+         * loop's condition sees. */
         if (chosen != thread)
             relay_inbox_push(chosen, pair);
-        else if (!relay_start(thread, pair, now) &&
-                 out_of_descriptors(errno)) {
-            accept_rest_begin(errno);
-            return;
-        }
+        else
+            relay_start(thread, pair, now);
     }
 }
 
@@ -4211,9 +4204,7 @@ static int relay_expire_retries(struct relay_thread *thread, long long now)
            list->oldest->last_active_ms + UPSTREAM_RETRY_DELAY_MS <= now) {
         struct relay_pair *pair = list->oldest;
         pair->state = PAIR_CONNECTING;
-        if (!relay_connect_next(thread, pair, now) &&
-            out_of_descriptors(errno))
-            accept_rest_begin(errno);
+        relay_connect_next(thread, pair, now);
     }
     if (list->oldest == NULL)
         return -1;
@@ -4250,8 +4241,7 @@ static bool relay_take_inbox(struct relay_thread *thread, long long now)
         struct relay_pair *pair = arrived;
         arrived = pair->older;
         pair->older = NULL;
-        if (!relay_start(thread, pair, now) && out_of_descriptors(errno))
-            accept_rest_begin(errno);
+        relay_start(thread, pair, now);
     }
     return stop;
 }
