@@ -883,7 +883,7 @@ START_TEST(test_defaults_are_the_reference_ones)
         "g-fallback.whatsapp.net:5222", "g-fallback.whatsapp.net:80",
         "g-fallback.whatsapp.net:443", "whatsapp.net:443",
         "header sent: PROXY v2", "--maxconn 27500", "connect 5.0",
-        "idle 200.0", "fin 1.0"};
+        "idle 200.0", "fin 1.0", "handshake 60.0"};
     for (size_t i = 0; i < sizeof expected / sizeof expected[0]; i++)
         ck_assert_msg(strstr(out, expected[i]) != NULL,
                       "--check should show the default '%s'", expected[i]);
@@ -1377,6 +1377,111 @@ START_TEST(test_proxyhdr_every_split_needs_more_and_the_whole_decodes)
         ck_assert_int_eq(proxyhdr_decode(headers[h], lengths[h], &decoded),
                          (int)lengths[h]);
     }
+}
+END_TEST
+
+/* The check value every CRC32C implementation is tested with (RFC 3720,
+ * and the CRC catalogue): the nine digits "123456789". */
+START_TEST(test_crc32c_gives_the_standard_check_value)
+{
+    ck_assert_uint_eq(crc32c((const uint8_t *)"123456789", 9), 0xE3069283);
+    ck_assert_uint_eq(crc32c(NULL, 0), 0);
+}
+END_TEST
+
+/* Writes into out a v2 header of exactly `total` bytes for
+ * 203.0.113.7:40000 -> 192.0.2.1:443, as a balancer with much to say would:
+ * a filler TLV (type 0xE0, a custom one) and, if with_checksum, a CRC32C
+ * TLV last, holding the right checksum. Returns where the checksum's value
+ * starts (0 without one). */
+static size_t v2_header_long(uint8_t *out, size_t total, bool with_checksum)
+{
+    struct proxy_addresses addresses = {
+        .known = true, .source = ipv4_address("203.0.113.7", 40000),
+        .destination = ipv4_address("192.0.2.1", 443)};
+    size_t at = proxyhdr_encode_v2(&addresses, out, PROXYHDR_ENCODED_MAX_BYTES);
+    size_t checksum_tlv = with_checksum ? 3 + 4 : 0;
+    size_t filler = total - at - 3 - checksum_tlv;
+    out[at] = 0xE0;
+    out[at + 1] = (uint8_t)(filler >> 8);
+    out[at + 2] = (uint8_t)filler;
+    memset(out + at + 3, 'x', filler);
+    at += 3 + filler;
+    size_t value_at = 0;
+    if (with_checksum) {
+        out[at] = 0x03;
+        out[at + 1] = 0;
+        out[at + 2] = 4;
+        value_at = at + 3;
+        memset(out + value_at, 0, 4);
+        at += 7;
+    }
+    out[14] = (uint8_t)((total - 16) >> 8);
+    out[15] = (uint8_t)(total - 16);
+    if (with_checksum) {
+        uint32_t checksum = crc32c(out, total);
+        for (int i = 0; i < 4; i++)
+            out[value_at + i] = (uint8_t)(checksum >> (24 - 8 * i));
+    }
+    ck_assert_uint_eq(at, total);
+    return value_at;
+}
+
+/* Balancers add TLVs: a header of 3,000 bytes, with and without a
+ * checksum, decodes whole and leaves the payload behind it alone; so does
+ * the longest allowed, and one byte more is refused. */
+START_TEST(test_proxyhdr_v2_takes_long_headers_with_valid_tlvs)
+{
+    static uint8_t data[PROXYHDR_V2_MAX_BYTES + 16];
+    size_t totals[] = {3000, 3000, PROXYHDR_V2_MAX_BYTES};
+    for (size_t i = 0; i < 3; i++) {
+        v2_header_long(data, totals[i], i == 1);
+        memcpy(data + totals[i], "WA", 2);
+        struct proxy_addresses decoded = {0};
+        ck_assert_int_eq(proxyhdr_decode(data, totals[i] + 2, &decoded),
+                         (int)totals[i]);
+        expect_address(&decoded.source, "203.0.113.7:40000");
+        ck_assert_int_eq(proxyhdr_decode(data, totals[i] - 1, &decoded), 0);
+    }
+    v2_header_long(data, PROXYHDR_V2_MAX_BYTES + 1, false);
+    struct proxy_addresses decoded;
+    ck_assert_int_eq(proxyhdr_decode(data, PROXYHDR_V2_MAX_BYTES + 1,
+                                     &decoded), -1);
+}
+END_TEST
+
+/* A wrong checksum, a checksum TLV of the wrong size, a TLV that runs past
+ * the header's end and a stub too short to be a TLV are all refused. A
+ * LOCAL header's body is not read, so its TLVs are not checked. */
+START_TEST(test_proxyhdr_v2_refuses_a_wrong_checksum_and_an_overrunning_tlv)
+{
+    static uint8_t good[3000];
+    static uint8_t broken[3000];
+    size_t value_at = v2_header_long(good, sizeof good, true);
+    struct proxy_addresses decoded;
+
+    memcpy(broken, good, sizeof good);
+    broken[100] ^= 1; /* one bit of the filler: the checksum no longer fits */
+    ck_assert_int_eq(proxyhdr_decode(broken, sizeof broken, &decoded), -1);
+    memcpy(broken, good, sizeof good);
+    broken[value_at + 3] ^= 1; /* one bit of the checksum itself */
+    ck_assert_int_eq(proxyhdr_decode(broken, sizeof broken, &decoded), -1);
+
+    memcpy(broken, good, sizeof good);
+    broken[value_at - 1] = 5; /* a checksum TLV of 5 bytes */
+    ck_assert_int_eq(proxyhdr_decode(broken, sizeof broken, &decoded), -1);
+
+    v2_header_long(broken, sizeof broken, false);
+    broken[16 + 12 + 2] += 1; /* the filler's length: one past the end */
+    ck_assert_int_eq(proxyhdr_decode(broken, sizeof broken, &decoded), -1);
+    broken[16 + 12 + 2] -= 3; /* two bytes short: a 2-byte stub is left */
+    ck_assert_int_eq(proxyhdr_decode(broken, sizeof broken, &decoded), -1);
+
+    broken[12] = 0x20; /* the same body under LOCAL: skipped whole */
+    decoded.known = true;
+    ck_assert_int_eq(proxyhdr_decode(broken, sizeof broken, &decoded),
+                     (int)sizeof broken);
+    ck_assert_msg(!decoded.known, "LOCAL means: use the real addresses");
 }
 END_TEST
 
@@ -2618,6 +2723,38 @@ START_TEST(test_header_split_across_reads_is_read_exactly)
                   "the upstream receives the header sent byte by byte");
     expect_address(&seen.source, "203.0.113.7:40000");
     close(client);
+    proxy_and_upstream_stop(upstream);
+}
+END_TEST
+
+/* A balancer's long header (3,000 bytes, TLVs and a checksum) is taken
+ * and read exactly; the same header with one bit changed closes that
+ * client and is counted. */
+START_TEST(test_a_long_header_is_taken_and_a_wrong_checksum_refused)
+{
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/accept-proxy", NULL);
+    static uint8_t header[3000];
+    v2_header_long(header, sizeof header, true);
+    int good = connect_local(proxy_listener_port(0));
+    send_all(good, header, sizeof header);
+    expect_echo(good, "payload right after");
+    struct proxy_addresses seen;
+    ck_assert_msg(upstream_header_within(upstream, &seen, PROMPTLY_MS),
+                  "the upstream receives a PROXY header");
+    expect_address(&seen.source, "203.0.113.7:40000");
+
+    header[200] ^= 1;
+    int bad = connect_local(proxy_listener_port(0));
+    send_all(bad, header, sizeof header);
+    send_all(bad, "secret", 6);
+    ck_assert_msg(closed_within(bad, PROMPTLY_MS),
+                  "the client whose header fails its checksum is closed");
+    ck_assert_int_eq(proxy_counter(COUNTER_BAD_PROXY_HEADER), 1);
+    ck_assert_int_eq(upstream_connections(upstream), 1);
+    expect_echo(good, "still served");
+    close(bad);
+    close(good);
     proxy_and_upstream_stop(upstream);
 }
 END_TEST
@@ -4246,6 +4383,10 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_proxyhdr_v2_skips_tlvs_and_leaves_payload_untouched);
     tcase_add_test(t, test_proxyhdr_v2_local_and_unspec_mean_real_addresses);
     tcase_add_test(t, test_proxyhdr_every_split_needs_more_and_the_whole_decodes);
+    tcase_add_test(t, test_crc32c_gives_the_standard_check_value);
+    tcase_add_test(t, test_proxyhdr_v2_takes_long_headers_with_valid_tlvs);
+    tcase_add_test(t,
+        test_proxyhdr_v2_refuses_a_wrong_checksum_and_an_overrunning_tlv);
     tcase_add_test(t, test_proxyhdr_refuses_malformed_and_oversize_headers);
     tcase_add_test(t, test_accept_proxy_passes_the_incoming_address_upstream);
     tcase_add_test(t, test_incoming_unknown_header_sends_the_real_address);
@@ -4293,6 +4434,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_malformed_header_closes_only_that_client);
     tcase_add_test(t, test_plain_bytes_on_a_tls_port_close_only_that_client);
     tcase_add_test(t, test_header_split_across_reads_is_read_exactly);
+    tcase_add_test(t, test_a_long_header_is_taken_and_a_wrong_checksum_refused);
     tcase_add_test(t, test_slowloris_is_cut_at_the_handshake_timeout);
     tcase_add_test(t, test_decoy_http_rule_sends_only_http_and_tls_to_the_decoy);
     tcase_add_test(t, test_decoy_strict_rule_wants_the_whatsapp_header);

@@ -425,7 +425,14 @@ struct settings *settings_new(void)
     settings->timeout_connect_ms = 5000;    /* timeout connect 5s */
     settings->timeout_idle_ms = 200000;     /* timeout client/server 200s */
     settings->timeout_fin_ms = 1000;        /* timeout client-fin 1s */
-    settings->timeout_handshake_ms = 5000;  /* slow-client protection */
+    /* A client's first words (a PROXY header, a TLS handshake, its first
+     * bytes) get 60 s. On a lossy mobile link one lost segment is sent
+     * again after 1, 2, 4, 8 and 16 s (TCP's doubling retransmission
+     * timer), so a handshake that loses a packet twice needs tens of
+     * seconds; 60 s is also how long nginx waits, so a scanner that times
+     * a silent connection sees a web server's patience. Silent clients
+     * stay bounded by --maxconn (and --max-per-ip), as every client is. */
+    settings->timeout_handshake_ms = 60000;
     settings->relay_threads = 0;
     /* Statistics on loopback only: the reference serves them on every
      * address, which lets a scanner recognise a proxy by its port 8199. */
@@ -614,7 +621,7 @@ static const struct option OPTIONS[] = {
     {"--timeout-connect", "S", "seconds to reach a server (5)"},
     {"--timeout-idle", "S", "seconds without a byte before closing (200)"},
     {"--timeout-fin", "S", "seconds of silence after a half-close (1)"},
-    {"--timeout-handshake", "S", "seconds for PROXY header and TLS (5)"},
+    {"--timeout-handshake", "S", "seconds for PROXY header and TLS (60)"},
     {"--threads", "N", "relay threads (one per CPU)"},
     {"--decoy", "HOST:PORT", "give clients that are not WhatsApp to this "
      "web site"},
@@ -1218,7 +1225,12 @@ enum parse_result settings_parse(struct settings *settings, int argc,
  *        2 bytes  length of what follows, big-endian
  *       12 bytes  IPv4: source, destination, source port, destination port
  *    or 36 bytes  IPv6: the same with 16-byte addresses
- *       then optional TLVs (type, length, value) that a receiver may skip.
+ *       then optional TLVs: 1 byte type, 2 bytes length (big-endian),
+ *       that many bytes of value. A balancer adds what it knows: a
+ *       connection ID, TLS details, its cloud's endpoint ID. A receiver
+ *       may skip them all, but each must end inside the header, and one,
+ *       type 0x03, carries a CRC32C checksum of the whole header that a
+ *       receiver must check: a header that fails either is refused.
  *
  * The most important rule: a receiver reads exactly the header and not one
  * byte more. The client's first payload bytes follow immediately and must
@@ -1243,6 +1255,8 @@ static const uint8_t PROXYHDR_V2_SIGNATURE[12] = {
 #define PROXYHDR_V2_UNIX_DGRAM 0x32
 #define PROXYHDR_V2_IPV4_BYTES 12
 #define PROXYHDR_V2_IPV6_BYTES 36
+#define PROXYHDR_V2_UNIX_BYTES 216
+#define PROXYHDR_V2_TLV_CRC32C 0x03
 
 /* Turns an IPv4 address written as IPv6 (::ffff:a.b.c.d, which a listener on
  * "::" reports for IPv4 clients) back into plain IPv4, in place, so that the
@@ -1382,6 +1396,63 @@ static int proxyhdr_v1_scan(const uint8_t *data, size_t length,
     return length >= PROXYHDR_V1_MAX_BYTES ? -1 : 0;
 }
 
+/* The CRC32C checksum; see whatsapp_proxy.h. Bit by bit, the way the
+ * definition reads: for each bit, shift right, and where a 1 fell out, add
+ * (XOR) the Castagnoli polynomial, written bit-reversed. A table of 256
+ * values would be faster, but a header is checked once per connection and
+ * is at most 4 KiB, so the short form wins. */
+uint32_t crc32c(const uint8_t *data, size_t length)
+{
+    const uint32_t POLYNOMIAL_REVERSED = 0x82F63B78;
+    uint32_t crc = 0xFFFFFFFF;
+    for (size_t i = 0; i < length; i++) {
+        crc ^= data[i];
+        for (int bit = 0; bit < 8; bit++)
+            crc = (crc >> 1) ^ ((crc & 1) ? POLYNOMIAL_REVERSED : 0);
+    }
+    return ~crc;
+}
+
+/* True if the CRC32C TLV whose 4-byte value starts at header[value_at]
+ * matches the header[0..length): the checksum is taken over the whole
+ * header with those 4 bytes as zeros. The header is not ours to change, so
+ * it is copied first (it is at most PROXYHDR_V2_MAX_BYTES long). */
+static bool proxyhdr_v2_checksum_matches(const uint8_t *header, size_t length,
+                                         size_t value_at)
+{
+    uint8_t copy[PROXYHDR_V2_MAX_BYTES];
+    memcpy(copy, header, length);
+    uint32_t expected = (uint32_t)header[value_at] << 24 |
+                        (uint32_t)header[value_at + 1] << 16 |
+                        (uint32_t)header[value_at + 2] << 8 |
+                        header[value_at + 3];
+    memset(copy + value_at, 0, 4);
+    return crc32c(copy, length) == expected;
+}
+
+/* Walks the TLVs in header[at..length), the end of a complete v2 header:
+ * returns false if one runs past the end, or if a CRC32C TLV is not 4
+ * bytes long or does not match. Other types are skipped unread. */
+static bool proxyhdr_v2_tlvs_valid(const uint8_t *header, size_t at,
+                                   size_t length)
+{
+    while (at < length) {
+        if (length - at < 3)
+            return false; /* not even room for a type and a length */
+        uint8_t type = header[at];
+        size_t value_length = (size_t)header[at + 1] << 8 | header[at + 2];
+        size_t value_at = at + 3;
+        if (value_length > length - value_at)
+            return false;
+        if (type == PROXYHDR_V2_TLV_CRC32C &&
+            (value_length != 4 ||
+             !proxyhdr_v2_checksum_matches(header, length, value_at)))
+            return false;
+        at = value_at + value_length;
+    }
+    return true;
+}
+
 /* Decodes v2 from data[0..length), which starts with (part of) the v2
  * signature. Returns the header length, 0 or -1 like proxyhdr_decode(). */
 static int proxyhdr_v2_decode(const uint8_t *data, size_t length,
@@ -1411,9 +1482,11 @@ static int proxyhdr_v2_decode(const uint8_t *data, size_t length,
     case PROXYHDR_V2_UDP6:
         needed = PROXYHDR_V2_IPV6_BYTES;
         break;
-    case PROXYHDR_V2_UNSPEC:
     case PROXYHDR_V2_UNIX_STREAM:
     case PROXYHDR_V2_UNIX_DGRAM:
+        needed = PROXYHDR_V2_UNIX_BYTES;
+        break;
+    case PROXYHDR_V2_UNSPEC:
         needed = 0;
         break;
     default:
@@ -1423,6 +1496,12 @@ static int proxyhdr_v2_decode(const uint8_t *data, size_t length,
         return -1;
     if (length < total_length)
         return 0;
+    /* LOCAL's body is skipped whole, addresses and TLVs alike, as the
+     * specification says (and as the reference does); after PROXY's
+     * addresses come the TLVs, checked once the header is all here. */
+    if (command == PROXYHDR_V2_COMMAND_PROXY &&
+        !proxyhdr_v2_tlvs_valid(data, 16 + needed, total_length))
+        return -1;
 
     /* Only TCP addresses describe our client; LOCAL (a balancer's health
      * check), UNSPEC, UDP and UNIX mean "use the connection's own". */
@@ -1435,7 +1514,6 @@ static int proxyhdr_v2_decode(const uint8_t *data, size_t length,
         address_from_bytes(&out->source, AF_INET6, data + 16, data + 48);
         address_from_bytes(&out->destination, AF_INET6, data + 32, data + 50);
     }
-    /* TLVs after the addresses are skipped: total_length covers them. */
     return (int)total_length;
 }
 
@@ -2848,26 +2926,42 @@ enum destination {
 #define DECOY_ROUTING_MAX 1024
 #define DECOY_FIRST_BYTES_MAX (4 + 3 + DECOY_ROUTING_MAX + 4)
 
-/* Room for what a client says first: a PROXY header, or the first bytes
- * for the decoy's choice (never both at once: the header is dropped once
- * decoded, before any first byte is read). */
-#define HEARD_BYTES_MAX                                                     \
-    (PROXYHDR_V2_MAX_BYTES > DECOY_FIRST_BYTES_MAX ? PROXYHDR_V2_MAX_BYTES  \
-                                                   : DECOY_FIRST_BYTES_MAX)
-
 /* What a connection needs during its first steps and until its upstream is
- * connected; then freed. It is kept apart from the connection (about 1.4
- * KiB, for a few seconds) so that an open connection, the common case by
- * far, stays small. */
+ * connected; then freed. It is kept apart from the connection so that an
+ * open connection, the common case by far, stays small.
+ *
+ * heard[] keeps what the client has said so far, until it is enough to
+ * decide: a PROXY header, or the first bytes for the decoy's choice (never
+ * both at once: the header is dropped once decoded, before any first byte
+ * is read). Its room is what the port needs (opening_room()), so a client
+ * costs about 350 bytes here on a port with neither, 1.4 KiB on a port
+ * with a decoy, and 4.4 KiB on an accept-proxy port, where a header may be
+ * 4 KiB long. Those ports take headers only from --trusted-proxy
+ * addresses (section 8): strangers cannot make many such openings. */
 struct opening {
     struct upstream_attempts attempts; /* section 6 */
     enum destination destination;
     struct proxy_addresses addresses;  /* for our PROXY header and the log */
-    uint8_t heard[HEARD_BYTES_MAX];    /* what the client said so far */
-    size_t heard_length;
     uint32_t client_wait;              /* what the step waits for: EPOLLIN
                                           or EPOLLOUT on the client */
+    size_t heard_length;
+    size_t heard_room;                 /* the size of heard[] */
+    uint8_t heard[];                   /* what the client said so far */
 };
+
+_Static_assert(PROXYHDR_V2_MAX_BYTES >= DECOY_FIRST_BYTES_MAX,
+               "room for a PROXY header is room for the first bytes too");
+
+/* The room in heard[] that a client of a port with this spec needs: see
+ * struct opening. */
+static size_t opening_room(const struct listener_spec *spec)
+{
+    if (spec->accept_proxy)
+        return PROXYHDR_V2_MAX_BYTES;
+    if (state.settings->decoy_enabled && !spec->media)
+        return DECOY_FIRST_BYTES_MAX;
+    return 0;
+}
 
 /* Classifies the first bytes of a client; see whatsapp_proxy.h and the
  * section comment. A pure function: bytes in, verdict out. */
@@ -2926,7 +3020,7 @@ static int opening_hear_header(struct opening *opening, size_t seen,
                                         &decoded);
     *complete = header_length > 0;
     if (header_length < 0 || (header_length == 0 &&
-                              have + seen == sizeof opening->heard))
+                              have + seen == opening->heard_room))
         return -1;
     if (!*complete) {
         opening->heard_length += seen;
@@ -3234,7 +3328,9 @@ static struct relay_pair *pair_new(struct listener *listener, int client_fd,
     pair->per_ip = per_ip;
     pair->client = (struct relay_side){.fd = client_fd, .pair = pair};
     pair->upstream = (struct relay_side){.fd = -1, .pair = pair};
-    pair->opening = xcalloc(1, sizeof *pair->opening);
+    size_t room = opening_room(&listener->spec);
+    pair->opening = xcalloc(1, sizeof *pair->opening + room);
+    pair->opening->heard_room = room;
     pair->opening->addresses = *addresses;
     pair->opening->destination =
         listener->spec.media ? TO_MEDIA_SERVER : TO_CHAT_SERVERS;
@@ -3911,7 +4007,7 @@ static void pair_read_header(struct relay_thread *thread,
     uint32_t wait;
     enum io_status status =
         side_look(&pair->client, opening->heard + opening->heard_length,
-                  sizeof opening->heard - opening->heard_length, &seen, &wait);
+                  opening->heard_room - opening->heard_length, &seen, &wait);
     if (status == IO_BLOCKED) {
         relay_watch(thread, pair);
         return;

@@ -113,19 +113,27 @@ struct proxy_addresses {
 
 /* Longest v1 header, CRLF included (doc/proxy-protocol.txt). */
 #define PROXYHDR_V1_MAX_BYTES 107
-/* The longest v2 header this proxy accepts: 16 fixed bytes plus up to 512
- * bytes of addresses and TLVs. Longer ones are treated as malformed. */
-#define PROXYHDR_V2_MAX_BYTES (16 + 512)
+/* The longest v2 header this proxy accepts, TLVs included: 4,096 bytes,
+ * the size of the reference's buffers, which a header must fit in there
+ * too. Balancers add TLVs (a connection ID, TLS details, a cloud's
+ * endpoint ID), so headers of several hundred bytes are normal. Longer ones
+ * are treated as malformed. */
+#define PROXYHDR_V2_MAX_BYTES 4096
 /* Room for any header this proxy writes (v2 for IPv6 is 16 + 36 bytes). */
 #define PROXYHDR_ENCODED_MAX_BYTES 108
 
 /* Decodes a PROXY header (v1 or v2) at the start of data[0..length).
  * Returns the header's length in bytes (> 0) and fills *out; 0 when every
  * byte so far is a valid beginning of a header but it is not complete yet
- * (read more, then call again with all bytes); -1 when it is malformed or too
+ * (read more, then call again with all bytes); -1 when it is malformed (a
+ * v2 TLV that runs past the header's end, a wrong CRC32C checksum) or too
  * long. Never looks past the header's end: bytes after it are the client's. */
 int proxyhdr_decode(const uint8_t *data, size_t length,
                     struct proxy_addresses *out);
+
+/* The CRC32C checksum (Castagnoli, as in iSCSI and SCTP) of
+ * data[0..length): what a v2 header's CRC32C TLV carries. */
+uint32_t crc32c(const uint8_t *data, size_t length);
 
 /* Writes a v1 header for addresses into out (out_size >= 108). Returns its
  * length. Mixed or unknown families are written as "PROXY UNKNOWN\r\n". */

@@ -17,4 +17,4 @@ trap 'kill $upstream 2>/dev/null' EXIT INT TERM
 ./whatsapp_proxy --listen 127.0.0.1:5222 --listen 127.0.0.1:8443/tls \
     --listen 127.0.0.1:8080/accept-proxy --listen 127.0.0.1:7587/media \
     --upstream 127.0.0.1:9000 --media-upstream 127.0.0.1:9000 \
-    --public-host 127.0.0.1 --check-interval 5 "$@"
+    --public-host 127.0.0.1 --check-interval 5 --timeout-handshake 5 "$@"

@@ -33,6 +33,14 @@ seed $P v2_ipv6 "$SIG"'\x21\x21\x00\x24'"$V6"
 seed $P v2_local "$SIG"'\x20\x00\x00\x00'
 # A TLV after the addresses: type 0x04 (NOOP), length 3; body 12 + 6 bytes.
 seed $P v2_ipv4_with_tlv "$SIG"'\x21\x11\x00\x12'"$V4"'\x04\x00\x03abc'
+# The same TLV, then a CRC32C TLV (type 0x03, length 4) with the right
+# checksum of the whole header (computed once, with the value as zeros).
+seed $P v2_ipv4_with_checksum "$SIG"'\x21\x11\x00\x19'"$V4"'\x04\x00\x03abc\x03\x00\x04\x6c\x20\xb5\xc8'
+# A TLV whose length runs one byte past the header's end.
+seed $P broken_v2_tlv_overrun "$SIG"'\x21\x11\x00\x12'"$V4"'\x04\x00\x04abc'
+# A header of 3,000 bytes: a custom TLV (type 0xE0) of 2,969 bytes of x.
+FILLER=$(head -c 2969 /dev/zero | tr '\0' x)
+seed $P v2_ipv4_long "$SIG"'\x21\x11\x0b\xa8'"$V4"'\xe0\x0b\x99'"$FILLER"
 seed $P v2_ipv4_then_payload "$SIG"'\x21\x11\x00\x0c'"$V4"'WA\x05\x02'
 seed $P broken_v1_lf_only 'PROXY TCP4 192.0.2.1 198.51.100.2 40000 443\n'
 seed $P broken_v1_bad_port 'PROXY TCP4 192.0.2.1 198.51.100.2 40000 65536\r\n'

@@ -96,7 +96,7 @@ upstream_pid=$!
 ./whatsapp_proxy --listen 127.0.0.1:5222 --listen 127.0.0.1:8443/tls \
     --listen 127.0.0.1:8080/accept-proxy --listen 127.0.0.1:7587/media \
     --upstream 127.0.0.1:9000 --media-upstream 127.0.0.1:9000 \
-    --public-host 127.0.0.1 --check-interval 5 --cert-dir "$work/certs" \
+    --public-host 127.0.0.1 --check-interval 5 --timeout-handshake 5 --cert-dir "$work/certs" \
     > "$work/proxy.log" 2>&1 &
 proxy_pid=$!
 trap 'kill $proxy_pid $upstream_pid 2>/dev/null; rm -rf "$work"' EXIT

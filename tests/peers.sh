@@ -137,8 +137,9 @@ WPV1=$2 WPV1_TLS=$3 WPV2=$4 WPV2_TLS=$5
 WPD1=$6 WPD2=$7 FRONT_V1_TLS=$8
 
 # HAProxy in front, as a cloud load balancer would be: plain TCP, a PROXY
-# header to each proxy. The "scale" backend checks both proxies every
-# 200 ms (a TCP connect) and takes one out after 2 failures.
+# header to each proxy. The plain v2 one adds a CRC32C TLV (a checksum of
+# the header, which whatsapp_proxy checks). The "scale" backend checks both
+# proxies every 200 ms (a TCP connect) and takes one out after 2 failures.
 cat >"$TMP/front.cfg" <<EOF
 global
   maxconn 2000
@@ -152,7 +153,7 @@ frontend v2_plain
   bind 127.0.0.1:$FRONT_V2
   default_backend v2_plain
 backend v2_plain
-  server wp_a 127.0.0.1:$WPA_PLAIN_AP send-proxy-v2
+  server wp_a 127.0.0.1:$WPA_PLAIN_AP send-proxy-v2 proxy-v2-options crc32c
 frontend v2_tls
   bind 127.0.0.1:$FRONT_V2_TLS
   default_backend v2_tls
@@ -245,7 +246,7 @@ through_front() {
     check_equal "$what: upstream sees the address the client dialled (haproxy's)" \
         "127.0.0.1:$port" "$(field dst "$line")"
 }
-through_front "(a) haproxy send-proxy-v2 -> plain accept-proxy" "$FRONT_V2"
+through_front "(a) haproxy send-proxy-v2 with a CRC32C TLV -> plain accept-proxy" "$FRONT_V2"
 through_front "(a) haproxy send-proxy-v2 -> TLS accept-proxy" "$FRONT_V2_TLS" --tls
 through_front "(a) haproxy send-proxy (v1) -> plain accept-proxy" "$FRONT_V1"
 through_front "(a) haproxy send-proxy (v1) -> TLS accept-proxy" "$FRONT_V1_TLS" --tls
