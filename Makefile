@@ -1,6 +1,7 @@
 # Makefile for whatsapp_proxy: one C file, no autotools.
 # `make` builds, `make run` runs with the reference's ports, `make test` tests.
-# Both `run` and `test` first check that the OpenSSL and Check headers exist.
+# `make`, `make run`, `make test` and `make install` first run the dependency
+# check (scripts/check-deps.sh): as root it installs what is missing.
 
 CC      ?= cc
 # CFLAGS is yours to change (make CFLAGS="-O0 -g"); the flags the code needs
@@ -18,7 +19,8 @@ PREFIX  ?= /usr/local
 UNITDIR ?= /etc/systemd/system
 DEFAULTDIR ?= /etc/default
 
-all: whatsapp_proxy
+# `make`: check the dependencies, then build.
+all: deps whatsapp_proxy
 
 # The proxy itself.
 whatsapp_proxy: whatsapp_proxy.c whatsapp_proxy.h
@@ -39,7 +41,8 @@ demo/demo_upstream: demo/demo_upstream.c whatsapp_proxy.c whatsapp_proxy.h
 demo: deps whatsapp_proxy demo/demo_upstream
 	sh demo/run.sh $(ARGS)
 
-# Installs (as root) or names the packages a fresh Debian or Ubuntu machine lacks.
+# Installs (as root) or names the packages a fresh Debian or Ubuntu machine
+# lacks; prints nothing when nothing is missing.
 deps:
 	@sh scripts/check-deps.sh
 
@@ -82,9 +85,13 @@ fuzz: deps
 	$(MAKE) -C fuzz run FUZZ_SECONDS=$(FUZZ_SECONDS)
 
 # Real peers (HAProxy, curl, openssl s_client), scale-out behind a balancer,
-# and a soak run: scripts in tests/ (tests/README.md).
+# and a soak run: scripts in tests/ (tests/README.md). test-peers runs
+# peers.sh, then the differential test beside HAProxy, always both; it
+# fails if either fails.
 test-peers: whatsapp_proxy
-	sh tests/peers.sh
+	sh tests/peers.sh; peers=$$?; \
+	sh tests/differential.sh; differential=$$?; \
+	[ $$peers -eq 0 ] && [ $$differential -eq 0 ]
 SOAK_SECONDS ?= 60
 soak: whatsapp_proxy
 	sh tests/soak.sh $(SOAK_SECONDS)
@@ -103,12 +110,52 @@ bench-quick: whatsapp_proxy
 certs:
 	sh certs/generate-certs.sh certs
 
-# Installs the binary, the systemd unit and (if absent) its options file.
-install: whatsapp_proxy
+# Installs the binary, the systemd unit and (if absent) its options file. An
+# options file already there is kept, with the changes you made to it.
+install: deps whatsapp_proxy
+	@for dir in $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DEFAULTDIR); do \
+	    while [ ! -e "$$dir" ]; do dir=$$(dirname "$$dir"); done; \
+	    [ -w "$$dir" ] || { echo "make install writes into $$dir, so it needs root: sudo make install"; \
+	        echo "(no sudo? become root with su -, go back to this folder with cd $(CURDIR), then run: make install)"; \
+	        exit 1; }; \
+	done
 	install -D -m 0755 whatsapp_proxy $(DESTDIR)$(PREFIX)/bin/whatsapp_proxy
 	install -d $(DESTDIR)$(UNITDIR)
 	sed 's|@BINDIR@|$(PREFIX)/bin|' contrib/whatsapp_proxy.service > $(DESTDIR)$(UNITDIR)/whatsapp_proxy.service
-	[ -e $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy ] || install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy
+	@if [ -e $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy ]; then \
+	    echo "kept $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy as it is (compare it with contrib/whatsapp_proxy.default)"; \
+	else \
+	    echo "install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy"; \
+	    install -D -m 0644 contrib/whatsapp_proxy.default $(DESTDIR)$(DEFAULTDIR)/whatsapp_proxy; \
+	fi
+	@echo "Next, as root: systemctl daemon-reload, then systemctl enable --now whatsapp_proxy"
+	@echo "(after an update: systemctl daemon-reload, then systemctl restart whatsapp_proxy)"
+
+# Lets ./whatsapp_proxy use ports below 1024 without running as root (needs
+# root once). Every build writes a new file without that right, so run
+# `make setcap` again after each rebuild.
+setcap: deps whatsapp_proxy
+	@if [ "$$(id -u)" != 0 ]; then \
+	    echo "make setcap needs root: sudo make setcap"; \
+	    echo "(no sudo? become root with su -, go back to this folder with cd $(CURDIR), then run: make setcap)"; \
+	    exit 1; \
+	fi
+	@PATH="$$PATH:/usr/sbin:/sbin"; \
+	command -v setcap >/dev/null 2>&1 || { echo "setcap is missing; install it with: apt-get install -y libcap2-bin"; exit 1; }; \
+	echo "setcap cap_net_bind_service=+ep whatsapp_proxy"; \
+	setcap cap_net_bind_service=+ep whatsapp_proxy
+	@echo "Done: ./whatsapp_proxy may now use ports below 1024 without root."
+	@echo "A rebuild (make) takes this right away again: run make setcap after each one."
+
+# Prints what to tell users: the share link and, when qrencode is installed,
+# its QR code, for a phone to scan from the screen. Give the proxy's options
+# and your server's name:
+#   make qr ARGS="--listen 443/tls --listen 587/media --public-host proxy.example.org"
+qr: deps whatsapp_proxy
+	@echo "./whatsapp_proxy --check $(ARGS)"
+	@./whatsapp_proxy --check $(ARGS); status=$$?; sh scripts/check-deps.sh qr; exit $$status
+
+.PHONY: setcap qr
 
 clean:
 	rm -f whatsapp_proxy test_proxy *.o demo/demo_upstream demo/*.o

@@ -121,6 +121,7 @@
 #include <pwd.h>
 #include <pthread.h>
 #include <signal.h>
+#include <spawn.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -131,6 +132,7 @@
 #include <sys/eventfd.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -348,6 +350,8 @@ static struct proxy_state {
     atomic_llong accept_rest_until_ms; /* see accept_rest_begin() */
     atomic_llong accept_warned_ms;   /* its last warning in the log */
     atomic_uint next_chat_upstream;  /* round-robin over the chat pool */
+    atomic_llong certificate_expires_at; /* Unix time; 0 without TLS */
+    atomic_llong certificate_warned_at;  /* its last warning in the log */
 
     /* Guarded by upstream_lock: the resolved addresses of the servers. */
     pthread_mutex_t upstream_lock;
@@ -413,7 +417,7 @@ struct settings *settings_new(void)
     settings->media_upstream = (struct upstream_spec){"whatsapp.net", 443};
     settings->send_proxy = SEND_PROXY_V2; /* the reference's newest choice */
 
-    snprintf(settings->cert_dir, sizeof settings->cert_dir, "certs");
+    settings->cert_dir[0] = '\0'; /* a made certificate stays in memory */
     settings->cert_key = KEY_EC256;
     /* SSL_DNS and SSL_IP: the reference's environment variables. */
     const char *dns = getenv("SSL_DNS");
@@ -613,7 +617,7 @@ static const struct option OPTIONS[] = {
     {"--send-proxy", "none|v1|v2", "PROXY header sent to chat servers (v2)"},
     {"--cert", "FILE", "certificate chain in PEM, e.g. from Let's Encrypt"},
     {"--key", "FILE", "private key in PEM for --cert"},
-    {"--cert-dir", "DIR", "where a made certificate is written (certs)"},
+    {"--cert-dir", "DIR", "write a made certificate here (not written)"},
     {"--cert-key", "ec256|rsa2048|rsa4096", "key of a made certificate (ec256)"},
     {"--ssl-dns", "NAME,...", "extra DNS names in a made certificate"},
     {"--ssl-ip", "IP,...", "extra IP addresses in a made certificate"},
@@ -721,6 +725,39 @@ static int address_port_split(const char *text, char *host, size_t host_size,
     memcpy(host, host_start, host_length);
     host[host_length] = '\0';
     return 0;
+}
+
+/* True if text is an IPv4 or IPv6 address. */
+static bool host_is_address(const char *text)
+{
+    uint8_t bytes[16];
+    return inet_pton(AF_INET, text, bytes) == 1 ||
+           inet_pton(AF_INET6, text, bytes) == 1;
+}
+
+/* True if text is a DNS host name (RFC 1123): labels of letters, digits
+ * and hyphens, 1 to 63 characters, not starting or ending with a hyphen,
+ * joined by dots; at most 253 characters. "https://proxy.example.org/" is
+ * not one: users type the name alone into the app. */
+static bool host_is_name(const char *text)
+{
+    size_t length = strlen(text);
+    if (length == 0 || length > 253)
+        return false;
+    size_t label = 0;
+    for (size_t i = 0; i <= length; i++) {
+        char c = text[i];
+        if (c == '.' || c == '\0') {
+            if (label == 0 || label > 63 || text[i - 1] == '-')
+                return false;
+            label = 0;
+        } else if (isalnum((unsigned char)c) || (c == '-' && label > 0)) {
+            label++;
+        } else {
+            return false;
+        }
+    }
+    return true;
 }
 
 /* Parses "HOST:PORT"; see whatsapp_proxy.h. A host is a DNS name (letters,
@@ -1616,9 +1653,10 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
  * The certificate. The app does not verify it, so by default, like the
  * reference, we make a fresh one at every start, with the OpenSSL API: a
  * certificate authority (CA) with a random name, and a "leaf" certificate
- * for <random>.net signed by it, plus any --ssl-dns/--ssl-ip names. The files
- * are written to --cert-dir for operators who want to look at them; the CA's
- * key is never written, so nobody can sign anything else with it later.
+ * for <random>.net signed by it, plus the --public-host name and any
+ * --ssl-dns/--ssl-ip names. With --cert-dir the files are written there
+ * for operators who want to look at them; the CA's key is never written,
+ * so nobody can sign anything else with it later.
  * An operator with a domain name should give a real certificate with --cert
  * and --key (Let's Encrypt): a real name with a real certificate is much
  * harder for a censor to tell from an ordinary web site.
@@ -1775,18 +1813,46 @@ static void tls_append_names(char *out, size_t out_size, const char *prefix,
                      prefix, item);
 }
 
+/* Writes the name of the user who owns path into out ("user 1234" if the
+ * name is unknown, "?" if path cannot be looked at), for warnings that must
+ * say whose folder it is. */
+static void path_owner(const char *path, char *out, size_t out_size)
+{
+    struct stat info;
+    if (stat(path, &info) != 0) {
+        snprintf(out, out_size, "?");
+        return;
+    }
+    struct passwd *owner = getpwuid(info.st_uid);
+    if (owner != NULL)
+        snprintf(out, out_size, "%s", owner->pw_name);
+    else
+        snprintf(out, out_size, "user %u", (unsigned)info.st_uid);
+}
+
 /* Writes certificates to path (and key, if not NULL, readable by the owner
- * only: mode 0600 is set when the file is created, so there is no moment in
- * which others could read it). Returns false on failure (errno says why). */
+ * only), through a new file PATH.new that replaces path only once it is
+ * whole. PATH.new is made with O_EXCL | O_NOFOLLOW: a link standing there,
+ * put by someone else who can write in the folder, is removed and never
+ * followed, so a key never lands in a file somebody else chose. rename()
+ * then replaces path itself, even where path is a link. Mode 0600 is set
+ * when the file is made, so there is no moment in which others could read
+ * it. Returns false on failure (errno says why). */
 static bool tls_write_pem(const char *path, X509 *first, X509 *second,
                           EVP_PKEY *key)
 {
-    int fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    char fresh[PATH_MAX + 32];
+    snprintf(fresh, sizeof fresh, "%s.new", path);
+    const int flags = O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC;
+    int fd = open(fresh, flags, 0600);
+    if (fd < 0 && errno == EEXIST && unlink(fresh) == 0)
+        fd = open(fresh, flags, 0600); /* left by a crash, or planted */
     if (fd < 0)
         return false;
     FILE *file = fdopen(fd, "w");
     if (file == NULL) {
         close(fd);
+        unlink(fresh);
         return false;
     }
     bool written = fchmod(fd, key ? 0600 : 0644) == 0;
@@ -1797,7 +1863,60 @@ static bool tls_write_pem(const char *path, X509 *first, X509 *second,
         written = written && PEM_write_X509(file, first);
     if (second != NULL)
         written = written && PEM_write_X509(file, second);
-    return fclose(file) == 0 && written;
+    written = fclose(file) == 0 && written;
+    if (written && rename(fresh, path) == 0)
+        return true;
+    int saved = errno;
+    unlink(fresh);
+    errno = saved;
+    return false;
+}
+
+/* Writes the made certificate that context serves to --cert-dir, if one
+ * was given: key.pem, cert.pem (leaf then CA) and ca.pem. Called only once
+ * every port is bound, so that a second copy that cannot start never
+ * replaces the files of the copy that runs. A failure earns a warning that
+ * names the file and the folder's owner; the certificate is served from
+ * memory anyway. */
+static void tls_save_made_chain(SSL_CTX *context,
+                                const struct settings *settings)
+{
+    if (context == NULL || settings->cert_file[0] != '\0' ||
+        settings->cert_dir[0] == '\0')
+        return;
+    X509 *leaf = SSL_CTX_get0_certificate(context);
+    EVP_PKEY *key = SSL_CTX_get0_privatekey(context);
+    STACK_OF(X509) *chain = NULL;
+    SSL_CTX_get0_chain_certs(context, &chain);
+    X509 *ca = sk_X509_num(chain) > 0 ? sk_X509_value(chain, 0) : NULL;
+
+    char path[PATH_MAX + 16];
+    snprintf(path, sizeof path, "%s", settings->cert_dir);
+    /* The folder may exist already: that is fine. */
+    bool written = mkdir(settings->cert_dir, 0700) == 0 || errno == EEXIST;
+    if (written) {
+        snprintf(path, sizeof path, "%s/key.pem", settings->cert_dir);
+        written = tls_write_pem(path, NULL, NULL, key);
+    }
+    if (written) {
+        snprintf(path, sizeof path, "%s/cert.pem", settings->cert_dir);
+        written = tls_write_pem(path, leaf, ca, NULL);
+    }
+    if (written) {
+        snprintf(path, sizeof path, "%s/ca.pem", settings->cert_dir);
+        written = tls_write_pem(path, ca, NULL, NULL);
+    }
+    if (written) {
+        log_line(LOG_INFO, "the made certificate is in %s/",
+                 settings->cert_dir);
+        return;
+    }
+    int failure = errno;
+    char owner[64];
+    path_owner(settings->cert_dir, owner, sizeof owner);
+    log_line(LOG_WARN, "cannot write %s: %s (the folder %s belongs to %s; "
+             "serving the made certificate from memory anyway)", path,
+             strerror(failure), settings->cert_dir, owner);
 }
 
 /* SHORTCUT: like the reference, a new chain at every start, so the
@@ -1806,9 +1925,8 @@ static bool tls_write_pem(const char *path, X509 *first, X509 *second,
  * made certificate").
  *
  * Makes the reference's chain (see the section comment) and puts it into
- * context; writes ca.pem, cert.pem (leaf then CA) and key.pem to --cert-dir,
- * where a failure to write only earns a warning: the proxy serves the chain
- * from memory. Returns 0, or -1 with one line in error. */
+ * context; tls_save_made_chain() writes it to --cert-dir later. Returns 0,
+ * or -1 with one line in error. */
 static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
                           char *error, size_t error_size)
 {
@@ -1816,7 +1934,8 @@ static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
     char leaf_name[TLS_RANDOM_NAME_LENGTH + 5];
     /* Each item of the lists grows by at most 3 times ("a," becomes
      * ",DNS:a"), so this always fits both lists whole. */
-    char alt_names[3 * (sizeof settings->ssl_dns + sizeof settings->ssl_ip) +
+    char alt_names[3 * (sizeof settings->ssl_dns + sizeof settings->ssl_ip +
+                        sizeof settings->public_host) +
                    TLS_RANDOM_NAME_LENGTH + 16];
     EVP_PKEY *ca_key = tls_make_key(settings->cert_key);
     EVP_PKEY *leaf_key = tls_make_key(settings->cert_key);
@@ -1830,6 +1949,13 @@ static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
     snprintf(alt_names, sizeof alt_names, "DNS:%s", leaf_name);
     tls_append_names(alt_names, sizeof alt_names, "DNS", settings->ssl_dns);
     tls_append_names(alt_names, sizeof alt_names, "IP", settings->ssl_ip);
+    /* The name users type, so that the certificate covers it. */
+    if (host_is_address(settings->public_host))
+        tls_append_names(alt_names, sizeof alt_names, "IP",
+                         settings->public_host);
+    else if (host_is_name(settings->public_host))
+        tls_append_names(alt_names, sizeof alt_names, "DNS",
+                         settings->public_host);
 
     if (ca_key == NULL || leaf_key == NULL)
         goto out;
@@ -1843,30 +1969,6 @@ static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
         SSL_CTX_add1_chain_cert(context, ca) != 1)
         goto out;
     result = 0;
-
-    if (settings->check_only)
-        goto out; /* --check may run beside a live proxy: leave its files */
-    char path[PATH_MAX + 16];
-    /* The folder may exist already: that is fine. */
-    if (mkdir(settings->cert_dir, 0700) != 0 && errno != EEXIST) {
-        log_line(LOG_WARN, "made a new certificate for %s but cannot make "
-                 "the folder %s: %s (serving it anyway)", leaf_name,
-                 settings->cert_dir, strerror(errno));
-        goto out;
-    }
-    snprintf(path, sizeof path, "%s/key.pem", settings->cert_dir);
-    bool written = tls_write_pem(path, NULL, NULL, leaf_key);
-    snprintf(path, sizeof path, "%s/cert.pem", settings->cert_dir);
-    written = written && tls_write_pem(path, leaf, ca, NULL);
-    snprintf(path, sizeof path, "%s/ca.pem", settings->cert_dir);
-    written = written && tls_write_pem(path, ca, NULL, NULL);
-    if (written)
-        log_line(LOG_INFO, "made a new certificate for %s (files in %s/)",
-                 leaf_name, settings->cert_dir);
-    else
-        log_line(LOG_WARN, "made a new certificate for %s but could not write "
-                 "it to %s/: %s (serving it anyway)", leaf_name,
-                 settings->cert_dir, strerror(errno));
 out:
     if (result < 0) {
         char reason[256];
@@ -1887,31 +1989,58 @@ static int tls_load_chain(SSL_CTX *context, const struct settings *settings,
                           char *error, size_t error_size)
 {
     char reason[256];
-    if (access(settings->cert_file, R_OK) != 0 ||
-        access(settings->key_file, R_OK) != 0) {
-        const char *file = access(settings->cert_file, R_OK) != 0
-                               ? settings->cert_file : settings->key_file;
-        return parse_failure(error, error_size, "cannot read %s: %s", file,
-                             strerror(errno));
+    const char *unreadable = access(settings->cert_file, R_OK) != 0
+                                 ? settings->cert_file
+                             : access(settings->key_file, R_OK) != 0
+                                 ? settings->key_file : NULL;
+    if (unreadable != NULL && errno == EACCES) {
+        /* The usual cause: under systemd the proxy runs as a user of its
+         * own, which may not read /etc/letsencrypt. */
+        struct passwd *user = getpwuid(geteuid());
+        return parse_failure(error, error_size,
+                             "cannot read %s: permission denied for user %s. "
+                             "Under systemd, let the certbot deploy hook copy "
+                             "the files to the proxy's state folder and give "
+                             "those copies (README.md, \"Put it on a "
+                             "server\")", unreadable,
+                             user != NULL ? user->pw_name : "?");
     }
+    if (unreadable != NULL)
+        return parse_failure(error, error_size, "cannot read %s: %s",
+                             unreadable, strerror(errno));
     if (SSL_CTX_use_certificate_chain_file(context, settings->cert_file) != 1) {
         tls_error_text(reason, sizeof reason);
         return parse_failure(error, error_size,
                              "%s is not a PEM certificate chain: %s",
                              settings->cert_file, reason);
     }
-    if (SSL_CTX_use_PrivateKey_file(context, settings->key_file,
-                                    SSL_FILETYPE_PEM) != 1) {
+    /* The key is read on its own first, so that "not a key" and "a key,
+     * but not this certificate's" get different messages. */
+    FILE *file = fopen(settings->key_file, "r");
+    EVP_PKEY *key =
+        file != NULL ? PEM_read_PrivateKey(file, NULL, NULL, (void *)"")
+                     : NULL; /* "": an encrypted key fails, never asks */
+    if (file != NULL)
+        fclose(file);
+    if (key == NULL) {
         tls_error_text(reason, sizeof reason);
         return parse_failure(error, error_size, "%s is not a PEM key: %s",
                              settings->key_file, reason);
     }
-    if (SSL_CTX_check_private_key(context) != 1) {
-        ERR_clear_error();
+    bool matches =
+        X509_check_private_key(SSL_CTX_get0_certificate(context), key) == 1;
+    bool used = matches && SSL_CTX_use_PrivateKey(context, key) == 1;
+    EVP_PKEY_free(key);
+    ERR_clear_error();
+    if (!matches)
         return parse_failure(error, error_size,
-                             "key %s does not belong to certificate %s",
+                             "the key %s does not belong to the certificate "
+                             "%s: give the key that was made with it (with "
+                             "certbot: privkey.pem beside fullchain.pem)",
                              settings->key_file, settings->cert_file);
-    }
+    if (!used)
+        return parse_failure(error, error_size, "cannot use the key %s",
+                             settings->key_file);
     return 0;
 }
 
@@ -2003,6 +2132,98 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
     return context;
 }
 
+/* Returns when the certificate that context serves expires, as Unix
+ * time, or 0 if it cannot tell. */
+static time_t tls_certificate_expiry(SSL_CTX *context)
+{
+    X509 *certificate = SSL_CTX_get0_certificate(context);
+    struct tm expiry;
+    if (certificate == NULL ||
+        ASN1_TIME_to_tm(X509_get0_notAfter(certificate), &expiry) != 1)
+        return 0;
+    return timegm(&expiry);
+}
+
+/* Writes the names the certificate in context is valid for (its DNS and
+ * IP "subject alternative names") into out, separated by ", ". */
+static void tls_certificate_names(SSL_CTX *context, char *out,
+                                  size_t out_size)
+{
+    out[0] = '\0';
+    X509 *certificate = SSL_CTX_get0_certificate(context);
+    GENERAL_NAMES *names =
+        certificate == NULL ? NULL : X509_get_ext_d2i(certificate,
+                                                      NID_subject_alt_name,
+                                                      NULL, NULL);
+    for (int i = 0; i < sk_GENERAL_NAME_num(names); i++) {
+        const GENERAL_NAME *name = sk_GENERAL_NAME_value(names, i);
+        char text[INET6_ADDRSTRLEN] = "";
+        if (name->type == GEN_DNS) {
+            snprintf(text, sizeof text, "%.*s",
+                     ASN1_STRING_length(name->d.dNSName),
+                     (const char *)ASN1_STRING_get0_data(name->d.dNSName));
+        } else if (name->type == GEN_IPADD) {
+            int length = ASN1_STRING_length(name->d.iPAddress);
+            if (length == 4 || length == 16)
+                inet_ntop(length == 4 ? AF_INET : AF_INET6,
+                          ASN1_STRING_get0_data(name->d.iPAddress), text,
+                          sizeof text);
+        }
+        size_t used = strlen(out);
+        if (text[0] != '\0')
+            snprintf(out + used, out_size - used, "%s%s",
+                     used > 0 ? ", " : "", text);
+    }
+    GENERAL_NAMES_free(names);
+}
+
+/* True if the certificate in context is valid for host, a name or an
+ * address, as a client that checks it would judge (wildcards included). */
+static bool tls_certificate_covers(SSL_CTX *context, const char *host)
+{
+    X509 *certificate = SSL_CTX_get0_certificate(context);
+    return certificate != NULL &&
+           (X509_check_host(certificate, host, 0, 0, NULL) == 1 ||
+            X509_check_ip_asc(certificate, host, 0) == 1);
+}
+
+/* Logs the certificate now served: the names it is valid for and when it
+ * expires. */
+static void tls_log_certificate(SSL_CTX *context)
+{
+    char names[1024];
+    tls_certificate_names(context, names, sizeof names);
+    time_t expiry = tls_certificate_expiry(context);
+    char date[32] = "?";
+    strftime(date, sizeof date, "%Y-%m-%d", gmtime(&expiry));
+    log_line(LOG_INFO, "certificate for %s; expires %s (in %ld days)", names,
+             date, (long)((expiry - time(NULL)) / 86400));
+}
+
+/* Fewer days than this left on the certificate earns a daily warning. */
+#define CERTIFICATE_WARN_DAYS 14
+
+/* Warns, at most once a day, while the certificate served has fewer than
+ * CERTIFICATE_WARN_DAYS left. The health thread (section 6) calls it on
+ * every pass, so the first warning comes right after the start. */
+static void tls_warn_if_expiring(void)
+{
+    time_t expiry = (time_t)atomic_load(&state.certificate_expires_at);
+    time_t now = time(NULL);
+    long long warned = atomic_load(&state.certificate_warned_at);
+    if (expiry == 0 || expiry - now >= CERTIFICATE_WARN_DAYS * 86400L ||
+        now - warned < 86400)
+        return;
+    atomic_store(&state.certificate_warned_at, (long long)now);
+    long days_left = (long)((expiry - now) / 86400);
+    log_line(LOG_WARN, days_left < 0
+                 ? "the certificate has expired: renew it (certbot renew), "
+                   "then reload (systemctl reload whatsapp_proxy)"
+                 : "the certificate expires in %ld days: renew it (certbot "
+                   "renew), then reload (systemctl reload whatsapp_proxy)",
+             days_left);
+}
+
 /* Replaces the certificate (SIGHUP): makes a new context from the same
  * settings (reading --cert and --key again, or making a new chain) and
  * swaps it in under tls_lock. Connections already open keep the context
@@ -2024,7 +2245,10 @@ static void tls_reload(void)
     state.tls_context = fresh;
     pthread_mutex_unlock(&state.tls_lock);
     SSL_CTX_free(old);
+    atomic_store(&state.certificate_expires_at, tls_certificate_expiry(fresh));
     log_line(LOG_INFO, "certificate reloaded");
+    tls_log_certificate(fresh);
+    tls_save_made_chain(fresh, state.settings);
 }
 
 /* Makes the SSL object for a new client on socket fd, or returns NULL.
@@ -2467,6 +2691,7 @@ static void *upstream_health_run(void *unused)
     size_t count = state.settings->chat_upstream_count + 1 +
                    (state.settings->decoy_enabled ? 1 : 0);
     for (;;) {
+        tls_warn_if_expiring(); /* section 5: a daily word, if due */
         long long now = now_ms();
         long long next = now + state.settings->check_interval_ms;
         for (size_t i = 0; i < count; i++) {
@@ -2526,8 +2751,8 @@ static int listener_bind_failure(const struct listener_spec *spec,
     case EADDRINUSE:
         return parse_failure(error, error_size,
                              "cannot listen on port %u: it is already in use "
-                             "by another program (see which with: sudo ss "
-                             "-ltnp 'sport = :%u'). Stop that program, or "
+                             "by another program (see which, as root, with: "
+                             "ss -ltnp 'sport = :%u'). Stop that program, or "
                              "choose another port with %s",
                              spec->port, spec->port, flag_name);
     case EACCES:
@@ -2537,10 +2762,11 @@ static int listener_bind_failure(const struct listener_spec *spec,
             program[length] = '\0';
         return parse_failure(error, error_size,
                              "cannot listen on port %u: permission denied. "
-                             "Ports below 1024 need root: run with sudo, or "
-                             "allow this program once with: sudo setcap "
-                             "cap_net_bind_service=+ep %s (or choose a port "
-                             "above 1023 with %s)", spec->port, program,
+                             "Ports below 1024 need root: run as root, or "
+                             "allow this program once, as root, with: setcap "
+                             "cap_net_bind_service=+ep %s (make setcap does "
+                             "it; again after each build), or choose a port "
+                             "above 1023 with %s", spec->port, program,
                              flag_name);
     case EADDRNOTAVAIL:
         return parse_failure(error, error_size,
@@ -3650,9 +3876,11 @@ static void relay_watch_new(struct relay_thread *thread,
     epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, side->fd, &event);
 }
 
-/* How a pair ends, which decides what each side is told. As HAProxy
- * does, an abort is passed on as an abort, so that WhatsApp's servers can
- * tell a phone that vanished from one that said goodbye; and a TLS client
+/* How a pair ends, which decides what each side is told. An abort is
+ * passed on as an abort, always, so that WhatsApp's servers can tell a
+ * phone that vanished from one that said goodbye (HAProxy does so when it
+ * meets the reset while reading, and sends a FIN otherwise; see
+ * tests/README.md, the differential test); and a TLS client
  * is always told with close_notify before the FIN, the TLS way to say
  * "this is the real end, not a cut connection". */
 enum pair_end {
@@ -4424,10 +4652,15 @@ static void *relay_thread_run(void *argument)
 /*
  * `whatsapp_proxy --check` answers a volunteer's two questions before going
  * live: "are my settings right?" and "what do I tell my users?". It parses
- * everything, makes or loads the certificate, resolves every upstream, and
- * prints the fields to type into the app (Settings > Storage and data >
- * Proxy) and a share link. It binds no port, so it can run beside a live
- * proxy. Exit status 0 means everything is ready.
+ * everything, binds each port for a moment and lets it go, makes or loads
+ * the certificate, resolves every upstream, and prints the fields to type
+ * into the app (Settings > Storage and data > Proxy), a share link and, on
+ * a terminal where the qrencode program is installed, a QR code of it. Each thing that would
+ * stop a start, or leave users without chat or media, is a PROBLEM line
+ * with its fix; "Ready." (exit status 0) means a start would work.
+ *
+ * The share link's format is the one seen in use (wa.me/proxy?...), not
+ * one WhatsApp publishes: the three settings can always be typed by hand.
  */
 
 /* Writes the share link; see whatsapp_proxy.h. The parameter names are the
@@ -4436,10 +4669,13 @@ int share_link_format(const char *host, uint16_t chat_port,
                       uint16_t media_port, bool chat_tls, char *out,
                       size_t out_size)
 {
+    /* An IPv6 address goes in brackets, as in any URL. */
+    bool ipv6 = strchr(host, ':') != NULL;
     return snprintf(out, out_size,
-                    "https://wa.me/proxy?host=%s&chatPort=%u&mediaPort=%u"
-                    "&chatTLS=%s",
-                    host, chat_port, media_port, chat_tls ? "true" : "false");
+                    "https://wa.me/proxy?host=%s%s%s&chatPort=%u"
+                    "&mediaPort=%u&chatTLS=%s", ipv6 ? "[" : "", host,
+                    ipv6 ? "]" : "", chat_port, media_port,
+                    chat_tls ? "true" : "false");
 }
 
 /* Returns the listener users should be told about: the first of the wanted
@@ -4459,6 +4695,60 @@ static const struct listener_spec *check_user_listener(
     return best;
 }
 
+/* Writes the share link for settings into out and returns true; or writes
+ * why there is none (a few words) and returns false. Used by --check, the
+ * start-up log and the statistics page. */
+static bool share_link_for(const struct settings *settings, char *out,
+                           size_t out_size)
+{
+    const struct listener_spec *chat = check_user_listener(settings, false);
+    const struct listener_spec *media = check_user_listener(settings, true);
+    const char *host = settings->public_host;
+    const char *missing =
+        host[0] == '\0' ? "give your server's name with --public-host"
+        : !host_is_name(host) && !host_is_address(host)
+            ? "--public-host is not a host name"
+        : chat == NULL  ? "no chat port takes clients directly"
+        : media == NULL ? "no media port takes clients directly"
+                        : NULL;
+    if (missing != NULL) {
+        snprintf(out, out_size, "no share link: %s", missing);
+        return false;
+    }
+    share_link_format(host, chat->port, media->port, chat->tls, out,
+                      out_size);
+    return true;
+}
+
+/* Prints a QR code of link to stdout with the qrencode program (Debian
+ * package qrencode), so that a phone's camera can take the link from the
+ * screen. Returns false if qrencode is not installed or fails. The proxy
+ * needs no QR library: this runs only for --check. */
+static bool check_print_qr_code(const char *link)
+{
+    char *const arguments[] = {"qrencode", "-t", "ANSIUTF8", "-m", "2",
+                               (char *)link, NULL};
+    fflush(stdout);
+    pid_t child;
+    if (posix_spawnp(&child, "qrencode", NULL, NULL, arguments, environ) != 0)
+        return false;
+    int status;
+    return waitpid(child, &status, 0) == child && WIFEXITED(status) &&
+           WEXITSTATUS(status) == 0;
+}
+
+/* Binds the port of spec for a moment, as a start would, and lets it go.
+ * Returns false with the reason (naming the port and the fix) in problem. */
+static bool check_port_free(const struct listener_spec *spec, char *problem,
+                            size_t problem_size)
+{
+    struct listener trial = {.spec = *spec, .fd = -1};
+    if (listener_open(&trial, "--listen", problem, problem_size) < 0)
+        return false;
+    close(trial.fd);
+    return true;
+}
+
 /* Resolves one upstream and prints a line about it. Returns false if its
  * name does not resolve. */
 static bool check_upstream(struct upstream *upstream)
@@ -4476,25 +4766,22 @@ static bool check_upstream(struct upstream *upstream)
     return true;
 }
 
-/* Prints the whole --check summary to stdout. Returns the exit status: 0 if
- * everything is ready, 1 if an upstream does not resolve or the certificate
- * cannot be made or loaded. */
-static int check_summary_print(const struct settings *settings)
+/* Prints the listeners, each PROBLEM if its port cannot be bound now, and
+ * the trusted balancers. Returns false on a PROBLEM. */
+static bool check_listeners(const struct settings *settings)
 {
-    static const char *const HEADER_NAMES[] = {"none", "PROXY v1",
-                                               "PROXY v2"};
-    bool ready = true;
-    bool any_tls = false, any_proxy = false;
+    bool ready = true, any_proxy = false;
     char line[HOST_NAME_BYTES + 128];
-
-    printf(PROGRAM_NAME " " PROGRAM_VERSION ": checking the settings\n\n");
+    char problem[512];
     printf("Listeners:\n");
     for (size_t i = 0; i < settings->listener_count; i++) {
-        listener_describe(&settings->listeners[i],
-                          settings->listeners[i].port, line, sizeof line);
-        printf("  %s\n", line);
-        any_tls |= settings->listeners[i].tls;
-        any_proxy |= settings->listeners[i].accept_proxy;
+        const struct listener_spec *spec = &settings->listeners[i];
+        listener_describe(spec, spec->port, line, sizeof line);
+        bool free_now = check_port_free(spec, problem, sizeof problem);
+        printf("  %s%s%s\n", line, free_now ? "" : "  PROBLEM: ",
+               free_now ? "" : problem);
+        ready &= free_now;
+        any_proxy |= spec->accept_proxy;
     }
     for (size_t i = 0; any_proxy && i < settings->trusted_proxy_count; i++)
         printf("%s%s", i == 0 ? "PROXY headers are taken only from "
@@ -4502,6 +4789,109 @@ static int check_summary_print(const struct settings *settings)
                settings->trusted_proxies[i].text);
     if (any_proxy)
         printf("\n");
+    if (check_user_listener(settings, true) == NULL &&
+        !upstream_pool_used(settings, true)) {
+        printf("  PROBLEM: no media port: photos, videos and voice messages "
+               "will not get through. Add one, for example --listen "
+               "587/media\n");
+        ready = false;
+    }
+    return ready;
+}
+
+/* Prints the certificate: where it comes from, the names it is valid for
+ * and when it expires. PROBLEM if it cannot be made or loaded, if it has
+ * expired, or if it does not cover --public-host. Returns false then. */
+static bool check_certificate(const struct settings *settings)
+{
+    char text[1024];
+    SSL_CTX *context = tls_context_new(settings, text, sizeof text);
+    if (context == NULL) {
+        printf("Certificate: PROBLEM: %s\n", text);
+        return false;
+    }
+    bool ready = true;
+    printf("Certificate: %s\n", settings->cert_file[0] != '\0'
+                                    ? settings->cert_file
+                                    : "made at start (a new one each time)");
+    tls_certificate_names(context, text, sizeof text);
+    printf("  valid for: %s\n", text);
+    time_t expiry = tls_certificate_expiry(context);
+    long days_left = (long)((expiry - time(NULL)) / 86400);
+    strftime(text, sizeof text, "%Y-%m-%d", gmtime(&expiry));
+    printf("  expires:   %s (in %ld days)%s\n", text, days_left,
+           days_left < 0 ? "  PROBLEM: it has expired; renew it"
+           : days_left < CERTIFICATE_WARN_DAYS ? "  (renew it soon)" : "");
+    ready &= days_left >= 0;
+    const char *host = settings->public_host;
+    if ((host_is_name(host) || host_is_address(host)) &&
+        !tls_certificate_covers(context, host)) {
+        printf("  PROBLEM: it is not valid for %s (--public-host). Give a "
+               "certificate for that name, or the name it is for\n", host);
+        ready = false;
+    }
+    SSL_CTX_free(context);
+    return ready;
+}
+
+/* Prints what to tell users: the three settings, the share link and its
+ * QR code. PROBLEM if --public-host is given but is not a host name.
+ * Returns false then. */
+static bool check_users(const struct settings *settings)
+{
+    const struct listener_spec *chat = check_user_listener(settings, false);
+    const struct listener_spec *media = check_user_listener(settings, true);
+    const char *host = settings->public_host;
+    bool host_valid = host_is_name(host) || host_is_address(host);
+    printf("\nWhat to tell WhatsApp users (Settings > Storage and data > "
+           "Proxy):\n");
+    if (host[0] == '\0')
+        printf("  Proxy host:  YOUR.SERVER.NAME   (give your server's name "
+               "or address with --public-host)\n");
+    else if (!host_valid)
+        printf("  Proxy host:  PROBLEM: --public-host \"%s\" is not a host "
+               "name. Give the name alone, as users type it: for example "
+               "proxy.example.org, not https://proxy.example.org/\n", host);
+    else
+        printf("  Proxy host:  %s\n", host);
+    if (chat != NULL)
+        printf("  Chat port:   %u, TLS %s\n", chat->port,
+               chat->tls ? "on" : "off");
+    if (media != NULL)
+        printf("  Media port:  %u\n", media->port);
+
+    char link[HOST_NAME_BYTES + 128];
+    if (share_link_for(settings, link, sizeof link)) {
+        printf("  Share link:  %s\n", link);
+        printf("  (The link's format is the one seen in use; WhatsApp does "
+               "not publish it.\n   Users can always type the settings above "
+               "by hand.)\n");
+        /* A QR code only where a person looks: not into a pipe or a log. */
+        if (isatty(STDOUT_FILENO) && !check_print_qr_code(link))
+            printf("  (For a QR code of the link here: apt-get install "
+                   "qrencode, then run this again.)\n");
+    } else if (chat == NULL || media == NULL) {
+        bool media_missing = chat != NULL;
+        printf(upstream_pool_used(settings, media_missing)
+                   ? "  (no share link: the %s ports take clients through a "
+                     "load balancer; give users the balancer's name and "
+                     "ports)\n"
+                   : "  (no share link: there is no %s port)\n",
+               media_missing ? "media" : "chat");
+    } else {
+        printf("  (%s)\n", link);
+    }
+    return host[0] == '\0' || host_valid;
+}
+
+/* Prints the whole --check summary to stdout. Returns the exit status: 0 if
+ * a start would work and users get chat and media, else 1. */
+static int check_summary_print(const struct settings *settings)
+{
+    static const char *const HEADER_NAMES[] = {"none", "PROXY v1",
+                                               "PROXY v2"};
+    printf(PROGRAM_NAME " " PROGRAM_VERSION ": checking the settings\n\n");
+    bool ready = check_listeners(settings);
 
     bool chat_used = upstream_pool_used(settings, false);
     if (chat_used) {
@@ -4520,7 +4910,6 @@ static int check_summary_print(const struct settings *settings)
         struct upstream media = {.spec = settings->media_upstream};
         ready &= check_upstream(&media);
     }
-
     if (settings->decoy_enabled && chat_used) {
         printf("\nDecoy web site for clients that are not WhatsApp (rule "
                "%s):\n", settings->decoy_strict ? "strict" : "http");
@@ -4539,54 +4928,12 @@ static int check_summary_print(const struct settings *settings)
            settings->timeout_idle_ms / 1000.0,
            settings->timeout_fin_ms / 1000.0,
            settings->timeout_handshake_ms / 1000.0);
-
-    if (any_tls) {
-        char error[512];
-        SSL_CTX *context = tls_context_new(settings, error, sizeof error);
-        printf("Certificate: %s\n", context == NULL ? error
-                                    : settings->cert_file[0] != '\0'
-                                        ? settings->cert_file
-                                        : "made now (a new one at every start)");
-        ready &= context != NULL;
-        SSL_CTX_free(context);
-    }
-
-    const struct listener_spec *chat = check_user_listener(settings, false);
-    const struct listener_spec *media_port = check_user_listener(settings, true);
-    char host[HOST_NAME_BYTES];
-    snprintf(host, sizeof host, "%s", settings->public_host);
-    if (host[0] == '\0') {
-        /* The first --ssl-dns name is the best guess; else a placeholder. */
-        snprintf(host, sizeof host, "%.*s",
-                 (int)strcspn(settings->ssl_dns, ","), settings->ssl_dns);
-    }
-    if (host[0] == '\0')
-        snprintf(host, sizeof host, "YOUR.SERVER.NAME");
-
-    printf("\nWhat to tell WhatsApp users (Settings > Storage and data > "
-           "Proxy):\n");
-    printf("  Proxy host:  %s%s\n", host,
-           settings->public_host[0] == '\0'
-               ? "   (give your server's name with --public-host)" : "");
-    if (chat != NULL)
-        printf("  Chat port:   %u, TLS %s\n", chat->port, chat->tls ? "on"
-                                                                     : "off");
-    if (media_port != NULL)
-        printf("  Media port:  %u\n", media_port->port);
-    if (chat != NULL && media_port != NULL) {
-        share_link_format(host, chat->port, media_port->port, chat->tls, line,
-                          sizeof line);
-        printf("  Share link:  %s\n", line);
-    } else {
-        bool media_missing = media_port == NULL;
-        bool none_at_all = !upstream_pool_used(settings, media_missing);
-        printf("  (no share link: %s %s port%s)\n",
-               none_at_all ? "there is no" : "no",
-               media_missing ? "media" : "chat",
-               none_at_all ? "; add one with --listen"
-                           : " takes clients directly; they come through a "
-                             "load balancer");
-    }
+    bool any_tls = false;
+    for (size_t i = 0; i < settings->listener_count; i++)
+        any_tls |= settings->listeners[i].tls;
+    if (any_tls)
+        ready &= check_certificate(settings);
+    ready &= check_users(settings);
     printf("\n%s\n", ready ? "Ready." : "NOT ready: see PROBLEM above.");
     return ready ? 0 : 1;
 }
@@ -4663,26 +5010,54 @@ static const struct {
         "Connections to a PROXY port from outside trusted-proxy, closed."},
 };
 
-/* The counters shown as "problems" on the HTML page, with plain names. */
+/* What the HTML page says about a counter that is not zero: what
+ * happened, in plain words, and what to do about it. Counters of normal
+ * traffic (timeouts, resets) are on /metrics only. */
 static const struct {
     enum counter which;
-    const char *label;
+    const char *what;
+    const char *fix;
 } STATS_PROBLEMS[] = {
-    {COUNTER_BAD_PROXY_HEADER, "bad PROXY header"},
-    {COUNTER_TLS_HANDSHAKE_FAILED, "TLS handshake failed"},
-    {COUNTER_HANDSHAKE_TIMEOUT, "handshake too slow"},
-    {COUNTER_UPSTREAM_UNREACHABLE, "no server reachable"},
-    {COUNTER_UPSTREAM_CONNECT_FAILED, "failed server connects"},
-    {COUNTER_REJECTED_MAXCONN, "over maxconn"},
-    {COUNTER_IDLE_TIMEOUT, "idle timeouts"},
-    {COUNTER_FIN_TIMEOUT, "fin timeouts"},
-    {COUNTER_RELAY_ERROR, "resets while relaying"},
-    {COUNTER_REJECTED_PER_IP, "over --max-per-ip"},
-    {COUNTER_REJECTED_UNTRUSTED, "PROXY port, untrusted source"},
-    {COUNTER_DECOYED, "not WhatsApp: sent to the decoy"},
-    {COUNTER_SNI_MISSED, "TLS server name not in --sni"},
-    {COUNTER_SNI_MATCHED, "TLS server name in --sni (not a problem)"},
+    {COUNTER_UPSTREAM_UNREACHABLE, "users who could not be connected to "
+     "WhatsApp", "check this server's internet connection and DNS; see "
+     "Servers below"},
+    {COUNTER_REJECTED_MAXCONN, "users turned away because the proxy was "
+     "full (--maxconn)", "raise --maxconn if there is memory to spare, or "
+     "start a second proxy"},
+    {COUNTER_UPSTREAM_CONNECT_FAILED, "tries to reach a WhatsApp server "
+     "that failed (each one is tried again)", "a few are normal; many: see "
+     "Servers below"},
+    {COUNTER_TLS_HANDSHAKE_FAILED, "visitors whose TLS handshake failed",
+     "mostly scanners; if users cannot connect, run --check"},
+    {COUNTER_HANDSHAKE_TIMEOUT, "visitors that said too little in time "
+     "(--timeout-handshake)", "mostly scanners; nothing to do"},
+    {COUNTER_BAD_PROXY_HEADER, "connections to a PROXY port without a valid "
+     "PROXY header", "make your load balancer send one (send-proxy-v2)"},
+    {COUNTER_REJECTED_UNTRUSTED, "connections to a PROXY port from outside "
+     "--trusted-proxy", "if that is your load balancer, add its address "
+     "with --trusted-proxy"},
+    {COUNTER_REJECTED_PER_IP, "connections over --max-per-ip", "many users "
+     "behind one address (a mobile network)? raise --max-per-ip"},
+    {COUNTER_DECOYED, "visitors that were not WhatsApp, shown the decoy web "
+     "site", "nothing to do: this is --decoy at work"},
+    {COUNTER_SNI_MISSED, "TLS visitors that asked for a name not in --sni",
+     "nothing to do: scanners, sent away"},
 };
+
+/* Writes a byte count the way people read it ("1.5 GB") into out. */
+static void bytes_human(unsigned long long bytes, char *out, size_t out_size)
+{
+    static const char *const UNITS[] = {"bytes", "kB", "MB", "GB", "TB",
+                                        "PB"};
+    double value = (double)bytes;
+    size_t unit = 0;
+    while (value >= 1000 && unit + 1 < ARRAY_LENGTH(UNITS)) {
+        value /= 1000;
+        unit++;
+    }
+    snprintf(out, out_size, unit == 0 ? "%.0f %s" : "%.1f %s", value,
+             UNITS[unit]);
+}
 
 /* A text that grows as it is written, for building answers. */
 struct text {
@@ -4816,6 +5191,13 @@ static void stats_render_metrics(struct text *out)
     text_printf(out, "# HELP whatsapp_proxy_maxconn The --maxconn limit.\n"
                 "# TYPE whatsapp_proxy_maxconn gauge\n"
                 "whatsapp_proxy_maxconn %u\n", state.settings->maxconn);
+    long long expiry = atomic_load(&state.certificate_expires_at);
+    if (expiry != 0)
+        text_printf(out, "# HELP whatsapp_proxy_certificate_expiry_timestamp_"
+                    "seconds Unix time when the certificate served expires."
+                    "\n# TYPE whatsapp_proxy_certificate_expiry_timestamp_"
+                    "seconds gauge\nwhatsapp_proxy_certificate_expiry_"
+                    "timestamp_seconds %lld\n", expiry);
     for (size_t i = 0; i < COUNTER_COUNT; i++)
         text_printf(out, "# HELP whatsapp_proxy_%s %s\n# TYPE "
                     "whatsapp_proxy_%s counter\nwhatsapp_proxy_%s %llu\n",
@@ -4871,11 +5253,53 @@ static void stats_render_metrics(struct text *out)
     }
 }
 
-/* Writes the HTML page a person reads at a glance. Every string in it comes
- * from the settings or from us, never from a client. */
+/* Writes into out the page's first line: whether all is well and, if
+ * not, what is wrong and what to do, the most urgent first. Returns true
+ * if all is well. */
+static bool stats_status(char *out, size_t out_size)
+{
+    long long expiry = atomic_load(&state.certificate_expires_at);
+    long long days_left = (expiry - (long long)time(NULL)) / 86400;
+    unsigned now = proxy_connections_now();
+    if (!stats_healthy())
+        snprintf(out, out_size, "No WhatsApp chat server can be reached, so "
+                 "no user can chat. Check this server's internet connection "
+                 "and DNS (see Servers below).");
+    else if (expiry != 0 && days_left < 0)
+        snprintf(out, out_size, "The certificate has expired. Renew it "
+                 "(certbot renew), then reload: systemctl reload "
+                 "whatsapp_proxy.");
+    else if ((unsigned long long)now * 10 >=
+             (unsigned long long)state.settings->maxconn * 9)
+        snprintf(out, out_size, "The proxy is nearly full: %u connections of "
+                 "%u (--maxconn). Raise --maxconn if there is memory to "
+                 "spare, or start a second proxy.", now,
+                 state.settings->maxconn);
+    else if (expiry != 0 && days_left < CERTIFICATE_WARN_DAYS)
+        snprintf(out, out_size, "The certificate expires in %lld days. Renew "
+                 "it (certbot renew), then reload: systemctl reload "
+                 "whatsapp_proxy.", days_left);
+    else {
+        snprintf(out, out_size, "All is well.");
+        return true;
+    }
+    return false;
+}
+
+/* Writes the HTML page a person reads at a glance: first whether all is
+ * well, then how to share the proxy, then the numbers, in units people
+ * read. Problems are listed only when they happened, each with what to
+ * do. Every string in it comes from the settings or from us, never from a
+ * client, and the host names in it are checked names (section 3). */
 static void stats_render_page(struct text *out)
 {
     long long uptime = (long long)(time(NULL) - state.started_at);
+    char status[300], to_servers[32], to_clients[32];
+    bool well = stats_status(status, sizeof status);
+    bytes_human(proxy_counter(COUNTER_BYTES_FROM_CLIENTS), to_servers,
+                sizeof to_servers);
+    bytes_human(proxy_counter(COUNTER_BYTES_TO_CLIENTS), to_clients,
+                sizeof to_clients);
     text_printf(out,
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
         "<meta http-equiv=\"refresh\" content=\"%d\">"
@@ -4885,13 +5309,37 @@ static void stats_render_page(struct text *out)
         "td,th{border:1px solid #ccc;padding:.3em .8em;text-align:left}"
         "th{background:#eee}.up{color:#080}.down{color:#b00;font-weight:bold}"
         "</style></head><body>\n<h1>" PROGRAM_NAME " " PROGRAM_VERSION
-        "</h1>\n<p>Up for %lld d %02lld:%02lld:%02lld. <b>%u</b> connections "
-        "now (limit %u). Relayed: %llu bytes to servers, %llu bytes to "
-        "clients.</p>\n", STATS_REFRESH_SECONDS, uptime / 86400,
+        "</h1>\n<p class=\"%s\" style=\"font-size:1.3em\">%s</p>\n"
+        "<p>Up for %lld d %02lld:%02lld:%02lld. <b>%u</b> connections now "
+        "(limit %u). Relayed: %s to WhatsApp, %s to users.</p>\n",
+        STATS_REFRESH_SECONDS, well ? "up" : "down", status, uptime / 86400,
         uptime % 86400 / 3600, uptime % 3600 / 60, uptime % 60,
-        proxy_connections_now(), state.settings->maxconn,
-        proxy_counter(COUNTER_BYTES_FROM_CLIENTS),
-        proxy_counter(COUNTER_BYTES_TO_CLIENTS));
+        proxy_connections_now(), state.settings->maxconn, to_servers,
+        to_clients);
+
+    char link[HOST_NAME_BYTES + 128];
+    if (share_link_for(state.settings, link, sizeof link)) {
+        /* In HTML, each & of the link is written &amp;. */
+        text_printf(out, "<p>Share link for users: ");
+        for (const char *c = link; *c != '\0'; c++)
+            text_printf(out, *c == '&' ? "&amp;" : "%c", *c);
+        text_printf(out, "</p>\n");
+    } else {
+        text_printf(out, "<p>(%s)</p>\n", link);
+    }
+    long long expiry = atomic_load(&state.certificate_expires_at);
+    if (expiry != 0) {
+        char date[32];
+        time_t when = (time_t)expiry;
+        struct tm utc;
+        gmtime_r(&when, &utc);
+        strftime(date, sizeof date, "%Y-%m-%d", &utc);
+        long long days_left = (expiry - (long long)time(NULL)) / 86400;
+        text_printf(out, "<p>Certificate expires %s (<span class=\"%s\">in "
+                    "%lld days</span>).</p>\n", date,
+                    days_left < CERTIFICATE_WARN_DAYS ? "down" : "up",
+                    days_left);
+    }
 
     text_printf(out, "<h2>Listeners</h2>\n<table><tr><th>listener</th>"
                 "<th>open now</th><th>since start</th></tr>\n");
@@ -4902,15 +5350,25 @@ static void stats_render_page(struct text *out)
                     label, atomic_load(&state.listeners[i].connections_now),
                     atomic_load(&state.listeners[i].connections_total));
     }
+    text_printf(out, "</table>\n");
 
-    text_printf(out, "</table>\n<h2>Problems and probes</h2>\n<table>"
-                "<tr><th>kind</th><th>since start</th></tr>\n");
-    for (size_t i = 0; i < ARRAY_LENGTH(STATS_PROBLEMS); i++)
-        text_printf(out, "<tr><td>%s</td><td>%llu</td></tr>\n",
-                    STATS_PROBLEMS[i].label,
-                    proxy_counter(STATS_PROBLEMS[i].which));
+    bool any = false;
+    for (size_t i = 0; i < ARRAY_LENGTH(STATS_PROBLEMS); i++) {
+        unsigned long long count = proxy_counter(STATS_PROBLEMS[i].which);
+        if (count == 0)
+            continue;
+        if (!any)
+            text_printf(out, "<h2>Since the start</h2>\n<table><tr>"
+                        "<th>what happened</th><th>how often</th>"
+                        "<th>what to do</th></tr>\n");
+        any = true;
+        text_printf(out, "<tr><td>%s</td><td>%llu</td><td>%s</td></tr>\n",
+                    STATS_PROBLEMS[i].what, count, STATS_PROBLEMS[i].fix);
+    }
+    if (any)
+        text_printf(out, "</table>\n");
 
-    text_printf(out, "</table>\n<h2>Servers</h2>\n<table><tr><th>server</th>"
+    text_printf(out, "<h2>Servers</h2>\n<table><tr><th>server</th>"
                 "<th>pool</th><th>state</th><th>last check</th>"
                 "<th>result</th><th>failures</th></tr>\n");
     struct upstream_view views[MAX_UPSTREAMS + 1];
@@ -5351,6 +5809,8 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
                                                  * the first server */
     atomic_store(&state.accept_rest_until_ms, 0);
     atomic_store(&state.accept_warned_ms, LLONG_MIN / 2); /* never warned */
+    atomic_store(&state.certificate_expires_at, 0);
+    atomic_store(&state.certificate_warned_at, 0);
     stop_requested = 0;
     state.reload_requested = 0;
     state.started_at = time(NULL);
@@ -5385,6 +5845,12 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     upstreams_prepare(settings);
     if (listeners_open(settings, error, error_size) < 0)
         goto failed;
+    if (state.tls_context != NULL) {
+        atomic_store(&state.certificate_expires_at,
+                     tls_certificate_expiry(state.tls_context));
+        tls_log_certificate(state.tls_context);
+        tls_save_made_chain(state.tls_context, settings); /* ports bound */
+    }
 
     if (settings->user[0] != '\0') {
         if (privileges_drop(settings->user, error, error_size) < 0)
@@ -5548,6 +6014,9 @@ static void log_ready(void)
         log_line(LOG_INFO, "statistics on http://%s:%u/",
                  state.stats_listener->spec.address,
                  state.stats_listener->port);
+    char link[HOST_NAME_BYTES + 128];
+    bool linked = share_link_for(state.settings, link, sizeof link);
+    log_line(LOG_INFO, "%s%s", linked ? "share link for users: " : "", link);
     log_line(LOG_INFO, PROGRAM_NAME " " PROGRAM_VERSION " ready; %u relay "
              "threads; --maxconn %u", state.relay_thread_count,
              state.settings->maxconn);

@@ -14,6 +14,10 @@ set -eu
 dir=${1:-certs}
 mkdir -p "$dir"
 cd "$dir"
+# Every file is made in a temporary folder and moved in at the end: files
+# left by another user (say, root after `sudo make run`) are replaced, not
+# written into, and a failure leaves the old set whole.
+[ -w . ] || { echo "generate-certs.sh: cannot write into $dir: it belongs to $(stat -c %U .). Run this as that user, or give another folder: sh certs/generate-certs.sh DIR" >&2; exit 1; }
 umask 077
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -41,22 +45,25 @@ for ip in $(echo "${SSL_IP:-}" | tr ',' ' '); do alt="$alt,IP:$ip"; done
 new_key "$work/ca-key.pem"
 openssl req -x509 -new -key "$work/ca-key.pem" -days 36500 -subj "/CN=$ca_name" \
     -addext "basicConstraints=critical,CA:TRUE" \
-    -addext "keyUsage=critical,keyCertSign,cRLSign" -out ca.pem
+    -addext "keyUsage=critical,keyCertSign,cRLSign" -out "$work/ca.pem"
 
 # The leaf: 10 years, as the reference.
-new_key key.pem
-openssl req -new -key key.pem -subj "/CN=$leaf_name" -out "$work/leaf.csr"
+new_key "$work/key.pem"
+openssl req -new -key "$work/key.pem" -subj "/CN=$leaf_name" -out "$work/leaf.csr"
 cat > "$work/leaf.ext" <<EXT
 basicConstraints = CA:FALSE
 keyUsage = digitalSignature, keyEncipherment
 extendedKeyUsage = serverAuth, clientAuth
 subjectAltName = $alt
 EXT
-openssl x509 -req -in "$work/leaf.csr" -CA ca.pem -CAkey "$work/ca-key.pem" \
+openssl x509 -req -in "$work/leaf.csr" -CA "$work/ca.pem" -CAkey "$work/ca-key.pem" \
     -CAcreateserial -CAserial "$work/ca.srl" -days 3650 \
     -extfile "$work/leaf.ext" -out "$work/leaf.pem"
-cat "$work/leaf.pem" ca.pem > cert.pem
-cat key.pem cert.pem > proxy.whatsapp.net.pem
-chmod 600 key.pem proxy.whatsapp.net.pem
-chmod 644 ca.pem cert.pem
+cat "$work/leaf.pem" "$work/ca.pem" > "$work/cert.pem"
+cat "$work/key.pem" "$work/cert.pem" > "$work/proxy.whatsapp.net.pem"
+chmod 600 "$work/key.pem" "$work/proxy.whatsapp.net.pem"
+chmod 644 "$work/ca.pem" "$work/cert.pem"
+for file in ca.pem cert.pem key.pem proxy.whatsapp.net.pem; do
+    mv -f "$work/$file" "$file"
+done
 echo "Wrote $dir/cert.pem and $dir/key.pem for $leaf_name ($alt)"
