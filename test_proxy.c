@@ -1637,12 +1637,15 @@ static void expect_tls_echo(uint16_t port, const char *text)
     close(fd);
 }
 
-START_TEST(test_made_certificate_is_like_the_reference)
+/* The made certificate is what a web server makes for itself: one
+ * self-signed certificate for the public name, which verifies against
+ * itself, sent alone (no certificate authority beside it), valid from
+ * some moment before now rather than from the start. */
+START_TEST(test_made_certificate_is_a_web_servers_own)
 {
-    struct fake_upstream *upstream =
-        proxy_start_before_echo("--listen", "127.0.0.1:0/tls", "--ssl-dns",
-                                "proxy.example.org,alt.example.org",
-                                "--ssl-ip", "192.0.2.10", NULL);
+    struct fake_upstream *upstream = proxy_start_before_echo(
+        "--listen", "127.0.0.1:0/tls", "--public-host", "proxy.example.org",
+        "--ssl-dns", "alt.example.org", "--ssl-ip", "192.0.2.10", NULL);
     int fd;
     SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
     X509 *leaf = SSL_get1_peer_certificate(tls);
@@ -1651,12 +1654,23 @@ START_TEST(test_made_certificate_is_like_the_reference)
                               subject, sizeof subject);
     X509_NAME_get_text_by_NID(X509_get_issuer_name(leaf), NID_commonName,
                               issuer, sizeof issuer);
-    size_t length = strlen(subject);
-    ck_assert_msg(length > 4 && strcmp(subject + length - 4, ".net") == 0,
-                  "the leaf is <random>.net, not %s", subject);
-    ck_assert_msg(strcmp(subject, issuer) != 0, "a CA signed the leaf");
+    ck_assert_str_eq(subject, "proxy.example.org");
+    ck_assert_str_eq(issuer, "proxy.example.org");
+    ck_assert_int_eq(sk_X509_num(SSL_get_peer_cert_chain(tls)), 1);
     ck_assert_int_eq(X509_check_host(leaf, "alt.example.org", 0, 0, NULL), 1);
     ck_assert_int_eq(X509_check_ip_asc(leaf, "192.0.2.10", 0), 1);
+    ck_assert_int_le(X509_cmp_current_time(X509_get0_notBefore(leaf)), 0);
+
+    /* It verifies against itself, as `openssl verify -CAfile` would. */
+    X509_STORE *store = X509_STORE_new();
+    X509_STORE_add_cert(store, leaf);
+    X509_STORE_CTX *verify = X509_STORE_CTX_new();
+    X509_STORE_CTX_init(verify, store, leaf, NULL);
+    ck_assert_msg(X509_verify_cert(verify) == 1, "verifies against itself: %s",
+                  X509_verify_cert_error_string(
+                      X509_STORE_CTX_get_error(verify)));
+    X509_STORE_CTX_free(verify);
+    X509_STORE_free(store);
     X509_free(leaf);
 
     char path[128];
@@ -1666,7 +1680,7 @@ START_TEST(test_made_certificate_is_like_the_reference)
     ck_assert_msg((key_status.st_mode & 0777) == 0600,
                   "key.pem is readable by its owner only, mode %o",
                   key_status.st_mode & 0777);
-    snprintf(path, sizeof path, "%s/ca.pem", proxy.cert_dir);
+    snprintf(path, sizeof path, "%s/cert.pem", proxy.cert_dir);
     ck_assert_int_eq(access(path, R_OK), 0);
 
     tls_client_close(tls);
@@ -2975,6 +2989,45 @@ START_TEST(test_http_probe_on_a_tls_port_gets_the_decoy_page)
     ck_assert_msg(memcmp(site->first_payload, "GET / HTTP/1.1", 14) == 0,
                   "the site gets the request as the prober sent it");
     pthread_mutex_unlock(&site->lock);
+    proxy_stop();
+    fake_upstream_stop(whatsapp);
+    fake_upstream_stop(site);
+}
+END_TEST
+
+/* With --decoy-send-proxy, the decoy learns who is asking: a PROXY header
+ * with the visitor's own address comes first. And under the default rule
+ * (strict) a probe in lower case goes to the site too. */
+START_TEST(test_decoy_send_proxy_tells_the_site_who_is_asking)
+{
+    struct fake_upstream *whatsapp = fake_upstream_start(UPSTREAM_ECHO, true);
+    struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, true);
+    proxy_start("--listen", "127.0.0.1:0", "--decoy",
+                address_text("127.0.0.1:%u", site->port),
+                "--decoy-send-proxy", "v1", "--upstream",
+                address_text("127.0.0.1:%u", whatsapp->port), NULL);
+    int fd = connect_local(proxy_listener_port(0));
+    socket_timeout(fd, PROMPTLY_MS);
+    char page[512];
+    const char request[] = "get / HTTP/1.1\r\nHost: example.org\r\n\r\n";
+    exchange(fd, NULL, request, strlen(request), page, sizeof page);
+    ck_assert_msg(strcmp(page, WEB_PAGE) == 0,
+                  "a lower-case probe gets the web site's page: %s", page);
+    struct proxy_addresses seen;
+    ck_assert_msg(upstream_header_within(site, &seen, PROMPTLY_MS),
+                  "the site gets a PROXY header");
+    struct sockaddr_storage mine;
+    socklen_t length = sizeof mine;
+    getsockname(fd, (struct sockaddr *)&mine, &length);
+    char expected[80];
+    address_format(&mine, expected, sizeof expected);
+    expect_address(&seen.source, expected);
+    pthread_mutex_lock(&site->lock);
+    ck_assert_msg(memcmp(site->header_bytes, "PROXY TCP4 ", 11) == 0,
+                  "a v1 header, as asked");
+    pthread_mutex_unlock(&site->lock);
+    ck_assert_int_eq(upstream_connections(whatsapp), 0);
+    close(fd);
     proxy_stop();
     fake_upstream_stop(whatsapp);
     fake_upstream_stop(site);
@@ -4385,6 +4438,34 @@ START_TEST(test_slow_stats_client_blocks_nobody)
 }
 END_TEST
 
+/* Silent statistics clients, as many as there are slots (16) and renewed
+ * between requests, never keep a monitor's /healthz out: the one that
+ * waited longest for a request gives its slot to the newcomer. */
+START_TEST(test_silent_stats_clients_never_keep_healthz_out)
+{
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", "--stats",
+                                "127.0.0.1:0", NULL);
+    int silent[16];
+    for (int i = 0; i < 16; i++)
+        silent[i] = connect_local(proxy_stats_port());
+    static char answer[4096];
+    for (int request = 0; request < 20; request++) {
+        ck_assert_msg(http_get(proxy_stats_port(), "/healthz", answer,
+                               sizeof answer) == 200,
+                      "request %d of 20 is answered", request + 1);
+        for (int i = 0; i < 4; i++) { /* four silent ones renewed */
+            int renewed = (request * 4 + i) % 16;
+            close(silent[renewed]);
+            silent[renewed] = connect_local(proxy_stats_port());
+        }
+    }
+    for (int i = 0; i < 16; i++)
+        close(silent[i]);
+    proxy_and_upstream_stop(upstream);
+}
+END_TEST
+
 /* ==== 13. Starting and stopping ==== */
 
 /* Sends the first MiB of client's stream and waits until the server has
@@ -4612,7 +4693,7 @@ static Suite *proxy_suite(void)
     suite_add_tcase(suite, t);
 
     t = section("TLS termination", 60);
-    tcase_add_test(t, test_made_certificate_is_like_the_reference);
+    tcase_add_test(t, test_made_certificate_is_a_web_servers_own);
     tcase_add_test(t, test_given_certificate_is_served_and_reload_keeps_old_on_bad_file);
     tcase_add_test(t, test_a_key_of_another_certificate_is_named_as_such);
     tcase_add_test(t, test_made_certificate_never_goes_through_a_planted_link);
@@ -4661,6 +4742,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_decoy_http_rule_sends_only_http_and_tls_to_the_decoy);
     tcase_add_test(t, test_decoy_strict_rule_wants_the_whatsapp_header);
     tcase_add_test(t, test_http_probe_on_a_tls_port_gets_the_decoy_page);
+    tcase_add_test(t, test_decoy_send_proxy_tells_the_site_who_is_asking);
     tcase_add_test(t, test_whatsapp_like_client_reaches_the_upstream_under_both_rules);
     tcase_add_test(t, test_wrong_server_name_goes_to_the_decoy_and_right_one_through);
     suite_add_tcase(suite, t);
@@ -4703,6 +4785,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_metrics_are_strict_prometheus_text);
     tcase_add_test(t, test_stats_page_healthz_and_not_found);
     tcase_add_test(t, test_slow_stats_client_blocks_nobody);
+    tcase_add_test(t, test_silent_stats_clients_never_keep_healthz_out);
     suite_add_tcase(suite, t);
 
     t = section("Starting and stopping", 60);

@@ -198,7 +198,8 @@
  * other connections, so that one bulk transfer cannot starve the rest. */
 #define RELAY_TURN_BYTES (1024 * 1024)
 
-/* Which PROXY header goes to the chat upstreams. */
+/* Which PROXY header goes to an upstream: the chat servers (--send-proxy)
+ * or the decoy web site (--decoy-send-proxy). */
 enum send_proxy {
     SEND_PROXY_NONE,
     SEND_PROXY_V1,
@@ -258,7 +259,9 @@ struct settings {
 
     struct upstream_spec decoy;     /* a web site that probes are given */
     bool decoy_enabled;             /* --decoy was given */
-    bool decoy_strict;              /* --decoy-rule strict */
+    bool decoy_strict;              /* --decoy-rule strict (the default) */
+    enum send_proxy decoy_send_proxy; /* header for the decoy */
+    bool decoy_tuned;               /* --decoy-rule or --decoy-send-proxy */
     char sni_names[MAX_SNI_NAMES][HOST_NAME_BYTES]; /* --sni, if any */
     size_t sni_count;
     unsigned max_per_ip;            /* connections from one address; 0: any */
@@ -416,6 +419,8 @@ struct settings *settings_new(void)
     settings->chat_upstream_count = ARRAY_LENGTH(DEFAULT_CHAT_UPSTREAMS);
     settings->media_upstream = (struct upstream_spec){"whatsapp.net", 443};
     settings->send_proxy = SEND_PROXY_V2; /* the reference's newest choice */
+    settings->decoy_strict = true;        /* every probe to the site */
+    settings->decoy_send_proxy = SEND_PROXY_NONE;
 
     settings->cert_dir[0] = '\0'; /* a made certificate stays in memory */
     settings->cert_key = KEY_EC256;
@@ -629,7 +634,8 @@ static const struct option OPTIONS[] = {
     {"--threads", "N", "relay threads (one per CPU)"},
     {"--decoy", "HOST:PORT", "give clients that are not WhatsApp to this "
      "web site"},
-    {"--decoy-rule", "http|strict", "what is not WhatsApp (http)"},
+    {"--decoy-rule", "strict|http", "what is not WhatsApp (strict)"},
+    {"--decoy-send-proxy", "none|v1|v2", "PROXY header sent to the decoy (none)"},
     {"--sni", "NAME", "on TLS ports, serve only this server name "
      "(repeatable)"},
     {"--max-per-ip", "N", "connections at once from one address (no limit)"},
@@ -1029,6 +1035,14 @@ static int option_apply(struct settings *settings, const char *name,
         static const char *const RULE_NAMES[] = {"http", "strict"};
         choice = choice_parse(value, name, RULE_NAMES, 2, error, error_size);
         settings->decoy_strict = choice == 1;
+        settings->decoy_tuned = true;
+        return choice < 0 ? -1 : 0;
+    }
+    if (strcmp(name, "--decoy-send-proxy") == 0) {
+        choice = choice_parse(value, name, SEND_PROXY_NAMES, 3, error,
+                              error_size);
+        settings->decoy_send_proxy = (enum send_proxy)choice;
+        settings->decoy_tuned = true;
         return choice < 0 ? -1 : 0;
     }
     if (strcmp(name, "--sni") == 0) {
@@ -1225,9 +1239,9 @@ enum parse_result settings_parse(struct settings *settings, int argc,
                       "--sni needs a TLS listener (--listen PORT/tls)");
         return PARSE_ERROR;
     }
-    if (settings->decoy_strict && !settings->decoy_enabled) {
-        parse_failure(error, error_size,
-                      "--decoy-rule needs --decoy HOST:PORT");
+    if (settings->decoy_tuned && !settings->decoy_enabled) {
+        parse_failure(error, error_size, "--decoy-rule and --decoy-send-proxy "
+                      "need --decoy HOST:PORT");
         return PARSE_ERROR;
     }
     return PARSE_RUN;
@@ -1642,6 +1656,20 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
     return 16 + body_length;
 }
 
+/* Writes the header of the given kind (none, v1 or v2) for addresses into
+ * out, which has room for PROXYHDR_ENCODED_MAX_BYTES, and returns its
+ * length: 0 for none. */
+static size_t proxyhdr_encode(enum send_proxy kind,
+                              const struct proxy_addresses *addresses,
+                              uint8_t *out)
+{
+    if (kind == SEND_PROXY_V1)
+        return proxyhdr_encode_v1(addresses, out, PROXYHDR_ENCODED_MAX_BYTES);
+    if (kind == SEND_PROXY_V2)
+        return proxyhdr_encode_v2(addresses, out, PROXYHDR_ENCODED_MAX_BYTES);
+    return 0;
+}
+
 /* ==== 5. TLS termination ==== */
 
 /*
@@ -1651,12 +1679,15 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
  * connection look like any HTTPS visit to a censor watching the wire.
  *
  * The certificate. The app does not verify it, so by default, like the
- * reference, we make a fresh one at every start, with the OpenSSL API: a
- * certificate authority (CA) with a random name, and a "leaf" certificate
- * for <random>.net signed by it, plus the --public-host name and any
- * --ssl-dns/--ssl-ip names. With --cert-dir the files are written there
- * for operators who want to look at them; the CA's key is never written,
- * so nobody can sign anything else with it later.
+ * reference, we make a fresh one at every start, with the OpenSSL API. The
+ * reference makes a certificate authority with a random name and a
+ * certificate for <random>.net signed by it, and sends both: a pattern a
+ * scanner can look for. We make what a web server makes for itself: one
+ * self-signed certificate for the --public-host name (else the first
+ * --ssl-dns name, else the machine's host name), plus any --ssl-dns and
+ * --ssl-ip names, valid from a random moment in the last month. With
+ * --cert-dir the files are written there for operators who want to look
+ * at them.
  * An operator with a domain name should give a real certificate with --cert
  * and --key (Let's Encrypt): a real name with a real certificate is much
  * harder for a censor to tell from an ordinary web site.
@@ -1680,25 +1711,11 @@ size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
  * served; see section 9 for why a secret name keeps scanners out.
  */
 
-/* The reference's lifetimes: 100 years for the CA, 10 for the leaf. */
-#define TLS_CA_DAYS 36500
-#define TLS_LEAF_DAYS 3650
-/* Length of the random names; the reference gets about 14 characters. */
-#define TLS_RANDOM_NAME_LENGTH 16
-
-/* Writes length random letters and digits, then a NUL, into out. */
-static void tls_random_name(char *out, size_t length)
-{
-    static const char ALPHABET[] =
-        "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
-    uint8_t random_bytes[64];
-    assert(length < sizeof random_bytes);
-    if (RAND_bytes(random_bytes, (int)length) != 1)
-        abort(); /* no randomness means no safe keys either */
-    for (size_t i = 0; i < length; i++)
-        out[i] = ALPHABET[random_bytes[i] % (sizeof ALPHABET - 1)];
-    out[length] = '\0';
-}
+/* A made certificate is valid for 10 years, as the reference's is, from a
+ * random moment in the last TLS_BACKDATE_DAYS: a start date of "now" would
+ * tell a scanner when the proxy last restarted. */
+#define TLS_DAYS 3650
+#define TLS_BACKDATE_DAYS 30
 
 /* Makes a new private key of the chosen type. Returns NULL on failure (the
  * OpenSSL error queue says why). The caller frees it with EVP_PKEY_free(). */
@@ -1731,24 +1748,26 @@ static bool tls_add_extension(X509 *certificate, X509 *issuer, int nid,
     return added;
 }
 
-/* Makes a certificate for common_name and key, valid from now for days,
- * signed by issuer_key (issuer NULL: self-signed). alt_names is a
- * subjectAltName value ("DNS:a.net,IP:192.0.2.1") or NULL for a CA.
- * Returns NULL on failure. The caller frees it with X509_free(). */
+/* Makes a self-signed certificate for common_name and alt_names (as in
+ * openssl.cnf: "DNS:a.example,IP:192.0.2.1") with key: the kind a web
+ * server makes for itself, which `openssl verify -CAfile cert.pem
+ * cert.pem` accepts. Returns NULL on failure. */
 static X509 *tls_make_certificate(const char *common_name, EVP_PKEY *key,
-                                  X509 *issuer, EVP_PKEY *issuer_key, int days,
                                   const char *alt_names)
 {
     X509 *certificate = X509_new();
-    bool is_ca = issuer == NULL;
-    uint8_t serial[16];
+    uint8_t random_bytes[16 + 4];
     BIGNUM *serial_number = NULL;
     bool made = false;
 
-    if (certificate == NULL || RAND_bytes(serial, sizeof serial) != 1)
+    if (certificate == NULL ||
+        RAND_bytes(random_bytes, sizeof random_bytes) != 1)
         goto out;
-    serial[0] &= 0x7F; /* a serial number must be positive */
-    serial_number = BN_bin2bn(serial, sizeof serial, NULL);
+    random_bytes[0] &= 0x7F; /* a serial number must be positive */
+    serial_number = BN_bin2bn(random_bytes, 16, NULL);
+    uint32_t random_number;
+    memcpy(&random_number, random_bytes + 16, 4);
+    long backdate = (long)(random_number % (TLS_BACKDATE_DAYS * 86400L));
     if (serial_number == NULL ||
         BN_to_ASN1_INTEGER(serial_number, X509_get_serialNumber(certificate)) ==
             NULL)
@@ -1759,36 +1778,22 @@ static X509 *tls_make_certificate(const char *common_name, EVP_PKEY *key,
         X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_ASC,
                                    (const unsigned char *)common_name, -1, -1,
                                    0) != 1 ||
-        X509_set_issuer_name(certificate, is_ca ? name
-                                                : X509_get_subject_name(issuer))
-            != 1 ||
-        X509_gmtime_adj(X509_getm_notBefore(certificate), 0) == NULL ||
-        X509_gmtime_adj(X509_getm_notAfter(certificate), 86400L * days) ==
-            NULL ||
-        X509_set_pubkey(certificate, key) != 1)
-        goto out;
-
-    X509 *signer = is_ca ? certificate : issuer;
-    if (is_ca) {
-        if (!tls_add_extension(certificate, signer, NID_basic_constraints,
-                               "critical,CA:TRUE") ||
-            !tls_add_extension(certificate, signer, NID_key_usage,
-                               "critical,keyCertSign,cRLSign"))
-            goto out;
-    } else {
-        if (!tls_add_extension(certificate, signer, NID_basic_constraints,
-                               "CA:FALSE") ||
-            !tls_add_extension(certificate, signer, NID_key_usage,
-                               "digitalSignature,keyEncipherment") ||
-            !tls_add_extension(certificate, signer, NID_ext_key_usage,
-                               "serverAuth,clientAuth") ||
-            !tls_add_extension(certificate, signer, NID_subject_alt_name,
-                               alt_names))
-            goto out;
-    }
-    if (!tls_add_extension(certificate, signer, NID_subject_key_identifier,
-                           "hash") ||
-        X509_sign(certificate, is_ca ? key : issuer_key, EVP_sha256()) == 0)
+        X509_set_issuer_name(certificate, name) != 1 || /* self-signed */
+        X509_gmtime_adj(X509_getm_notBefore(certificate), -backdate) == NULL ||
+        X509_gmtime_adj(X509_getm_notAfter(certificate),
+                        86400L * TLS_DAYS - backdate) == NULL ||
+        X509_set_pubkey(certificate, key) != 1 ||
+        !tls_add_extension(certificate, certificate, NID_basic_constraints,
+                           "critical,CA:FALSE") ||
+        !tls_add_extension(certificate, certificate, NID_key_usage,
+                           "digitalSignature,keyEncipherment") ||
+        !tls_add_extension(certificate, certificate, NID_ext_key_usage,
+                           "serverAuth") ||
+        !tls_add_extension(certificate, certificate, NID_subject_alt_name,
+                           alt_names) ||
+        !tls_add_extension(certificate, certificate,
+                           NID_subject_key_identifier, "hash") ||
+        X509_sign(certificate, key, EVP_sha256()) == 0)
         goto out;
     made = true;
 out:
@@ -1873,7 +1878,7 @@ static bool tls_write_pem(const char *path, X509 *first, X509 *second,
 }
 
 /* Writes the made certificate that context serves to --cert-dir, if one
- * was given: key.pem, cert.pem (leaf then CA) and ca.pem. Called only once
+ * was given: key.pem and cert.pem. Called only once
  * every port is bound, so that a second copy that cannot start never
  * replaces the files of the copy that runs. A failure earns a warning that
  * names the file and the folder's owner; the certificate is served from
@@ -1884,11 +1889,8 @@ static void tls_save_made_chain(SSL_CTX *context,
     if (context == NULL || settings->cert_file[0] != '\0' ||
         settings->cert_dir[0] == '\0')
         return;
-    X509 *leaf = SSL_CTX_get0_certificate(context);
+    X509 *certificate = SSL_CTX_get0_certificate(context);
     EVP_PKEY *key = SSL_CTX_get0_privatekey(context);
-    STACK_OF(X509) *chain = NULL;
-    SSL_CTX_get0_chain_certs(context, &chain);
-    X509 *ca = sk_X509_num(chain) > 0 ? sk_X509_value(chain, 0) : NULL;
 
     char path[PATH_MAX + 16];
     snprintf(path, sizeof path, "%s", settings->cert_dir);
@@ -1900,11 +1902,7 @@ static void tls_save_made_chain(SSL_CTX *context,
     }
     if (written) {
         snprintf(path, sizeof path, "%s/cert.pem", settings->cert_dir);
-        written = tls_write_pem(path, leaf, ca, NULL);
-    }
-    if (written) {
-        snprintf(path, sizeof path, "%s/ca.pem", settings->cert_dir);
-        written = tls_write_pem(path, ca, NULL, NULL);
+        written = tls_write_pem(path, certificate, NULL, NULL);
     }
     if (written) {
         log_line(LOG_INFO, "the made certificate is in %s/",
@@ -1919,67 +1917,65 @@ static void tls_save_made_chain(SSL_CTX *context,
              strerror(failure), settings->cert_dir, owner);
 }
 
-/* SHORTCUT: like the reference, a new chain at every start, so the
- * certificate changes at each restart; reusing the files in --cert-dir
- * when they exist would keep it stable (tutorial.md, exercise "keep the
- * made certificate").
+/* Chooses the name a made certificate is for: the --public-host name,
+ * else the first --ssl-dns name, else this machine's own host name, which
+ * is what Debian's self-signed certificate for a new web server carries
+ * (the "snakeoil" one). */
+static void tls_made_name(const struct settings *settings, char *out,
+                          size_t out_size)
+{
+    const char *host = settings->public_host;
+    if (host_is_name(host) && !host_is_address(host)) {
+        snprintf(out, out_size, "%s", host);
+    } else if (settings->ssl_dns[0] != '\0') {
+        snprintf(out, out_size, "%.*s",
+                 (int)strcspn(settings->ssl_dns, ","), settings->ssl_dns);
+    } else if (gethostname(out, out_size) != 0 || !host_is_name(out)) {
+        snprintf(out, out_size, "localhost");
+    }
+}
+
+/* SHORTCUT: like the reference, a new certificate at every start, so it
+ * changes at each restart; reusing the files in --cert-dir when they exist
+ * would keep it stable (tutorial.md, exercise "keep the made
+ * certificate").
  *
- * Makes the reference's chain (see the section comment) and puts it into
- * context; tls_save_made_chain() writes it to --cert-dir later. Returns 0,
- * or -1 with one line in error. */
+ * Makes a self-signed certificate (see the section comment) and puts it
+ * into context; tls_save_made_chain() writes it to --cert-dir later.
+ * Returns 0, or -1 with one line in error. */
 static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
                           char *error, size_t error_size)
 {
-    char ca_name[TLS_RANDOM_NAME_LENGTH + 1];
-    char leaf_name[TLS_RANDOM_NAME_LENGTH + 5];
+    char name[HOST_NAME_BYTES];
+    tls_made_name(settings, name, sizeof name);
     /* Each item of the lists grows by at most 3 times ("a," becomes
-     * ",DNS:a"), so this always fits both lists whole. */
+     * ",DNS:a"), so this always fits them whole. */
     char alt_names[3 * (sizeof settings->ssl_dns + sizeof settings->ssl_ip +
-                        sizeof settings->public_host) +
-                   TLS_RANDOM_NAME_LENGTH + 16];
-    EVP_PKEY *ca_key = tls_make_key(settings->cert_key);
-    EVP_PKEY *leaf_key = tls_make_key(settings->cert_key);
-    X509 *ca = NULL;
-    X509 *leaf = NULL;
-    int result = -1;
-
-    tls_random_name(ca_name, TLS_RANDOM_NAME_LENGTH);
-    tls_random_name(leaf_name, TLS_RANDOM_NAME_LENGTH);
-    strcat(leaf_name, ".net");
-    snprintf(alt_names, sizeof alt_names, "DNS:%s", leaf_name);
+                        sizeof settings->public_host + sizeof name)];
+    alt_names[0] = '\0';
+    tls_append_names(alt_names, sizeof alt_names, "DNS", name);
     tls_append_names(alt_names, sizeof alt_names, "DNS", settings->ssl_dns);
     tls_append_names(alt_names, sizeof alt_names, "IP", settings->ssl_ip);
-    /* The name users type, so that the certificate covers it. */
     if (host_is_address(settings->public_host))
         tls_append_names(alt_names, sizeof alt_names, "IP",
                          settings->public_host);
-    else if (host_is_name(settings->public_host))
-        tls_append_names(alt_names, sizeof alt_names, "DNS",
-                         settings->public_host);
 
-    if (ca_key == NULL || leaf_key == NULL)
-        goto out;
-    ca = tls_make_certificate(ca_name, ca_key, NULL, NULL, TLS_CA_DAYS, NULL);
-    if (ca == NULL)
-        goto out;
-    leaf = tls_make_certificate(leaf_name, leaf_key, ca, ca_key, TLS_LEAF_DAYS,
-                                alt_names);
-    if (leaf == NULL || SSL_CTX_use_certificate(context, leaf) != 1 ||
-        SSL_CTX_use_PrivateKey(context, leaf_key) != 1 ||
-        SSL_CTX_add1_chain_cert(context, ca) != 1)
-        goto out;
-    result = 0;
-out:
+    EVP_PKEY *key = tls_make_key(settings->cert_key);
+    /* alt_names starts with the comma tls_append_names() puts first. */
+    X509 *certificate =
+        key != NULL ? tls_make_certificate(name, key, alt_names + 1) : NULL;
+    int result = certificate != NULL &&
+                         SSL_CTX_use_certificate(context, certificate) == 1 &&
+                         SSL_CTX_use_PrivateKey(context, key) == 1
+                     ? 0 : -1;
     if (result < 0) {
         char reason[256];
         tls_error_text(reason, sizeof reason);
         parse_failure(error, error_size, "cannot make a certificate: %s",
                       reason);
     }
-    X509_free(leaf);
-    X509_free(ca);
-    EVP_PKEY_free(leaf_key);
-    EVP_PKEY_free(ca_key);
+    X509_free(certificate);
+    EVP_PKEY_free(key);
     return result;
 }
 
@@ -2072,6 +2068,27 @@ static int tls_check_server_name(SSL *tls, int *alert, void *unused)
     return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
+/* OpenSSL calls this when a client offers application protocols (ALPN).
+ * Like a web server without HTTP/2, we choose "http/1.1" if it is
+ * offered. Otherwise we choose none and go on without ALPN, as for a
+ * client that offers nothing: a WhatsApp client must never fail here. */
+static int tls_choose_protocol(SSL *tls, const unsigned char **chosen,
+                               unsigned char *chosen_length,
+                               const unsigned char *offered,
+                               unsigned int offered_length, void *unused)
+{
+    static const unsigned char HTTP_1_1[] = "\x08http/1.1"; /* length, name */
+    (void)tls;
+    (void)unused;
+    unsigned char *match;
+    if (SSL_select_next_proto(&match, chosen_length, HTTP_1_1,
+                              sizeof HTTP_1_1 - 1, offered,
+                              offered_length) != OPENSSL_NPN_NEGOTIATED)
+        return SSL_TLSEXT_ERR_NOACK;
+    *chosen = match;
+    return SSL_TLSEXT_ERR_OK;
+}
+
 /* Makes the server TLS context with its certificate. Returns NULL with one
  * line in error on failure. The caller frees it with SSL_CTX_free(). */
 static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
@@ -2096,10 +2113,15 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
                          * message is a normal end here, as for plain TCP:
                          * the payload has its own integrity (WhatsApp's
                          * encryption), so truncation attacks do not apply. */
-                        SSL_OP_IGNORE_UNEXPECTED_EOF |
-                        /* Our order of ciphers wins over the client's, so
-                         * an old client cannot pick the weakest we allow. */
-                        SSL_OP_CIPHER_SERVER_PREFERENCE);
+                        SSL_OP_IGNORE_UNEXPECTED_EOF);
+    /* The rest is chosen to look like a common web server to a scanner
+     * that compares answers (section 9): nginx's defaults on Debian. Its
+     * cipher list has only strong ciphers, and the client's order among
+     * them wins (no SSL_OP_CIPHER_SERVER_PREFERENCE); sessions and
+     * tickets last 5 minutes; ALPN picks http/1.1 when offered. */
+    SSL_CTX_set_cipher_list(context, "HIGH:!aNULL:!MD5");
+    SSL_CTX_set_timeout(context, 300);
+    SSL_CTX_set_alpn_select_cb(context, tls_choose_protocol, NULL);
     SSL_CTX_set_mode(context,
                      /* Free OpenSSL's 16 KiB+ read and write buffers while a
                       * connection is idle: about 34 KiB saved per idle TLS
@@ -2636,15 +2658,15 @@ static bool upstream_check(struct upstream *upstream)
     bool chat = upstream >= state.chat_upstreams &&
                 upstream < state.chat_upstreams +
                                state.settings->chat_upstream_count;
-    if (fd >= 0 && chat && state.settings->send_proxy != SEND_PROXY_NONE) {
-        struct proxy_addresses none = {.known = false};
-        uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
-        size_t header_length =
-            state.settings->send_proxy == SEND_PROXY_V1
-                ? proxyhdr_encode_v1(&none, header, sizeof header)
-                : proxyhdr_encode_v2(&none, header, sizeof header);
+    enum send_proxy kind = chat ? state.settings->send_proxy
+                           : upstream == state.decoy_upstream
+                               ? state.settings->decoy_send_proxy
+                               : SEND_PROXY_NONE;
+    struct proxy_addresses none = {.known = false};
+    uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
+    size_t header_length = proxyhdr_encode(kind, &none, header);
+    if (fd >= 0 && header_length > 0)
         send(fd, header, header_length, MSG_NOSIGNAL); /* best effort */
-    }
     if (fd >= 0)
         close(fd);
     return fd >= 0;
@@ -3125,13 +3147,27 @@ static int accept_rest_left(long long now)
  * WhatsApp goes to the web site instead, bytes and all, so a prober gets
  * that site's real pages. decoy_classify() decides, by one of two rules:
  *
- *   http    (default) an HTTP request line or a TLS record is a probe.
- *           WhatsApp's stream starts with 'W' 'A' or 'E' 'D', never with
- *           those, so a real client can never be sent to the decoy.
- *   strict  anything that does not start with WhatsApp's connection
- *           header is a probe: 'W' 'A' and two version bytes, optionally
- *           after the routing prefix 'E' 'D' 0 1, a 3-byte length and that
- *           many bytes (the header as public reimplementations write it).
+ *   strict  (default) anything that does not start with WhatsApp's
+ *           connection header is a probe: 'W' 'A' and two version bytes,
+ *           optionally after the routing prefix 'E' 'D' 0 1, a 3-byte
+ *           length and that many bytes (the header as public
+ *           reimplementations write it). Every scanner's probe goes to
+ *           the site: any HTTP method in any case, a stray CRLF, an SSH
+ *           banner, random bytes. Only two things cannot: an empty
+ *           connection (nothing to judge) and a probe that starts "WA".
+ *   http    only an HTTP request line (GET, POST, ... in capitals) or a
+ *           TLS record is a probe; everything else goes to the chat
+ *           servers. The trade-off: should a future WhatsApp client start
+ *           its stream some other way, strict would send it to the site,
+ *           and http would not. So http is the fallback if users of a new
+ *           app version cannot connect through a proxy with --decoy.
+ *
+ * The site should also know who is asking: with --decoy-send-proxy v1 or
+ * v2, the decoy gets a PROXY header with the visitor's address (nginx:
+ * `listen ... proxy_protocol`). Without one, every visitor reaches the
+ * site from 127.0.0.1, and a page the site allows only to local visitors
+ * (a status page) is served to anybody. Either way, the site must grant
+ * nothing to loopback.
  *
  * With --sni NAME, a TLS client that asks for another server name (or for
  * none, as a scanner that only knows the address does) goes to the decoy
@@ -4068,7 +4104,9 @@ static void relay_connect_failed(struct relay_thread *thread,
 #define FIRST_BYTES_WITH_HEADER 4096
 
 /* Sends what must reach pair's new upstream before the relaying starts:
- * our PROXY header (to chat servers, in the version of --send-proxy), and
+ * our PROXY header (to chat servers, in the version of --send-proxy; to
+ * the decoy, in that of --decoy-send-proxy, so that the site learns who
+ * is asking), and
  * the client's first bytes right behind it: those heard already (section
  * 9), or else those waiting in the client's socket, which are looked at
  * and taken only once they are sent. One send(), so the server gets the
@@ -4081,14 +4119,12 @@ static bool relay_send_opening(struct relay_thread *thread,
     struct opening *opening = pair->opening;
     uint8_t *out = thread->scratch;
     size_t length = 0;
-    if (opening->destination == TO_CHAT_SERVERS) {
-        if (state.settings->send_proxy == SEND_PROXY_V1)
-            length = proxyhdr_encode_v1(&opening->addresses, out,
-                                        PROXYHDR_ENCODED_MAX_BYTES);
-        else if (state.settings->send_proxy == SEND_PROXY_V2)
-            length = proxyhdr_encode_v2(&opening->addresses, out,
-                                        PROXYHDR_ENCODED_MAX_BYTES);
-    }
+    if (opening->destination == TO_CHAT_SERVERS)
+        length = proxyhdr_encode(state.settings->send_proxy,
+                                 &opening->addresses, out);
+    else if (opening->destination == TO_DECOY)
+        length = proxyhdr_encode(state.settings->decoy_send_proxy,
+                                 &opening->addresses, out);
     size_t first = opening->heard_length;
     memcpy(out + length, opening->heard, first);
     size_t peeked = 0;
@@ -4955,7 +4991,10 @@ static int check_summary_print(const struct settings *settings)
  *
  * It runs in its own thread with non-blocking sockets and one poll() loop,
  * so a slow or malicious statistics client can hold nothing but its own
- * slot for STATS_TIMEOUT_MS, and never touches the relay. Numbers are read
+ * slot, for STATS_TIMEOUT_MS at most, and never touches the relay. When
+ * every slot is taken, the client that has waited longest without a
+ * request makes room for the newcomer: silent clients cannot keep a
+ * monitor's /healthz out. Numbers are read
  * from the atomics and, under upstream_lock, from the server list.
  */
 
@@ -5490,6 +5529,27 @@ static void stats_client_serve(struct stats_client *client)
  * process is out of descriptors it rests from accepting, as the relay
  * threads do (section 8): a waiting client would make poll() return at
  * once, again and again. */
+/* Finds a slot for a new statistics client: a free one; else the one that
+ * has waited longest for a request and still has none, which is closed to
+ * make room. So silent clients, however many and however often renewed,
+ * can never keep a monitor's /healthz out: a new client always gets a slot
+ * unless every slot is busy sending an answer. NULL then. */
+static struct stats_client *stats_slot_for_new(struct stats_client *clients)
+{
+    struct stats_client *oldest_silent = NULL;
+    for (size_t i = 0; i < STATS_CLIENTS_MAX; i++) {
+        if (clients[i].fd < 0)
+            return &clients[i];
+        if (clients[i].answer.length == 0 &&
+            (oldest_silent == NULL ||
+             clients[i].deadline_ms < oldest_silent->deadline_ms))
+            oldest_silent = &clients[i];
+    }
+    if (oldest_silent != NULL)
+        stats_client_close(oldest_silent);
+    return oldest_silent;
+}
+
 static void *stats_run(void *unused)
 {
     (void)unused;
@@ -5530,15 +5590,13 @@ static void *stats_run(void *unused)
                              SOCK_NONBLOCK | SOCK_CLOEXEC);
             if (fd < 0 && out_of_descriptors(errno))
                 accept_rest_begin(errno);
-            struct stats_client *slot = NULL;
-            for (size_t i = 0; i < STATS_CLIENTS_MAX && fd >= 0; i++)
-                if (clients[i].fd < 0 && slot == NULL)
-                    slot = &clients[i];
+            struct stats_client *slot = fd >= 0 ? stats_slot_for_new(clients)
+                                                : NULL;
             if (slot != NULL)
                 *slot = (struct stats_client){
                     .fd = fd, .deadline_ms = now_ms() + STATS_TIMEOUT_MS};
             else if (fd >= 0)
-                close(fd); /* every slot is busy: this one waits no longer */
+                close(fd); /* every slot is sending an answer */
         }
     }
     for (size_t i = 0; i < STATS_CLIENTS_MAX; i++)

@@ -1,7 +1,9 @@
 #!/bin/sh
-# Writes a self-signed certificate chain like the one whatsapp_proxy makes at
-# every start, for operators who want files to keep: a CA with a random name
-# and a leaf certificate for <random>.net signed by it.
+# Writes a self-signed certificate chain like the one the official proxy's
+# generate-certs.sh makes, for operators who want files to keep: a CA with
+# a random name and a leaf certificate for <random>.net signed by it.
+# (whatsapp_proxy itself makes one self-signed certificate for your
+# --public-host name instead: see tutorial.md, Step 5.)
 #
 #   sh certs/generate-certs.sh [DIR]          (make certs does this for certs/)
 #   SSL_DNS=proxy.example.org,alt.example.org SSL_IP=192.0.2.10 sh certs/generate-certs.sh
