@@ -2995,6 +2995,53 @@ START_TEST(test_http_probe_on_a_tls_port_gets_the_decoy_page)
 }
 END_TEST
 
+/* With a decoy, a client of a TLS port that does not speak TLS reaches
+ * the site with its bytes as sent (plain HTTP to an HTTPS port gets the
+ * site's own answer); and a client that has not shown what it is when the
+ * handshake timeout comes (half a TLS hello, or "GE" on a plain port) goes
+ * to the site with what it sent, instead of being cut. */
+START_TEST(test_undecided_and_non_tls_clients_go_to_the_decoy_as_sent)
+{
+    struct fake_upstream *whatsapp = fake_upstream_start(UPSTREAM_ECHO, true);
+    struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, false);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
+                "--decoy", address_text("127.0.0.1:%u", site->port),
+                "--timeout-handshake", "0.5", "--upstream",
+                address_text("127.0.0.1:%u", whatsapp->port), NULL);
+    static const struct {
+        size_t listener;
+        const char *bytes;
+        size_t length;
+    } clients[] = {
+        {0, "GET / HTTP/1.1\r\nHost: example.org\r\n\r\n", 37},
+        {0, "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11},
+        {1, "GE", 2},
+    };
+    for (size_t i = 0; i < sizeof clients / sizeof clients[0]; i++) {
+        int fd = connect_local(proxy_listener_port(clients[i].listener));
+        send_all(fd, clients[i].bytes, clients[i].length);
+        char page[128] = "";
+        size_t got = receive_exactly(fd, page, strlen(WEB_PAGE),
+                                     PROMPTLY_MS + 500);
+        ck_assert_msg(got == strlen(WEB_PAGE) &&
+                          memcmp(page, WEB_PAGE, got) == 0,
+                      "client %zu gets the site's page", i);
+        pthread_mutex_lock(&site->lock);
+        ck_assert_msg(site->first_payload_length == clients[i].length &&
+                          memcmp(site->first_payload, clients[i].bytes,
+                                 clients[i].length) == 0,
+                      "client %zu's bytes reach the site as sent", i);
+        pthread_mutex_unlock(&site->lock);
+        close(fd);
+    }
+    ck_assert_int_eq(upstream_connections(whatsapp), 0);
+    ck_assert_int_eq(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT), 0);
+    proxy_stop();
+    fake_upstream_stop(whatsapp);
+    fake_upstream_stop(site);
+}
+END_TEST
+
 /* With --decoy-send-proxy, the decoy learns who is asking: a PROXY header
  * with the visitor's own address comes first. And under the default rule
  * (strict) a probe in lower case goes to the site too. */
@@ -4743,6 +4790,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_decoy_strict_rule_wants_the_whatsapp_header);
     tcase_add_test(t, test_http_probe_on_a_tls_port_gets_the_decoy_page);
     tcase_add_test(t, test_decoy_send_proxy_tells_the_site_who_is_asking);
+    tcase_add_test(t, test_undecided_and_non_tls_clients_go_to_the_decoy_as_sent);
     tcase_add_test(t, test_whatsapp_like_client_reaches_the_upstream_under_both_rules);
     tcase_add_test(t, test_wrong_server_name_goes_to_the_decoy_and_right_one_through);
     suite_add_tcase(suite, t);

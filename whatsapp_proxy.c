@@ -3206,6 +3206,8 @@ struct opening {
     struct proxy_addresses addresses;  /* for our PROXY header and the log */
     uint32_t client_wait;              /* what the step waits for: EPOLLIN
                                           or EPOLLOUT on the client */
+    int hello_needed;                  /* bytes of the TLS hello awaited
+                                          (SO_RCVLOWAT), 0 before */
     size_t heard_length;
     size_t heard_room;                 /* the size of heard[] */
     uint8_t heard[];                   /* what the client said so far */
@@ -3357,7 +3359,9 @@ static void client_log(const struct listener *listener,
  *      v   all three together within --timeout-handshake of accept)
  *   READING_HEADER ------ the PROXY header (section 9)
  *      |
- *   HANDSHAKING --------- the TLS handshake, one step per event (5)
+ *   HANDSHAKING --------- first the client's whole TLS hello, looked at
+ *      |                  in its socket and not taken; then the TLS
+ *      |                  handshake, one step per event (5)
  *      |
  *   READING_FIRST_BYTES - the first bytes, for the decoy's choice (9)
  *      |
@@ -4217,16 +4221,11 @@ static void pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
         pair_read_header(thread, pair, now);
         return;
     case PAIR_HANDSHAKING:
-        pair->client.tls = tls_new(pair->client.fd);
-        if (pair->client.tls == NULL) {
-            relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
-                                "no memory for TLS");
-            accept_rest_begin(ENOMEM);
-            return;
-        }
         /* The ClientHello has usually arrived already, and epoll will say
          * so at once; stepping here instead would do a burst of new
-         * clients' costly first steps before any other client's events. */
+         * clients' costly first steps before any other client's events.
+         * The SSL object is made once the hello is whole (pair_await_hello
+         * ()), so a silent client costs none. */
         relay_watch(thread, pair);
         return;
     case PAIR_READING_FIRST_BYTES:
@@ -4300,10 +4299,112 @@ static void pair_read_header(struct relay_thread *thread,
     pair_step_on(thread, pair, PAIR_READING_HEADER, now);
 }
 
-/* Step 2, one call further: the TLS handshake (section 5). */
+/* TLS records (RFC 8446, section 5.1): a 5-byte header, type 0x16 for a
+ * handshake message, the version's first byte 3, a 2-byte length of at
+ * most 2^14. A client's first record holds its ClientHello. */
+#define TLS_RECORD_HEADER_BYTES 5
+#define TLS_RECORD_MAX_BYTES 16384
+#define TLS_HANDSHAKE_RECORD 0x16
+
+/* Sets how many bytes side's socket must hold before epoll reports it
+ * readable (SO_RCVLOWAT; 1 is the normal), so that a step waiting for a
+ * whole record is not woken for each piece of it. A FIN or an error wakes
+ * it anyway. */
+static void side_wake_at(struct relay_side *side, int bytes)
+{
+    setsockopt(side->fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes);
+}
+
+/* A client of a TLS port that is not speaking TLS, or that stopped (or
+ * was too slow) before its hello was whole, still has every byte it sent
+ * in its socket. With a decoy it goes there, bytes and all, so a prober
+ * that sent plain HTTP to an HTTPS port gets the site's own answer;
+ * without a decoy it is closed and counted as a failed handshake. (A
+ * made-up error page would claim a web site that is not there; closing
+ * is what a TLS-only server does.) */
+static void pair_hello_failed(struct relay_thread *thread,
+                              struct relay_pair *pair, const char *what,
+                              long long now)
+{
+    if (pair->opening->hello_needed > 1)
+        side_wake_at(&pair->client, 1);
+    if (!state.settings->decoy_enabled) {
+        relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED, what);
+        return;
+    }
+    pair->opening->destination = TO_DECOY;
+    pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now); /* connect */
+}
+
+/* Step 2, first half, on what has arrived: the client's first TLS record,
+ * its hello, is awaited whole in the socket, looked at and not taken
+ * (section 9 explains looking without taking). Only then is the SSL object
+ * made, so a silent client costs none, and a client that is not TLS, or
+ * stops halfway, can still be handed to the decoy with what it sent. */
+static void pair_await_hello(struct relay_thread *thread,
+                             struct relay_pair *pair, long long now)
+{
+    struct opening *opening = pair->opening;
+    const uint8_t *hello = thread->scratch;
+    size_t seen = 0;
+    uint32_t wait;
+    enum io_status status =
+        side_look(&pair->client, thread->scratch,
+                  TLS_RECORD_HEADER_BYTES + TLS_RECORD_MAX_BYTES, &seen, &wait);
+    if (status == IO_BLOCKED) {
+        relay_watch(thread, pair);
+        return;
+    }
+    if (status != IO_DONE) {
+        relay_close_opening(thread, pair, COUNTER_COUNT,
+                            "closed before its TLS hello");
+        return;
+    }
+    bool tls = hello[0] == TLS_HANDSHAKE_RECORD && (seen < 2 || hello[1] == 3);
+    int needed = TLS_RECORD_HEADER_BYTES;
+    if (tls && seen >= TLS_RECORD_HEADER_BYTES) {
+        int length = hello[3] << 8 | hello[4];
+        tls = length <= TLS_RECORD_MAX_BYTES;
+        needed += length;
+    }
+    if (!tls) {
+        pair_hello_failed(thread, pair, "not TLS on a TLS port", now);
+        return;
+    }
+    if (seen < (size_t)needed) {
+        /* Woken while it waited for this very count: a FIN or an error
+         * came instead of the rest. */
+        if (opening->hello_needed == needed) {
+            pair_hello_failed(thread, pair, "stopped within its TLS hello",
+                              now);
+            return;
+        }
+        opening->hello_needed = needed;
+        side_wake_at(&pair->client, needed);
+        relay_watch(thread, pair);
+        return;
+    }
+    if (opening->hello_needed > 1)
+        side_wake_at(&pair->client, 1);
+    pair->client.tls = tls_new(pair->client.fd);
+    if (pair->client.tls == NULL) {
+        relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
+                            "no memory for TLS");
+        accept_rest_begin(ENOMEM);
+        return;
+    }
+    relay_watch(thread, pair); /* readable at once: the hello is there */
+}
+
+/* Step 2, one call further: the TLS handshake (section 5), once the
+ * client's hello is whole. */
 static void pair_handshake_step(struct relay_thread *thread,
                                 struct relay_pair *pair, long long now)
 {
+    if (pair->client.tls == NULL) {
+        pair_await_hello(thread, pair, now);
+        return;
+    }
     enum handshake_progress progress = tls_handshake_step(pair->client.tls);
     if (progress == HANDSHAKE_FAILED) {
         relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
@@ -4572,10 +4673,41 @@ static int relay_expire_retries(struct relay_thread *thread, long long now)
                  now);
 }
 
+/* The opening pairs whose --timeout-handshake is over are closed and
+ * counted; but with a decoy, a client that has not shown what it is (its
+ * TLS hello is not whole, or its first bytes do not decide) goes to the
+ * decoy with what it sent, as to a web server, which waits longer: a
+ * scanner then sees the site's own patience, not a proxy's timeout.
+ * Returns the milliseconds until the next one is due, or -1. */
+static int relay_expire_openings(struct relay_thread *thread, long long now)
+{
+    struct pair_list *list = &thread->opening_pairs;
+    int timeout_ms = *list->timeout_ms;
+    while (list->oldest != NULL &&
+           list->oldest->last_active_ms + timeout_ms <= now) {
+        struct relay_pair *pair = list->oldest;
+        bool undecided = pair->state == PAIR_READING_FIRST_BYTES ||
+                         (pair->state == PAIR_HANDSHAKING &&
+                          pair->client.tls == NULL);
+        if (state.settings->decoy_enabled && undecided) {
+            pair->opening->destination = TO_DECOY;
+            if (pair->opening->hello_needed > 1)
+                side_wake_at(&pair->client, 1);
+            pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now);
+            continue;
+        }
+        counter_add(list->expired, 1);
+        relay_close(thread, pair, END_TIMED_OUT);
+    }
+    if (list->oldest == NULL)
+        return -1;
+    return (int)(list->oldest->last_active_ms + timeout_ms - now);
+}
+
 /* Closes expired pairs; returns how long epoll_wait() may sleep. */
 static int relay_expire(struct relay_thread *thread, long long now)
 {
-    int opening = relay_expire_list(thread, &thread->opening_pairs, now);
+    int opening = relay_expire_openings(thread, now);
     int connect = wait_earlier(relay_expire_connects(thread, now),
                                relay_expire_retries(thread, now));
     int idle = relay_expire_list(thread, &thread->open_pairs, now);
