@@ -1991,15 +1991,32 @@ static int tls_load_chain(SSL_CTX *context, const struct settings *settings,
                                  ? settings->key_file : NULL;
     if (unreadable != NULL && errno == EACCES) {
         /* The usual cause: under systemd the proxy runs as a user of its
-         * own, which may not read /etc/letsencrypt. */
-        struct passwd *user = getpwuid(geteuid());
+         * own, which may not read /etc/letsencrypt, or copies made by hand
+         * belong to root. Name the user: systemd's users of their own may
+         * have no name this process can look up, but $USER has it. */
+        char user[64];
+        struct passwd *entry = getpwuid(geteuid());
+        const char *variable = getenv("USER");
+        if (entry != NULL)
+            snprintf(user, sizeof user, "%s", entry->pw_name);
+        else if (variable != NULL && variable[0] != '\0')
+            snprintf(user, sizeof user, "%s", variable);
+        else
+            snprintf(user, sizeof user, "%u", (unsigned)geteuid());
+        bool certbots_own = strncmp(unreadable, "/etc/letsencrypt/", 17) == 0;
         return parse_failure(error, error_size,
                              "cannot read %s: permission denied for user %s. "
-                             "Under systemd, let the certbot deploy hook copy "
-                             "the files to the proxy's state folder and give "
-                             "those copies (README.md, \"Put it on a "
-                             "server\")", unreadable,
-                             user != NULL ? user->pw_name : "?");
+                             "%s (README.md, \"Put it on a server\")",
+                             unreadable, user,
+                             certbots_own
+                                 ? "Under systemd, let the certbot deploy hook "
+                                   "copy the files to the proxy's state "
+                                   "folder and give those copies"
+                                 : "If the certbot deploy hook put it there, "
+                                   "run the hook again, as root: "
+                                   "RENEWED_LINEAGE=/etc/letsencrypt/live/"
+                                   "YOUR.NAME sh /etc/letsencrypt/renewal-"
+                                   "hooks/deploy/whatsapp_proxy.sh");
     }
     if (unreadable != NULL)
         return parse_failure(error, error_size, "cannot read %s: %s",
@@ -2197,6 +2214,9 @@ static void tls_certificate_names(SSL_CTX *context, char *out,
                      used > 0 ? ", " : "", text);
     }
     GENERAL_NAMES_free(names);
+    if (out[0] == '\0' && certificate != NULL) /* old style: the name alone */
+        X509_NAME_get_text_by_NID(X509_get_subject_name(certificate),
+                                  NID_commonName, out, (int)out_size);
 }
 
 /* True if the certificate in context is valid for host, a name or an
@@ -2854,8 +2874,9 @@ static int listener_open(struct listener *listener, const char *flag_name,
         listen(fd, LISTEN_BACKLOG) < 0) {
         int saved = errno;
         close(fd);
-        return listener_bind_failure(spec, flag_name, saved, error,
-                                     error_size);
+        listener_bind_failure(spec, flag_name, saved, error, error_size);
+        errno = saved; /* for a caller that tells the causes apart */
+        return -1;
     }
     length = sizeof address;
     getsockname(fd, (struct sockaddr *)&address, &length);
@@ -4911,8 +4932,15 @@ static bool check_port_free(const struct listener_spec *spec, char *problem,
                             size_t problem_size)
 {
     struct listener trial = {.spec = *spec, .fd = -1};
-    if (listener_open(&trial, "--listen", problem, problem_size) < 0)
+    if (listener_open(&trial, "--listen", problem, problem_size) < 0) {
+        if (errno == EADDRINUSE) { /* listener_open() leaves it there */
+            size_t used = strlen(problem);
+            snprintf(problem + used, problem_size - used, " (if that is "
+                     "this proxy, already running, all is well for it; "
+                     "stop it first to check a new setting)");
+        }
         return false;
+    }
     close(trial.fd);
     return true;
 }
@@ -5036,8 +5064,8 @@ static bool check_users(const struct settings *settings)
                "by hand.)\n");
         /* A QR code only where a person looks: not into a pipe or a log. */
         if (isatty(STDOUT_FILENO) && !check_print_qr_code(link))
-            printf("  (For a QR code of the link here: apt-get install "
-                   "qrencode, then run this again.)\n");
+            printf("  (For a QR code of the link here, install qrencode, as "
+                   "root: apt-get install -y qrencode)\n");
     } else if (chat == NULL || media == NULL) {
         bool media_missing = chat != NULL;
         printf(upstream_pool_used(settings, media_missing)

@@ -21,17 +21,20 @@ fail() {
     echo "whatsapp_proxy deploy hook: $*" >&2
     exit 1
 }
-[ "$(id -u)" = 0 ] || fail "run me as root (with sudo, or after su -)."
+if [ "$(id -u)" != 0 ]; then
+    command -v sudo >/dev/null 2>&1 || fail "run me as root: become root with su -, then run me again."
+    fail "run me as root: put sudo in front of the command (or become root with su -, then run me again)."
+fi
 [ -n "${RENEWED_LINEAGE:-}" ] ||
-    fail "RENEWED_LINEAGE is not set. certbot sets it; by hand, run: RENEWED_LINEAGE=/etc/letsencrypt/live/NAME sh $0"
+    fail "RENEWED_LINEAGE is not set. certbot sets it; by hand, run, as root: RENEWED_LINEAGE=/etc/letsencrypt/live/NAME sh $0 (NAME: your server's name)"
 for file in fullchain.pem privkey.pem; do
     [ -f "$RENEWED_LINEAGE/$file" ] ||
-        fail "there is no $RENEWED_LINEAGE/$file. Is the name right? The names certbot has: ls /etc/letsencrypt/live/"
+        fail "there is no $RENEWED_LINEAGE/$file. Is the name right? See the names certbot has, as root, with: ls /etc/letsencrypt/live/"
 done
 # Under DynamicUser the state folder is a symbolic link: -d and stat -L
 # follow it to the folder itself, which systemd gives to the service's user.
 [ -d "$state" ] ||
-    fail "$state does not exist yet: systemd makes it at the proxy's first start. Start the proxy once: systemctl start whatsapp_proxy, then run me again."
+    fail "$state does not exist yet: systemd makes it at the proxy's first start. Start the proxy once, as root, with: systemctl start whatsapp_proxy, then run me again."
 owner=$(stat -L -c %u "$state")
 install -m 0644 -o "$owner" "$RENEWED_LINEAGE/fullchain.pem" "$state/fullchain.pem"
 install -m 0600 -o "$owner" "$RENEWED_LINEAGE/privkey.pem" "$state/privkey.pem"

@@ -17,25 +17,25 @@
 
 # Prints the command that installs the packages $1 (" a b c"), for the
 # person at this machine: as root, with sudo, or with su - when there is no
-# sudo (a fresh Debian has none).
+# sudo (a fresh Debian has none). $2 is the command to run again after it.
 how_to_install() {
     if ! command -v apt-get >/dev/null 2>&1; then
         echo "    with your system's installer (these are Debian's names):$1"
     elif [ "$(id -u)" = 0 ]; then
-        echo "    apt-get install -y$1"
+        echo "    apt-get update && apt-get install -y$1"
     elif command -v sudo >/dev/null 2>&1; then
-        echo "    sudo apt-get install -y$1"
-        echo "(if you may not use sudo: become root with \`su -\`, then run: apt-get install -y$1)"
+        echo "    sudo apt-get update && sudo apt-get install -y$1"
+        echo "(if you may not use sudo: become root with \`su -\`, then run: apt-get update && apt-get install -y$1)"
     else
-        echo "There is no sudo here: become root with \`su -\`, then run: apt-get install -y$1"
-        echo "(then type \`exit\` to be yourself again, and run make again)"
+        echo "    There is no sudo here: become root with \`su -\`, then run: apt-get update && apt-get install -y$1"
+        echo "    Then type \`exit\` to be yourself again, and run \`${2:-make}\` again."
     fi
 }
 
 if [ "${1:-}" = qr ]; then
     command -v qrencode >/dev/null 2>&1 && exit 0
     echo "No QR code: qrencode is not installed (the share link above works without it). Get it with:"
-    how_to_install " qrencode"
+    how_to_install " qrencode" "make qr"
     exit 0
 fi
 
@@ -81,10 +81,10 @@ fi
 
 if [ -n "$needed" ]; then
     echo "Missing to build and test whatsapp_proxy:$needed${demo:+ (and for the demo:$demo)}." >&2
+    [ -z "$optional" ] ||
+        echo "(Optional: add qrencode to the command below, and \`make qr\` also shows the share link as a QR code.)" >&2
     echo "Install them with:" >&2
     how_to_install "$missing" >&2
-    [ -z "$optional" ] ||
-        echo "Optional: add qrencode to that command, and \`make qr\` also shows the share link as a QR code." >&2
     exit 1
 fi
 echo "Note: the demo and the tutorial's checkpoints need$demo (building does not). Install with:" >&2
