@@ -86,12 +86,14 @@ fuzz: deps
 
 # Real peers (HAProxy, curl, openssl s_client), scale-out behind a balancer,
 # and a soak run: scripts in tests/ (tests/README.md). test-peers runs
-# peers.sh, then the differential test beside HAProxy, always both; it
-# fails if either fails.
+# peers.sh, then the differential test beside HAProxy, then the comparison
+# with nginx (does the proxy look like a web server?), always all three;
+# it fails if any fails.
 test-peers: whatsapp_proxy
 	sh tests/peers.sh; peers=$$?; \
 	sh tests/differential.sh; differential=$$?; \
-	[ $$peers -eq 0 ] && [ $$differential -eq 0 ]
+	sh tests/lookalike.sh; lookalike=$$?; \
+	[ $$peers -eq 0 ] && [ $$differential -eq 0 ] && [ $$lookalike -eq 0 ]
 SOAK_SECONDS ?= 60
 soak: whatsapp_proxy
 	sh tests/soak.sh $(SOAK_SECONDS)
@@ -115,8 +117,13 @@ certs:
 install: deps whatsapp_proxy
 	@for dir in $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DEFAULTDIR); do \
 	    while [ ! -e "$$dir" ]; do dir=$$(dirname "$$dir"); done; \
-	    [ -w "$$dir" ] || { echo "make install writes into $$dir, so it needs root: sudo make install"; \
-	        echo "(no sudo? become root with su -, go back to this folder with cd $(CURDIR), then run: make install)"; \
+	    [ -w "$$dir" ] || { echo "make install writes into $$dir, so it needs root."; \
+	        if command -v sudo >/dev/null 2>&1; then \
+	            echo "Run: sudo make install"; \
+	            echo "(if you may not use sudo: become root with su -, go back to this folder with cd $(CURDIR), then run: make install)"; \
+	        else \
+	            echo "There is no sudo here: become root with su -, go back to this folder with cd $(CURDIR), then run: make install"; \
+	        fi; \
 	        exit 1; }; \
 	done
 	install -D -m 0755 whatsapp_proxy $(DESTDIR)$(PREFIX)/bin/whatsapp_proxy
@@ -136,8 +143,13 @@ install: deps whatsapp_proxy
 # `make setcap` again after each rebuild.
 setcap: deps whatsapp_proxy
 	@if [ "$$(id -u)" != 0 ]; then \
-	    echo "make setcap needs root: sudo make setcap"; \
-	    echo "(no sudo? become root with su -, go back to this folder with cd $(CURDIR), then run: make setcap)"; \
+	    echo "make setcap needs root."; \
+	    if command -v sudo >/dev/null 2>&1; then \
+	        echo "Run: sudo make setcap"; \
+	        echo "(if you may not use sudo: become root with su -, go back to this folder with cd $(CURDIR), then run: make setcap)"; \
+	    else \
+	        echo "There is no sudo here: become root with su -, go back to this folder with cd $(CURDIR), then run: make setcap"; \
+	    fi; \
 	    exit 1; \
 	fi
 	@PATH="$$PATH:/usr/sbin:/sbin"; \
@@ -145,7 +157,7 @@ setcap: deps whatsapp_proxy
 	echo "setcap cap_net_bind_service=+ep whatsapp_proxy"; \
 	setcap cap_net_bind_service=+ep whatsapp_proxy
 	@echo "Done: ./whatsapp_proxy may now use ports below 1024 without root."
-	@echo "A rebuild (make) takes this right away again: run make setcap after each one."
+	@echo "A rebuild (make) takes this right away again: run make setcap, as root, after each one."
 
 # Prints what to tell users: the share link and, when qrencode is installed,
 # its QR code, for a phone to scan from the screen. Give the proxy's options

@@ -1689,6 +1689,26 @@ START_TEST(test_made_certificate_is_a_web_servers_own)
 }
 END_TEST
 
+/* The first bytes of a TLS client are judged without a socket: a record
+ * header tells how long the hello is; anything else is not TLS. */
+START_TEST(test_tls_hello_look_knows_whole_partial_and_not_tls)
+{
+    int needed = 0;
+    const uint8_t hello[] = {0x16, 0x03, 0x01, 0x00, 0x04, 1, 2, 3, 4};
+    ck_assert_int_eq(tls_hello_look(hello, 9, &needed), HELLO_WHOLE);
+    ck_assert_int_eq(tls_hello_look(hello, 8, &needed), HELLO_NEED_MORE);
+    ck_assert_int_eq(needed, 9);
+    ck_assert_int_eq(tls_hello_look(hello, 2, &needed), HELLO_NEED_MORE);
+    ck_assert_int_eq(needed, 5);
+    ck_assert_int_eq(tls_hello_look((const uint8_t *)"GET /", 5, &needed),
+                     HELLO_NOT_TLS);
+    ck_assert_int_eq(tls_hello_look((const uint8_t *)"\0", 1, &needed),
+                     HELLO_NOT_TLS);
+    const uint8_t too_long[] = {0x16, 0x03, 0x01, 0x40, 0x01};
+    ck_assert_int_eq(tls_hello_look(too_long, 5, &needed), HELLO_NOT_TLS);
+}
+END_TEST
+
 /* Reads the first certificate of a PEM file and returns its common name. */
 static void pem_common_name(const char *path, char *out, size_t out_size)
 {
@@ -4741,6 +4761,7 @@ static Suite *proxy_suite(void)
 
     t = section("TLS termination", 60);
     tcase_add_test(t, test_made_certificate_is_a_web_servers_own);
+    tcase_add_test(t, test_tls_hello_look_knows_whole_partial_and_not_tls);
     tcase_add_test(t, test_given_certificate_is_served_and_reload_keeps_old_on_bad_file);
     tcase_add_test(t, test_a_key_of_another_certificate_is_named_as_such);
     tcase_add_test(t, test_made_certificate_never_goes_through_a_planted_link);

@@ -2309,6 +2309,30 @@ static SSL *tls_new(int fd)
     return tls;
 }
 
+/* TLS records (RFC 8446, section 5.1): a 5-byte header, type 0x16 for a
+ * handshake message, the version's first byte 3, a 2-byte length of at
+ * most 2^14. A client's first record holds its ClientHello. */
+#define TLS_RECORD_HEADER_BYTES 5
+#define TLS_RECORD_MAX_BYTES 16384
+#define TLS_HANDSHAKE_RECORD 0x16
+
+/* Looks at the first bytes of a client of a TLS port; see
+ * whatsapp_proxy.h. A pure function, like proxyhdr_decode(). */
+enum hello_verdict tls_hello_look(const uint8_t *bytes, size_t seen,
+                                  int *needed)
+{
+    if (bytes[0] != TLS_HANDSHAKE_RECORD || (seen >= 2 && bytes[1] != 3))
+        return HELLO_NOT_TLS;
+    *needed = TLS_RECORD_HEADER_BYTES;
+    if (seen >= TLS_RECORD_HEADER_BYTES) {
+        int length = bytes[3] << 8 | bytes[4];
+        if (length > TLS_RECORD_MAX_BYTES)
+            return HELLO_NOT_TLS;
+        *needed += length;
+    }
+    return seen >= (size_t)*needed ? HELLO_WHOLE : HELLO_NEED_MORE;
+}
+
 /* How far one step took a handshake. */
 enum handshake_progress {
     HANDSHAKE_DONE,        /* finished: the client's bytes can flow */
@@ -3950,8 +3974,10 @@ enum pair_end {
                            upstream gets a reset (RST) */
     END_UPSTREAM_BROKE, /* reset or error on the upstream's side: the
                            client gets close_notify (TLS) and a FIN */
-    END_TIMED_OUT       /* a timeout, or the proxy stops: both sides get
-                           close_notify (TLS) and a FIN */
+    END_TIMED_OUT       /* a timeout, the proxy stops, or it turns a
+                           client away in its first steps: both sides get
+                           close_notify (TLS) and a FIN, as a web server
+                           closes */
 };
 
 /* How many bytes a clean close drops from a socket, at most, so that the
@@ -4033,7 +4059,7 @@ static void relay_close_opening(struct relay_thread *thread,
     if (which != COUNTER_COUNT)
         counter_add(which, 1);
     client_log(pair->listener, &pair->opening->addresses, LOG_DEBUG, what);
-    relay_close(thread, pair, END_CLIENT_BROKE);
+    relay_close(thread, pair, END_TIMED_OUT);
 }
 
 /* Moves what can be moved both ways on pair, then decides its fate: closed
@@ -4320,13 +4346,6 @@ static void pair_read_header(struct relay_thread *thread,
     pair_step_on(thread, pair, PAIR_READING_HEADER, now);
 }
 
-/* TLS records (RFC 8446, section 5.1): a 5-byte header, type 0x16 for a
- * handshake message, the version's first byte 3, a 2-byte length of at
- * most 2^14. A client's first record holds its ClientHello. */
-#define TLS_RECORD_HEADER_BYTES 5
-#define TLS_RECORD_MAX_BYTES 16384
-#define TLS_HANDSHAKE_RECORD 0x16
-
 /* Sets how many bytes side's socket must hold before epoll reports it
  * readable (SO_RCVLOWAT; 1 is the normal), so that a step waiting for a
  * whole record is not woken for each piece of it. A FIN or an error wakes
@@ -4381,18 +4400,13 @@ static void pair_await_hello(struct relay_thread *thread,
                             "closed before its TLS hello");
         return;
     }
-    bool tls = hello[0] == TLS_HANDSHAKE_RECORD && (seen < 2 || hello[1] == 3);
-    int needed = TLS_RECORD_HEADER_BYTES;
-    if (tls && seen >= TLS_RECORD_HEADER_BYTES) {
-        int length = hello[3] << 8 | hello[4];
-        tls = length <= TLS_RECORD_MAX_BYTES;
-        needed += length;
-    }
-    if (!tls) {
+    int needed = 0;
+    enum hello_verdict verdict = tls_hello_look(hello, seen, &needed);
+    if (verdict == HELLO_NOT_TLS) {
         pair_hello_failed(thread, pair, "not TLS on a TLS port", now);
         return;
     }
-    if (seen < (size_t)needed) {
+    if (verdict == HELLO_NEED_MORE) {
         /* Woken while it waited for this very count: a FIN or an error
          * came instead of the rest. */
         if (opening->hello_needed == needed) {

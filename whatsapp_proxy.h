@@ -145,6 +145,20 @@ size_t proxyhdr_encode_v1(const struct proxy_addresses *addresses,
 size_t proxyhdr_encode_v2(const struct proxy_addresses *addresses,
                           uint8_t *out, size_t out_size);
 
+/* ==== 5. TLS termination ==== */
+
+/* What the first bytes of a client of a TLS port say. */
+enum hello_verdict {
+    HELLO_WHOLE,     /* its first TLS record (the ClientHello) is all here */
+    HELLO_NEED_MORE, /* a TLS record, not whole yet: *needed bytes make it */
+    HELLO_NOT_TLS    /* not TLS at all */
+};
+
+/* Looks at bytes[0..seen) (seen >= 1), what a client of a TLS port has
+ * sent so far. */
+enum hello_verdict tls_hello_look(const uint8_t *bytes, size_t seen,
+                                  int *needed);
+
 /* ==== 9. Conversation ==== */
 
 /* What the first bytes a client sends say about it (--decoy). */

@@ -1,0 +1,291 @@
+#!/bin/sh
+# tests/lookalike.sh - does whatsapp_proxy look like a web server to a
+# scanner? nginx serves a small web site over TLS with nginx's own
+# defaults; whatsapp_proxy, with the same certificate, has the same site
+# as its --decoy. The same client asks both the same questions (TLS
+# details, bytes that are not TLS, silence, 17 probes) and the answers are
+# compared; lookalike.py asks and compares, and lists the differences that
+# stay, with their reasons. tests/README.md says what each part proves.
+#
+#   sh tests/lookalike.sh          (or: make test-peers)
+#
+# What runs (all on 127.0.0.1, all started and stopped here by PID):
+#
+#   client --TLS--> nginx "site"   the web site reached directly; a second
+#                                  server in it also has TLS 1.3
+#   client --TLS--> whatsapp_proxy --decoy--> nginx "decoy" (plain HTTP,
+#                                  the same site)
+#                                  --WhatsApp--> fake chat server (in
+#                                  lookalike.py: a probe there is a leak)
+#   client --TLS--> whatsapp_proxy --decoy-send-proxy v1--> nginx "decoy"'s
+#                                  proxy_protocol listener, which takes the
+#                                  visitor's address from the header
+#
+# Output: one line per check, "ok - ..." or "not ok - ...", then
+# "N passed, N failed". Exit status 0 only if nothing failed.
+
+set -u
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+PROXY=${LOOKALIKE_PROXY:-${PEERS_PROXY:-$ROOT/whatsapp_proxy}}
+TOOL="$HERE/peer_tool.py"
+STARTUP_S=10          # the longest wait for any server to listen
+RUN_LIMIT_S=150       # the longest wait for lookalike.py to finish
+PASSED=0
+FAILED=0
+
+# ---- 1. Reporting --------------------------------------------------------
+
+ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
+not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
+
+# ---- 2. Tools ------------------------------------------------------------
+
+# nginx lives in /usr/sbin, which an ordinary user's PATH may lack.
+PATH="$PATH:/usr/sbin:/sbin"
+
+# Installs (as root) or names the Debian packages that are missing. An
+# apt-get that runs already holds dpkg's lock: wait for it, up to 5 min.
+# Installing nginx starts Debian's own nginx service on port 80; this
+# test runs its own, so it stops that one (only if it installed it).
+tools_check() {
+    missing=""
+    command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
+    command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+    command -v python3 >/dev/null 2>&1 || missing="$missing python3"
+    [ -z "$missing" ] && return 0
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "# installing:$missing"
+        apt-get -o DPkg::Lock::Timeout=300 update >/dev/null &&
+            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
+                install -y $missing >/dev/null ||
+            { echo "apt-get install$missing failed" >&2; exit 1; }
+        case $missing in
+        *nginx*)
+            if [ -s /run/nginx.pid ]; then
+                echo "# stopping the nginx service the package started"
+                nginx -s stop >/dev/null 2>&1
+            fi ;;
+        esac
+    else
+        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
+        exit 1
+    fi
+}
+tools_check
+[ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
+for module in http_ssl_module http_realip_module; do
+    nginx -V 2>&1 | grep -q "with-$module" || {
+        echo "this nginx lacks $module (Debian's nginx-light has it)" >&2
+        exit 1
+    }
+done
+
+# ---- 3. Processes: started here, stopped here by PID ---------------------
+
+TMP=$(mktemp -d /tmp/wp-lookalike.XXXXXX)
+# nginx started by root runs its workers as another user, who must be
+# able to read the site in here.
+chmod 755 "$TMP"
+PIDS=""
+
+# start NAME COMMAND...: runs COMMAND in the background, its output in
+# $TMP/NAME.log, and remembers its PID in the variable pid_NAME.
+start() {
+    name=$1
+    shift
+    "$@" >"$TMP/$name.log" 2>&1 &
+    eval "pid_$name=$!"
+    PIDS="$PIDS $!"
+}
+
+# running() and stop_pid(): see lib.sh.
+. "$HERE/lib.sh"
+
+cleanup() {
+    for pid in $PIDS; do
+        stop_pid "$pid"
+    done
+    if [ "$FAILED" -gt 0 ] || [ -n "${LOOKALIKE_KEEP:-${PEERS_KEEP:-}}" ]; then
+        echo "# logs kept in $TMP"
+    else
+        rm -rf "$TMP"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM HUP
+
+# wait_listen PORT WHAT LOG [optional]: waits (bounded) until PORT
+# listens. Without "optional" it stops the run if it never does, since
+# every later check would fail for that reason.
+wait_listen() {
+    python3 "$TOOL" wait-listen "$1" "$STARTUP_S" && return 0
+    not_ok "$2 listens on port $1 within ${STARTUP_S} s (log: $TMP/$3.log)"
+    sed 's/^/#   /' "$TMP/$3.log"
+    [ "${4:-}" = optional ] && return 1
+    echo "$PASSED passed, $FAILED failed"
+    exit 1
+}
+
+# ---- 4. Ports, certificate, site and configurations ----------------------
+
+# Ports below the ephemeral range, checked free (peer_tool.py ports).
+set -- $(python3 "$TOOL" ports 7)
+SITE=$1 SITE13=$2 DECOY=$3 DECOY_PP=$4 WP=$5 WP_TOLD=$6 CHAT=$7
+
+# One certificate for nginx and whatsapp_proxy: ECDSA P-256, self-signed,
+# for proxy.example.org (a scanner compares certificates too; here they
+# are the same on purpose).
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
+    -keyout "$TMP/key.pem" -out "$TMP/cert.pem" -days 2 \
+    -subj /CN=proxy.example.org -addext subjectAltName=DNS:proxy.example.org \
+    >"$TMP/openssl.log" 2>&1 || { echo "openssl req failed" >&2; exit 1; }
+
+# The web site: a page with a known body, and a page for local visitors
+# only (as /server-status often is).
+mkdir "$TMP/www"
+echo "lookalike test site" >"$TMP/www/index.html"
+echo "for local visitors only" >"$TMP/www/local-only"
+chmod -R a+rX "$TMP/www"
+
+# nginx_config NAME SERVERS: an nginx configuration in $TMP/NAME.conf with
+# nginx's own defaults, in the foreground (stopped by PID), one worker,
+# its logs and temporary files in $TMP. The access log names the visitor
+# as nginx sees it ($remote_addr) and as a PROXY header said
+# ($proxy_protocol_addr). SERVERS: the server blocks.
+nginx_config() {
+    mkdir "$TMP/$1"
+    cat >"$TMP/$1.conf" <<EOF
+daemon off;
+worker_processes 1;
+pid $TMP/$1/nginx.pid;
+error_log $TMP/$1.error.log info;
+events { worker_connections 256; }
+http {
+  log_format visitors '\$remote_addr \$proxy_protocol_addr "\$request" \$status';
+  access_log $TMP/$1.access.log visitors;
+  client_body_temp_path $TMP/$1/body;
+  proxy_temp_path $TMP/$1/proxy;
+  fastcgi_temp_path $TMP/$1/fastcgi;
+  uwsgi_temp_path $TMP/$1/uwsgi;
+  scgi_temp_path $TMP/$1/scgi;
+$2
+}
+EOF
+}
+
+# The site's pages, the same in every server block.
+PAGES="    root $TMP/www;
+    location = /local-only { allow 127.0.0.1; deny all; }"
+
+# nginx "site": the web site reached directly over TLS. No ssl_* option
+# but the certificate: nginx's defaults are the point. The second server
+# is the same with TLS 1.3 on (nginx 1.22's default list lacks it; see
+# TLS_1_3_NOTE in lookalike.py): the TLS 1.3 questions go there.
+nginx_config site "  server {
+    listen 127.0.0.1:$SITE ssl;
+    ssl_certificate $TMP/cert.pem;
+    ssl_certificate_key $TMP/key.pem;
+$PAGES
+  }
+  server {
+    listen 127.0.0.1:$SITE13 ssl;
+    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+    ssl_certificate $TMP/cert.pem;
+    ssl_certificate_key $TMP/key.pem;
+$PAGES
+  }"
+
+# nginx "decoy": the same site in plain HTTP, as whatsapp_proxy's decoy
+# (the proxy ends TLS and hands it the decrypted bytes). Its second
+# listener takes a PROXY header first, and real_ip makes the visitor's
+# address in it the one the access rules and the log see.
+nginx_config decoy "  server {
+    listen 127.0.0.1:$DECOY;
+    listen 127.0.0.1:$DECOY_PP proxy_protocol;
+    set_real_ip_from 127.0.0.1;
+    real_ip_header proxy_protocol;
+$PAGES
+  }"
+
+# nginx_run NAME [nginx options]: becomes nginx (exec, so that the PID
+# start() keeps is nginx's own) with configuration NAME, its prefix and
+# its first log (before the configuration is read) in $TMP. Run it in a
+# subshell or through start(), never in the script's own shell.
+nginx_run() {
+    name=$1
+    shift
+    exec nginx -c "$TMP/$name.conf" -p "$TMP/$name" \
+        -e "$TMP/$name.error.log" "$@"
+}
+
+for name in site decoy; do
+    if (nginx_run "$name" -t -q) >"$TMP/$name.check" 2>&1; then
+        ok "nginx accepts the $name configuration"
+    else
+        not_ok "nginx accepts the $name configuration"
+        sed 's/^/#   /' "$TMP/$name.check"
+    fi
+done
+
+# ---- 5. Start everything -------------------------------------------------
+
+echo "# $(nginx -v 2>&1); $(openssl version); $(python3 --version)"
+start nginx_site nginx_run site
+start nginx_decoy nginx_run decoy
+for port in $SITE $SITE13; do
+    wait_listen "$port" "nginx site" nginx_site
+done
+for port in $DECOY $DECOY_PP; do
+    wait_listen "$port" "nginx decoy" nginx_decoy
+done
+
+# whatsapp_proxy: the same certificate, the site's plain twin as its decoy,
+# the fake chat server as its upstream (PROXY v2 header, its default).
+wp() {
+    name=$1
+    shift
+    start "$name" "$PROXY" --stats off --grace 1 --cert "$TMP/cert.pem" \
+        --key "$TMP/key.pem" --upstream "127.0.0.1:$CHAT" "$@"
+}
+wp wp_main --listen "127.0.0.1:$WP/tls" --decoy "127.0.0.1:$DECOY"
+wp wp_told --listen "127.0.0.1:$WP_TOLD/tls" --decoy "127.0.0.1:$DECOY_PP" \
+    --decoy-send-proxy v1
+wait_listen "$WP" "whatsapp_proxy --decoy" wp_main
+# Without --decoy-send-proxy (an older binary) only part (5) fails.
+wait_listen "$WP_TOLD" "whatsapp_proxy --decoy-send-proxy v1" wp_told \
+    optional
+
+# ---- 6. The questions (lookalike.py prints its own lines) ----------------
+
+start ask python3 -u "$HERE/lookalike.py" run "$TMP/counts" \
+    "nginx=$SITE" "nginx13=$SITE13" "proxy=$WP" "told=$WP_TOLD" \
+    "chat=$CHAT" "decoy_log=$TMP/decoy.access.log"
+i=0
+while running "$pid_ask" && [ $i -lt $((RUN_LIMIT_S * 10)) ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+cat "$TMP/ask.log"
+if [ -r "$TMP/counts" ]; then
+    counts=$(cat "$TMP/counts")
+    PASSED=$((PASSED + $(echo "$counts" | sed 's/.*passed=\([0-9]*\).*/\1/')))
+    FAILED=$((FAILED + $(echo "$counts" | sed 's/.*failed=\([0-9]*\).*/\1/')))
+else
+    not_ok "lookalike.py finished its run within $RUN_LIMIT_S s"
+fi
+
+# ---- 7. Everything is still alive (no crash along the way) ----------------
+
+for name in nginx_site nginx_decoy wp_main wp_told; do
+    eval "pid=\$pid_$name"
+    if running "$pid"; then
+        ok "$name is still running at the end"
+    else
+        not_ok "$name is still running at the end (log: $TMP/$name.log)"
+    fi
+done
+
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
