@@ -5523,12 +5523,12 @@ static void stats_render_page(struct text *out)
         "th{background:#eee}.up{color:#080}.down{color:#b00;font-weight:bold}"
         "</style></head><body>\n<h1>" PROGRAM_NAME " " PROGRAM_VERSION
         "</h1>\n<p class=\"%s\" style=\"font-size:1.3em\">%s</p>\n"
-        "<p>Up for %lld d %02lld:%02lld:%02lld. <b>%u</b> connections now "
+        "<p>Up for %lld d %02lld:%02lld:%02lld. <b>%u</b> connection%s now "
         "(limit %u). Relayed: %s to WhatsApp, %s to users.</p>\n",
         STATS_REFRESH_SECONDS, well ? "up" : "down", status, uptime / 86400,
         uptime % 86400 / 3600, uptime % 3600 / 60, uptime % 60,
-        proxy_connections_now(), state.settings->maxconn, to_servers,
-        to_clients);
+        proxy_connections_now(), proxy_connections_now() == 1 ? "" : "s",
+        state.settings->maxconn, to_servers, to_clients);
 
     char link[HOST_NAME_BYTES + 128];
     if (share_link_for(state.settings, link, sizeof link)) {
@@ -6171,11 +6171,12 @@ void proxy_run(void)
     unsigned open_now = proxy_connections_now();
     if (open_now > 0)
         log_line(LOG_INFO, "stopping: no new clients; waiting up to %.0f s "
-                 "for %u connections to end", state.settings->grace_ms /
-                 1000.0, open_now);
+                 "for %u connection%s to end", state.settings->grace_ms /
+                 1000.0, open_now, open_now == 1 ? "" : "s");
     unsigned left = connections_drain(state.settings->grace_ms); /* step 2 */
     if (left > 0)
-        log_line(LOG_INFO, "grace period over: closing %u connections", left);
+        log_line(LOG_INFO, "grace period over: closing %u connection%s", left,
+                 left == 1 ? "" : "s");
 
     eventfd_write(state.abort_fd, 1);                         /* step 3 */
     pthread_join(state.health_thread, NULL);
