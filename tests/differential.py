@@ -39,7 +39,6 @@ lines with what was seen, and "passed=N failed=N" in COUNTS_FILE.
 """
 
 import hashlib
-import os
 import random
 import select
 import socket
@@ -50,7 +49,8 @@ import threading
 import time
 
 sys.dont_write_bytecode = True   # no __pycache__ left in tests/
-from peer_tool import listening, read_line, read_proxy_header  # noqa: E402
+from peer_tool import (Report, read_line, read_proxy_header,  # noqa: E402
+                       start_watchdog, wait_listening)
 
 MIB = 1 << 20
 IO_TIMEOUT_S = 15        # every socket operation here gives up after this
@@ -684,16 +684,7 @@ def play(scenario, ports, recorder):
 
 # ---- comparing ----------------------------------------------------------
 
-class Report:
-    def __init__(self):
-        self.passed = self.failed = 0
-
-    def check(self, good, text):
-        if good:
-            self.passed += 1
-        else:
-            self.failed += 1
-        print(("ok - " if good else "not ok - ") + text, flush=True)
+# Report (one line and one count per check): see peer_tool.py.
 
 
 def same(field, a, b):
@@ -751,12 +742,8 @@ def run(counts_file, port_lists):
     ports = {side: dict(zip(keys, map(int, port_lists[side].split(","))))
              for side in SIDES}
     recorders = {side: Recorder(ports[side]["up"]) for side in SIDES}
-    deadline = time.monotonic() + STARTUP_S
-    for side in SIDES:
-        for key in ("plain", "tls", "dead", "late"):
-            while (not listening(ports[side][key])
-                   and time.monotonic() < deadline):
-                time.sleep(0.05)
+    wait_listening([ports[side][key] for side in SIDES
+                    for key in ("plain", "tls", "dead", "late")], STARTUP_S)
     report = Report()
     for scenario in SCENARIOS:
         # Both proxies at once, each in a thread of its own.
@@ -787,20 +774,14 @@ def run(counts_file, port_lists):
                      "%s: every upstream connection said its scenario%s" % (
                          side, "".join(" (one ended: %s)" % seen.end
                                        for seen in connections)))
-    with open(counts_file, "w") as counts:
-        counts.write("passed=%d failed=%d\n" % (report.passed, report.failed))
+    report.save(counts_file)
     return 0
 
 
 def main(argv):
     if len(argv) == 5 and argv[1] == "run":
         port_lists = dict(arg.split("=", 1) for arg in argv[3:])
-        # The run's own limit: whatever hangs, the process ends.
-        watchdog = threading.Timer(RUN_LIMIT_S, lambda: (
-            print("not ok - the run took over %d s" % RUN_LIMIT_S, flush=True),
-            os._exit(1)))
-        watchdog.daemon = True
-        watchdog.start()
+        start_watchdog(RUN_LIMIT_S)   # whatever hangs, the process ends
         return run(argv[2], port_lists)
     sys.stderr.write(__doc__)
     return 2

@@ -33,77 +33,23 @@ RUN_LIMIT_S=180       # the longest wait for differential.py to finish
 PASSED=0
 FAILED=0
 
-# ---- 1. Reporting --------------------------------------------------------
-
-ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
-
-# ---- 2. Tools ------------------------------------------------------------
-
-# Installs (as root) or names the Debian packages that are missing. An
-# apt-get that runs already holds dpkg's lock: wait for it, up to 5 min.
-tools_check() {
-    missing=""
-    command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
-    command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
-    command -v python3 >/dev/null 2>&1 || missing="$missing python3"
-    [ -z "$missing" ] && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "# installing:$missing"
-        apt-get -o DPkg::Lock::Timeout=300 update >/dev/null &&
-            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-                install -y $missing >/dev/null ||
-            { echo "apt-get install$missing failed" >&2; exit 1; }
-    else
-        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
-        exit 1
-    fi
-}
-tools_check
-[ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
-
-# ---- 3. Processes: started here, stopped here by PID ---------------------
-
-TMP=$(mktemp -d /tmp/wp-differential.XXXXXX)
-PIDS=""
-
-# start NAME COMMAND...: runs COMMAND in the background, its output in
-# $TMP/NAME.log, and remembers its PID in the variable pid_NAME.
-start() {
-    name=$1
-    shift
-    "$@" >"$TMP/$name.log" 2>&1 &
-    eval "pid_$name=$!"
-    PIDS="$PIDS $!"
-}
-
-# running() and stop_pid(): see lib.sh.
+# ok, not_ok, show_log, need, install_missing, new_run, start, cleanup,
+# wait_listen, add_counts, still_running: see lib.sh.
 . "$HERE/lib.sh"
 
-cleanup() {
-    for pid in $PIDS; do
-        stop_pid "$pid"
-    done
-    if [ "$FAILED" -gt 0 ] || [ -n "${PEERS_KEEP:-}" ]; then
-        echo "# logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM HUP
+# ---- 1. Tools ------------------------------------------------------------
 
-# wait_listen PORT WHAT LOG: waits (bounded) until PORT listens; stops the
-# run if it never does, since every later check would fail for that reason.
-wait_listen() {
-    python3 "$TOOL" wait-listen "$1" "$STARTUP_S" && return 0
-    not_ok "$2 listens on port $1 within ${STARTUP_S} s (log: $TMP/$3.log)"
-    sed 's/^/#   /' "$TMP/$3.log"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
-}
+need haproxy haproxy
+need openssl openssl
+need python3 python3
+install_missing
+[ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
 
-# ---- 4. Ports, certificate and configuration ----------------------------
+# ---- 2. Processes: started here, stopped here by PID ---------------------
+
+new_run wp-differential "${PEERS_KEEP:-}"
+
+# ---- 3. Ports, certificate and configuration ----------------------------
 
 # Ports below the ephemeral range, checked free (peer_tool.py ports). For
 # each proxy: plain front, TLS front, dead front, late front, recording
@@ -184,10 +130,10 @@ if haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy.check" 2>&1; then
     ok "haproxy accepts the configuration"
 else
     not_ok "haproxy accepts the configuration"
-    sed 's/^/#   /' "$TMP/haproxy.check"
+    show_log "$TMP/haproxy.check"
 fi
 
-# ---- 5. Start everything -------------------------------------------------
+# ---- 4. Start everything -------------------------------------------------
 
 # The recording upstreams listen first (HAProxy checks its server at once).
 echo "# $(haproxy -v | head -n 1); $(openssl version); $(python3 --version)"
@@ -213,32 +159,13 @@ wait_listen "$W_DEAD" "whatsapp_proxy (dead upstream)" wp_dead
 wait_listen "$W_LATE" "whatsapp_proxy (late upstream)" wp_late
 wait_listen "$H_LATE" "haproxy" haproxy
 
-# ---- 6. The scenarios (differential.py prints its own lines) -------------
+# ---- 5. The scenarios (differential.py prints its own lines) -------------
 
-i=0
-while running "$pid_diff" && [ $i -lt $((RUN_LIMIT_S * 10)) ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
-cat "$TMP/diff.log"
-if [ -r "$TMP/counts" ]; then
-    counts=$(cat "$TMP/counts")
-    PASSED=$((PASSED + $(echo "$counts" | sed 's/.*passed=\([0-9]*\).*/\1/')))
-    FAILED=$((FAILED + $(echo "$counts" | sed 's/.*failed=\([0-9]*\).*/\1/')))
-else
-    not_ok "differential.py finished its run within $RUN_LIMIT_S s"
-fi
+add_counts diff differential.py
 
-# ---- 7. Every proxy is still alive (no crash along the way) ---------------
+# ---- 6. Every proxy is still alive (no crash along the way) ---------------
 
-for name in wp_main wp_dead wp_late haproxy; do
-    eval "pid=\$pid_$name"
-    if running "$pid"; then
-        ok "$name is still running at the end"
-    else
-        not_ok "$name is still running at the end (log: $TMP/$name.log)"
-    fi
-done
+still_running wp_main wp_dead wp_late haproxy
 
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

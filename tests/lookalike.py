@@ -46,7 +46,8 @@ import threading
 import time
 
 sys.dont_write_bytecode = True   # no __pycache__ left in tests/
-from peer_tool import listening, read_proxy_header  # noqa: E402
+from peer_tool import (Report, read_proxy_header,  # noqa: E402
+                       start_watchdog, wait_listening)
 
 HOST = "proxy.example.org"   # the certificate's name, and the Host header
 PROBE_WAIT_S = 3             # how long a probe waits for an answer
@@ -912,16 +913,7 @@ MUST_REACH_CHAT = {
 
 # ---- 6. Running and reporting ---------------------------------------------
 
-class Report:
-    def __init__(self):
-        self.passed = self.failed = 0
-
-    def check(self, good, text):
-        if good:
-            self.passed += 1
-        else:
-            self.failed += 1
-        print(("ok - " if good else "not ok - ") + text, flush=True)
+# Report (one line and one count per check): see peer_tool.py.
 
 
 def run_comparison(row, ports):
@@ -1016,10 +1008,8 @@ def run(counts_file, options):
     ports = {key: int(options[key])
              for key in ("nginx", "nginx13", "proxy", "told", "chat")}
     chat = ChatServer(ports["chat"])
-    deadline = time.monotonic() + STARTUP_S
-    for key in ("nginx", "nginx13", "proxy"):
-        while not listening(ports[key]) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    wait_listening([ports[key] for key in ("nginx", "nginx13", "proxy")],
+                   STARTUP_S)
     rows = comparisons()
 
     def one_by_one(batch):
@@ -1075,20 +1065,14 @@ def run(counts_file, options):
                          " (also %d from other clients, e.g. openssl "
                          "s_client's, and %d without a PROXY header)"
                          % (len(strays), len(others))))
-    with open(counts_file, "w") as counts:
-        counts.write("passed=%d failed=%d\n" % (report.passed, report.failed))
+    report.save(counts_file)
     return 0
 
 
 def main(argv):
     if len(argv) >= 3 and argv[1] == "run":
         options = dict(arg.split("=", 1) for arg in argv[3:])
-        # The run's own limit: whatever hangs, the process ends.
-        watchdog = threading.Timer(RUN_LIMIT_S, lambda: (
-            print("not ok - the run took over %d s" % RUN_LIMIT_S,
-                  flush=True), os._exit(1)))
-        watchdog.daemon = True
-        watchdog.start()
+        start_watchdog(RUN_LIMIT_S)   # whatever hangs, the process ends
         return run(argv[2], options)
     sys.stderr.write(__doc__)
     return 2

@@ -35,45 +35,29 @@ RUN_LIMIT_S=150       # the longest wait for lookalike.py to finish
 PASSED=0
 FAILED=0
 
-# ---- 1. Reporting --------------------------------------------------------
+# ok, not_ok, show_log, need, install_missing, new_run, start, cleanup,
+# wait_listen, add_counts, still_running: see lib.sh.
+. "$HERE/lib.sh"
 
-ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
-
-# ---- 2. Tools ------------------------------------------------------------
+# ---- 1. Tools ------------------------------------------------------------
 
 # nginx lives in /usr/sbin, which an ordinary user's PATH may lack.
 PATH="$PATH:/usr/sbin:/sbin"
 
-# Installs (as root) or names the Debian packages that are missing. An
-# apt-get that runs already holds dpkg's lock: wait for it, up to 5 min.
+need nginx nginx-light
+need openssl openssl
+need python3 python3
+install_missing
 # Installing nginx starts Debian's own nginx service on port 80; this
-# test runs its own, so it stops that one (only if it installed it).
-tools_check() {
-    missing=""
-    command -v nginx >/dev/null 2>&1 || missing="$missing nginx-light"
-    command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
-    command -v python3 >/dev/null 2>&1 || missing="$missing python3"
-    [ -z "$missing" ] && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "# installing:$missing"
-        apt-get -o DPkg::Lock::Timeout=300 update >/dev/null &&
-            DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 \
-                install -y $missing >/dev/null ||
-            { echo "apt-get install$missing failed" >&2; exit 1; }
-        case $missing in
-        *nginx*)
-            if [ -s /run/nginx.pid ]; then
-                echo "# stopping the nginx service the package started"
-                nginx -s stop >/dev/null 2>&1
-            fi ;;
-        esac
-    else
-        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
-        exit 1
-    fi
-}
-tools_check
+# test runs its own, so it stops that one (only if it installed it: a
+# MISSING that is not empty after install_missing was just installed).
+case ${MISSING:-} in
+*nginx*)
+    if [ -s /run/nginx.pid ]; then
+        echo "# stopping the nginx service the package started"
+        nginx -s stop >/dev/null 2>&1
+    fi ;;
+esac
 [ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
 for module in http_ssl_module http_realip_module; do
     nginx -V 2>&1 | grep -q "with-$module" || {
@@ -82,53 +66,14 @@ for module in http_ssl_module http_realip_module; do
     }
 done
 
-# ---- 3. Processes: started here, stopped here by PID ---------------------
+# ---- 2. Processes: started here, stopped here by PID ---------------------
 
-TMP=$(mktemp -d /tmp/wp-lookalike.XXXXXX)
+new_run wp-lookalike "${LOOKALIKE_KEEP:-${PEERS_KEEP:-}}"
 # nginx started by root runs its workers as another user, who must be
 # able to read the site in here.
 chmod 755 "$TMP"
-PIDS=""
 
-# start NAME COMMAND...: runs COMMAND in the background, its output in
-# $TMP/NAME.log, and remembers its PID in the variable pid_NAME.
-start() {
-    name=$1
-    shift
-    "$@" >"$TMP/$name.log" 2>&1 &
-    eval "pid_$name=$!"
-    PIDS="$PIDS $!"
-}
-
-# running() and stop_pid(): see lib.sh.
-. "$HERE/lib.sh"
-
-cleanup() {
-    for pid in $PIDS; do
-        stop_pid "$pid"
-    done
-    if [ "$FAILED" -gt 0 ] || [ -n "${LOOKALIKE_KEEP:-${PEERS_KEEP:-}}" ]; then
-        echo "# logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM HUP
-
-# wait_listen PORT WHAT LOG [optional]: waits (bounded) until PORT
-# listens. Without "optional" it stops the run if it never does, since
-# every later check would fail for that reason.
-wait_listen() {
-    python3 "$TOOL" wait-listen "$1" "$STARTUP_S" && return 0
-    not_ok "$2 listens on port $1 within ${STARTUP_S} s (log: $TMP/$3.log)"
-    sed 's/^/#   /' "$TMP/$3.log"
-    [ "${4:-}" = optional ] && return 1
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
-}
-
-# ---- 4. Ports, certificate, site and configurations ----------------------
+# ---- 3. Ports, certificate, site and configurations ----------------------
 
 # Ports below the ephemeral range, checked free (peer_tool.py ports).
 set -- $(python3 "$TOOL" ports 7)
@@ -225,11 +170,11 @@ for name in site decoy; do
         ok "nginx accepts the $name configuration"
     else
         not_ok "nginx accepts the $name configuration"
-        sed 's/^/#   /' "$TMP/$name.check"
+        show_log "$TMP/$name.check"
     fi
 done
 
-# ---- 5. Start everything -------------------------------------------------
+# ---- 4. Start everything -------------------------------------------------
 
 echo "# $(nginx -v 2>&1); $(openssl version); $(python3 --version)"
 start nginx_site nginx_run site
@@ -257,35 +202,16 @@ wait_listen "$WP" "whatsapp_proxy --decoy" wp_main
 wait_listen "$WP_TOLD" "whatsapp_proxy --decoy-send-proxy v1" wp_told \
     optional
 
-# ---- 6. The questions (lookalike.py prints its own lines) ----------------
+# ---- 5. The questions (lookalike.py prints its own lines) ----------------
 
 start ask python3 -u "$HERE/lookalike.py" run "$TMP/counts" \
     "nginx=$SITE" "nginx13=$SITE13" "proxy=$WP" "told=$WP_TOLD" \
     "chat=$CHAT" "decoy_log=$TMP/decoy.access.log"
-i=0
-while running "$pid_ask" && [ $i -lt $((RUN_LIMIT_S * 10)) ]; do
-    sleep 0.1
-    i=$((i + 1))
-done
-cat "$TMP/ask.log"
-if [ -r "$TMP/counts" ]; then
-    counts=$(cat "$TMP/counts")
-    PASSED=$((PASSED + $(echo "$counts" | sed 's/.*passed=\([0-9]*\).*/\1/')))
-    FAILED=$((FAILED + $(echo "$counts" | sed 's/.*failed=\([0-9]*\).*/\1/')))
-else
-    not_ok "lookalike.py finished its run within $RUN_LIMIT_S s"
-fi
+add_counts ask lookalike.py
 
-# ---- 7. Everything is still alive (no crash along the way) ----------------
+# ---- 6. Everything is still alive (no crash along the way) ----------------
 
-for name in nginx_site nginx_decoy wp_main wp_told; do
-    eval "pid=\$pid_$name"
-    if running "$pid"; then
-        ok "$name is still running at the end"
-    else
-        not_ok "$name is still running at the end (log: $TMP/$name.log)"
-    fi
-done
+still_running nginx_site nginx_decoy wp_main wp_told
 
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """peer_tool.py - the small programs that tests/peers.sh needs around
-whatsapp_proxy and HAProxy. Standard library only (Python 3.7 or newer).
+whatsapp_proxy and HAProxy, and the pieces that differential.py and
+lookalike.py share (they import them from here): listening(),
+wait_listening(), read_proxy_header(), read_line(), Report and
+start_watchdog(). Standard library only (Python 3.7 or newer).
 
     peer_tool.py ports N             print N free TCP ports on 127.0.0.1
     peer_tool.py wait-listen PORT S  wait up to S seconds until something
@@ -84,13 +87,21 @@ def listening(port):
     return False
 
 
-def wait_listen(port, seconds):
+def wait_listening(ports, seconds):
+    """Waits until every port in ports listens, seconds at most in all (one
+    deadline for the lot, not one each). True if they all do in time."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if listening(port):
-            return 0
-        time.sleep(0.05)
-    return 1
+    for port in ports:
+        while not listening(port):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+    return True
+
+
+def wait_listen(port, seconds):
+    """The wait-listen command: its exit status, 0 if port listens in time."""
+    return 0 if wait_listening([port], seconds) else 1
 
 
 # ---- the PROXY header, as a receiver reads it ---------------------------
@@ -152,6 +163,42 @@ def read_proxy_header(sock):
                 return "v1-unknown", "-", "-", b""
             return "bad", "-", "-", b""
     return "none", "-", "-", b""
+
+
+# ---- reporting, for differential.py and lookalike.py ---------------------
+
+class Report:
+    """Counts the checks of a run and prints one line for each, "ok - ..."
+    or "not ok - ...", as the shell scripts do (lib.sh's ok and not_ok).
+    save() writes the counts, "passed=N failed=N", to the file that the
+    calling script reads back (lib.sh's add_counts), so that one summary
+    line covers the shell's checks and these."""
+
+    def __init__(self):
+        self.passed = self.failed = 0
+
+    def check(self, good, text):
+        if good:
+            self.passed += 1
+        else:
+            self.failed += 1
+        print(("ok - " if good else "not ok - ") + text, flush=True)
+
+    def save(self, counts_file):
+        with open(counts_file, "w") as counts:
+            counts.write("passed=%d failed=%d\n" % (self.passed, self.failed))
+
+
+def start_watchdog(limit_s):
+    """The run's own limit: whatever hangs (a socket, a thread, a peer that
+    never answers), after limit_s seconds the process prints a failed check
+    and ends at once. No counts file is written then, which the calling
+    script reports as a run that did not finish."""
+    watchdog = threading.Timer(limit_s, lambda: (
+        print("not ok - the run took over %d s" % limit_s, flush=True),
+        os._exit(1)))
+    watchdog.daemon = True
+    watchdog.start()
 
 
 # ---- the fake chat server ----------------------------------------------

@@ -33,10 +33,11 @@ STARTUP_S=10          # the longest wait for any server to listen
 PASSED=0
 FAILED=0
 
-# ---- 1. Reporting --------------------------------------------------------
+# ok, not_ok, show_log, field, need, install_missing, new_run, start,
+# running, cleanup, wait_listen, still_running: see lib.sh.
+. "$HERE/lib.sh"
 
-ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
+# ---- 1. Reporting --------------------------------------------------------
 
 # check DESCRIPTION EXPECTED ACTUAL: ok if the two strings are equal.
 check_equal() {
@@ -47,74 +48,18 @@ check_equal() {
     fi
 }
 
-# Prints the value of KEY in a "key=value key=value" line.
-field() {
-    printf '%s\n' "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
-}
-
 # ---- 2. Tools ------------------------------------------------------------
 
-# Installs (as root) or names the Debian packages that are missing.
-tools_check() {
-    missing=""
-    command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
-    command -v curl >/dev/null 2>&1 || missing="$missing curl"
-    command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
-    command -v python3 >/dev/null 2>&1 || missing="$missing python3"
-    [ -z "$missing" ] && return 0
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "# installing:$missing"
-        apt-get update >/dev/null &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y $missing >/dev/null ||
-            { echo "apt-get install$missing failed" >&2; exit 1; }
-    else
-        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
-        exit 1
-    fi
-}
-tools_check
+need haproxy haproxy
+need curl curl
+need openssl openssl
+need python3 python3
+install_missing
 [ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
 
 # ---- 3. Processes: started here, stopped here by PID ---------------------
 
-TMP=$(mktemp -d /tmp/wp-peers.XXXXXX)
-PIDS=""
-
-# start NAME COMMAND...: runs COMMAND in the background, its output in
-# $TMP/NAME.log, and remembers its PID in the variable pid_NAME.
-start() {
-    name=$1
-    shift
-    "$@" >"$TMP/$name.log" 2>&1 &
-    eval "pid_$name=$!"
-    PIDS="$PIDS $!"
-}
-
-# running() and stop_pid(): see lib.sh.
-. "$HERE/lib.sh"
-
-cleanup() {
-    for pid in $PIDS; do
-        stop_pid "$pid"
-    done
-    if [ "$FAILED" -gt 0 ] || [ -n "${PEERS_KEEP:-}" ]; then
-        echo "# logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM HUP
-
-# wait_listen PORT WHAT: waits (bounded) until PORT listens; stops the run
-# if it never does, since every later check would fail for that reason.
-wait_listen() {
-    python3 "$TOOL" wait-listen "$1" "$STARTUP_S" && return 0
-    not_ok "$2 listens on port $1 within ${STARTUP_S} s (log: $TMP/$3.log)"
-    sed 's/^/#   /' "$TMP/$3.log"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
-}
+new_run wp-peers "${PEERS_KEEP:-}"
 
 # Starts one whatsapp_proxy: wp NAME ARGS... (short grace, no stats page,
 # its made certificate in the temporary folder).
@@ -199,7 +144,7 @@ for cfg in front back; do
         ok "haproxy accepts the $cfg configuration"
     else
         not_ok "haproxy accepts the $cfg configuration"
-        sed 's/^/#   /' "$TMP/$cfg.check"
+        show_log "$TMP/$cfg.check"
     fi
 done
 
@@ -324,7 +269,7 @@ if grep -q "alert protocol version" "$TMP/tls11.out"; then
     ok "(c) TLS 1.1 is refused with a protocol_version alert (SPEC: TLS 1.2 minimum)"
 else
     not_ok "(c) TLS 1.1 is refused with a protocol_version alert (SPEC: TLS 1.2 minimum)"
-    sed 's/^/#   /' "$TMP/tls11.out"
+    show_log "$TMP/tls11.out"
 fi
 
 # ---- 9. (d) Two proxies behind one balancer --------------------------------
@@ -391,7 +336,7 @@ if grep -q "$victim_name is DOWN" "$TMP/front.log"; then
     ok "(d) haproxy's health check marks the stopped proxy DOWN"
 else
     not_ok "(d) haproxy's health check marks the stopped proxy DOWN"
-    sed 's/^/#   /' "$TMP/front.log"
+    show_log "$TMP/front.log"
 fi
 good=0
 for i in $(seq 10); do
@@ -435,14 +380,7 @@ fi
 
 # ---- 10. Every process is still alive (no crash along the way) ------------
 
-for name in up_a up_b wp_a wp_v1 wp_v2 back front; do
-    eval "pid=\$pid_$name"
-    if running "$pid"; then
-        ok "$name is still running at the end"
-    else
-        not_ok "$name is still running at the end (log: $TMP/$name.log)"
-    fi
-done
+still_running up_a up_b wp_a wp_v1 wp_v2 back front
 
 echo "$PASSED passed, $FAILED failed"
 [ "$FAILED" -eq 0 ]

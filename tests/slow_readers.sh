@@ -94,35 +94,21 @@ SETTLE_S=10              # bound on the proxy closing the warm-up's connections
 
 PASSED=0
 FAILED=0
-ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
 
-# Prints the value of KEY in a "key=value key=value" line.
-field() {
-    printf '%s\n' "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
-}
+# ok, not_ok, show_log, give_up, field, need, install_missing, running,
+# stop_pid, cleanup: see lib.sh.
+. "$HERE/lib.sh"
 
 # ---- 1. Tools, helper, certificate, limits --------------------------------
 
-missing=""
-command -v cc >/dev/null 2>&1 || missing="$missing gcc"
-command -v python3 >/dev/null 2>&1 || missing="$missing python3"
-command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
-command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
-command -v prlimit >/dev/null 2>&1 || missing="$missing util-linux"
+need cc gcc
+need python3 python3
+need haproxy haproxy
+need openssl openssl
+need prlimit util-linux
 printf '#include <openssl/ssl.h>\n' | cc -E - >/dev/null 2>&1 ||
-    missing="$missing libssl-dev"
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "# installing:$missing"
-        apt-get update >/dev/null &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y $missing >/dev/null ||
-            { echo "apt-get install$missing failed" >&2; exit 1; }
-    else
-        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
-        exit 1
-    fi
-fi
+    MISSING="${MISSING:-} libssl-dev"
+install_missing
 [ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
 
 TMP=$(mktemp -d /tmp/wp-slow.XXXXXX)
@@ -151,30 +137,12 @@ fi
 
 # ---- 2. Processes: started here, stopped here by PID ---------------------
 
+# Each PID is kept in a variable of its own, emptied once the script has
+# stopped that process itself (stop_target, clients_stop).
 SERVER_PID="" TARGET_PID="" CLIENTS_PID=""
-
-# running() and stop_pid(): see lib.sh.
-. "$HERE/lib.sh"
-
-cleanup() {
-    for pid in $CLIENTS_PID $TARGET_PID $SERVER_PID; do
-        stop_pid "$pid"
-    done
-    if [ "$FAILED" -gt 0 ] || [ -n "${SLOW_KEEP:-}" ]; then
-        echo "# logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
+KEEP=${SLOW_KEEP:-}
+trap 'cleanup $CLIENTS_PID $TARGET_PID $SERVER_PID' EXIT
 trap 'exit 1' INT TERM HUP
-
-give_up() {
-    not_ok "$1"
-    [ -n "${2:-}" ] && tail -n 20 "$2" | sed 's/^/#   /'
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
-}
 
 set -- $(python3 "$TOOL" ports 7)
 SERVER_PORT=$1
@@ -190,12 +158,12 @@ sed -e "s/@NBTHREAD@/$(nproc)/" -e "s/@ADDRESS@/127.0.0.1/g" \
     -e "s#@CERT_PEM@#$TMP/haproxy.pem#" \
     "$ROOT/bench/haproxy.cfg" >"$TMP/haproxy.cfg"
 haproxy -c -q -f "$TMP/haproxy.cfg" >"$TMP/haproxy-check.log" 2>&1 ||
-    give_up "haproxy accepts $TMP/haproxy.cfg" "$TMP/haproxy-check.log"
+    give_up "haproxy accepts $TMP/haproxy.cfg" "$TMP/haproxy-check.log" 20
 
 "$HELPER" server "$SERVER_PORT" "$SERVER_S" >"$TMP/server.log" 2>&1 &
 SERVER_PID=$!
 python3 "$TOOL" wait-listen "$SERVER_PORT" "$STARTUP_S" ||
-    give_up "the fast server listens" "$TMP/server.log"
+    give_up "the fast server listens" "$TMP/server.log" 20
 
 # start_target wp|ha|limited: starts a fresh proxy; its PID in TARGET_PID.
 # Its plain and TLS ports in TARGET_PLAIN and TARGET_TLS.
@@ -228,7 +196,8 @@ start_target() {
     [ "$1" = ha ] && log=$TMP/haproxy.log
     python3 "$TOOL" wait-listen "$TARGET_PLAIN" "$STARTUP_S" &&
         python3 "$TOOL" wait-listen "$TARGET_TLS" "$STARTUP_S" ||
-        give_up "$(target_name "$1") listens on ports $TARGET_PLAIN and $TARGET_TLS" "$log"
+        give_up "$(target_name "$1") listens on ports $TARGET_PLAIN and $TARGET_TLS" \
+            "$log" 20
 }
 
 stop_target() {
@@ -421,7 +390,7 @@ if running "$TARGET_PID"; then
 else
     wait "$TARGET_PID" 2>/dev/null
     not_ok "whatsapp_proxy under a 160 MiB data limit is still running with $CLIENTS stalled TLS clients (exit status $?)"
-    tail -n 5 "$TMP/limited.log" | sed 's/^/#   /'
+    show_log "$TMP/limited.log" 5
 fi
 if [ "$READY_OK" -eq "$CLIENTS" ] && [ "$READY_BAD" -eq 0 ]; then
     ok "under the limit: all $CLIENTS slow readers were served their $READ_BYTES bytes"

@@ -65,30 +65,16 @@ RSS_MARGIN_KB=4096
 
 PASSED=0
 FAILED=0
-ok()     { PASSED=$((PASSED + 1)); echo "ok - $*"; }
-not_ok() { FAILED=$((FAILED + 1)); echo "not ok - $*"; }
 
-# Prints the value of KEY in a "key=value key=value" line.
-field() {
-    printf '%s\n' "$2" | tr ' ' '\n' | sed -n "s/^$1=//p" | head -n 1
-}
+# ok, not_ok, give_up, field, need, install_missing, running, stop_pid,
+# cleanup: see lib.sh.
+. "$HERE/lib.sh"
 
 # ---- 1. Tools, helper, limits --------------------------------------------
 
-missing=""
-command -v cc >/dev/null 2>&1 || missing="$missing gcc"
-command -v python3 >/dev/null 2>&1 || missing="$missing python3"
-if [ -n "$missing" ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
-        echo "# installing:$missing"
-        apt-get update >/dev/null &&
-            DEBIAN_FRONTEND=noninteractive apt-get install -y $missing >/dev/null ||
-            { echo "apt-get install$missing failed" >&2; exit 1; }
-    else
-        echo "missing:$missing. Install with: sudo apt-get install -y$missing" >&2
-        exit 1
-    fi
-fi
+need cc gcc
+need python3 python3
+install_missing
 [ -x "$PROXY" ] || { echo "no $PROXY: run make whatsapp_proxy" >&2; exit 1; }
 
 TMP=$(mktemp -d /tmp/wp-soak.XXXXXX)
@@ -109,30 +95,12 @@ fi
 
 # ---- 2. Processes: started here, stopped here by PID ---------------------
 
+# Each PID is kept in a variable of its own, emptied once the script has
+# stopped (and waited for) that process itself.
 ECHO_PID="" PROXY_PID="" LOAD_PID=""
-
-# running() and stop_pid(): see lib.sh.
-. "$HERE/lib.sh"
-
-cleanup() {
-    for pid in $LOAD_PID $PROXY_PID $ECHO_PID; do
-        stop_pid "$pid"
-    done
-    if [ "$FAILED" -gt 0 ] || [ -n "${SOAK_KEEP:-}" ]; then
-        echo "# logs kept in $TMP"
-    else
-        rm -rf "$TMP"
-    fi
-}
-trap cleanup EXIT
+KEEP=${SOAK_KEEP:-}
+trap 'cleanup $LOAD_PID $PROXY_PID $ECHO_PID' EXIT
 trap 'exit 1' INT TERM HUP
-
-give_up() {
-    not_ok "$1"
-    [ -n "${2:-}" ] && sed 's/^/#   /' "$2"
-    echo "$PASSED passed, $FAILED failed"
-    exit 1
-}
 
 set -- $(python3 "$TOOL" ports 2)
 ECHO_PORT=$1
