@@ -5965,9 +5965,8 @@ static void proxy_free(void)
     state.tls_context = NULL;
     if (state.abort_fd >= 0)
         close(state.abort_fd);
-    if (state.main_wake_fd >= 0)
-        close(state.main_wake_fd);
-    state.abort_fd = state.main_wake_fd = -1;
+    state.abort_fd = -1;
+    /* main_wake_fd stays open: see proxy_open(). */
     pthread_cond_destroy(&state.ended);
 }
 
@@ -6059,7 +6058,11 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     pthread_condattr_destroy(&attributes);
 
     state.abort_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    state.main_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    /* main_wake_fd is made once and never closed: a signal may ask for a
+     * stop at any moment, even while the previous stop is ending, and must
+     * never write to a descriptor that has been closed (or reused). */
+    if (state.main_wake_fd < 0)
+        state.main_wake_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (state.abort_fd < 0 || state.main_wake_fd < 0) {
         parse_failure(error, error_size, "cannot make an eventfd: %s",
                       strerror(errno));
