@@ -875,7 +875,7 @@ LISTED_DIFFERENCES = {
     "a TLS 1.1 client": (
         "handshake refused: alert internal_error",
         "handshake refused: alert protocol_version",
-        "SPEC: TLS 1.2 at least, refused with the protocol_version alert "
+        "TLS 1.2 at least, a rule of the project, refused with the protocol_version alert "
         "(tests/peers.sh checks it); nginx 1.22 enables TLS 1.0 and 1.1 "
         "but OpenSSL 3.0's security level leaves them no cipher suite, "
         "and the handshake fails with internal_error"),

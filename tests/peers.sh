@@ -261,14 +261,14 @@ for proto in "" -tls1_2 -tls1_3; do
 done
 summary=$(echo | timeout 10 openssl s_client -connect "127.0.0.1:$WPA_TLS" -brief 2>&1)
 echo "#   s_client -brief: $(echo "$summary" | grep -E 'Protocol version|Ciphersuite' | tr '\n' ' ')"
-# TLS 1.1: the proxy must answer with a "protocol version" alert (SPEC:
-# TLS 1.2 minimum). SECLEVEL=0 lets this OpenSSL client offer TLS 1.1.
+# TLS 1.1: the proxy must answer with a "protocol version" alert (TLS 1.2
+# is the minimum). SECLEVEL=0 lets this OpenSSL client offer TLS 1.1.
 echo | timeout 10 openssl s_client -connect "127.0.0.1:$WPA_TLS" -tls1_1 \
     -cipher 'DEFAULT@SECLEVEL=0' >"$TMP/tls11.out" 2>&1
 if grep -q "alert protocol version" "$TMP/tls11.out"; then
-    ok "(c) TLS 1.1 is refused with a protocol_version alert (SPEC: TLS 1.2 minimum)"
+    ok "(c) TLS 1.1 is refused with a protocol_version alert (TLS 1.2 is the minimum)"
 else
-    not_ok "(c) TLS 1.1 is refused with a protocol_version alert (SPEC: TLS 1.2 minimum)"
+    not_ok "(c) TLS 1.1 is refused with a protocol_version alert (TLS 1.2 is the minimum)"
     show_log "$TMP/tls11.out"
 fi
 
@@ -367,7 +367,7 @@ done
 check_equal "(d) the stopped proxy exits with status 0 within its grace period" 0 "$status"
 
 # haproxy's health checks carry a PROXY v2 LOCAL header (HAProxy sends one
-# on checks when the server has send-proxy-v2). SPEC: LOCAL means "use the
+# on checks when the server has send-proxy-v2). The PROXY protocol says LOCAL means "use the
 # connection's own addresses", so the proxy relays the check and the
 # upstream sees the proxy's own listener as the destination.
 checks=$(grep -c "dst=127.0.0.1:$WPD2\$" "$TMP/up_b.log")
