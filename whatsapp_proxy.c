@@ -1883,7 +1883,7 @@ static bool tls_write_pem(const char *path, X509 *first, X509 *second,
  * replaces the files of the copy that runs. A failure earns a warning that
  * names the file and the folder's owner; the certificate is served from
  * memory anyway. */
-static void tls_save_made_chain(SSL_CTX *context,
+static void tls_save_made_certificate(SSL_CTX *context,
                                 const struct settings *settings)
 {
     if (context == NULL || settings->cert_file[0] != '\0' ||
@@ -1941,9 +1941,9 @@ static void tls_made_name(const struct settings *settings, char *out,
  * certificate").
  *
  * Makes a self-signed certificate (see the section comment) and puts it
- * into context; tls_save_made_chain() writes it to --cert-dir later.
+ * into context; tls_save_made_certificate() writes it to --cert-dir later.
  * Returns 0, or -1 with one line in error. */
-static int tls_make_chain(SSL_CTX *context, const struct settings *settings,
+static int tls_make_own_certificate(SSL_CTX *context, const struct settings *settings,
                           char *error, size_t error_size)
 {
     char name[HOST_NAME_BYTES];
@@ -2163,7 +2163,7 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
 
     int loaded = settings->cert_file[0] != '\0'
                      ? tls_load_chain(context, settings, error, error_size)
-                     : tls_make_chain(context, settings, error, error_size);
+                     : tls_make_own_certificate(context, settings, error, error_size);
     if (loaded < 0) {
         SSL_CTX_free(context);
         return NULL;
@@ -2229,6 +2229,12 @@ static bool tls_certificate_covers(SSL_CTX *context, const char *host)
             X509_check_ip_asc(certificate, host, 0) == 1);
 }
 
+/* Whole days from now until expiry (Unix time); negative once past. */
+static long days_until(time_t expiry)
+{
+    return (long)((expiry - time(NULL)) / 86400);
+}
+
 /* Logs the certificate now served: the names it is valid for and when it
  * expires. */
 static void tls_log_certificate(SSL_CTX *context)
@@ -2239,7 +2245,7 @@ static void tls_log_certificate(SSL_CTX *context)
     char date[32] = "?";
     strftime(date, sizeof date, "%Y-%m-%d", gmtime(&expiry));
     log_line(LOG_INFO, "certificate for %s; expires %s (in %ld days)", names,
-             date, (long)((expiry - time(NULL)) / 86400));
+             date, days_until(expiry));
 }
 
 /* Fewer days than this left on the certificate earns a daily warning. */
@@ -2257,7 +2263,7 @@ static void tls_warn_if_expiring(void)
         now - warned < 86400)
         return;
     atomic_store(&state.certificate_warned_at, (long long)now);
-    long days_left = (long)((expiry - now) / 86400);
+    long days_left = days_until(expiry);
     log_line(LOG_WARN, days_left < 0
                  ? "the certificate has expired: renew it (certbot renew), "
                    "then reload (systemctl reload whatsapp_proxy)"
@@ -2290,7 +2296,7 @@ static void tls_reload(void)
     atomic_store(&state.certificate_expires_at, tls_certificate_expiry(fresh));
     log_line(LOG_INFO, "certificate reloaded");
     tls_log_certificate(fresh);
-    tls_save_made_chain(fresh, state.settings);
+    tls_save_made_certificate(fresh, state.settings);
 }
 
 /* Makes the SSL object for a new client on socket fd, or returns NULL.
@@ -4355,6 +4361,15 @@ static void side_wake_at(struct relay_side *side, int bytes)
     setsockopt(side->fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes);
 }
 
+/* The wait for the whole hello is over: the client's socket wakes its
+ * relay thread for every byte again. */
+static void pair_hello_wait_ends(struct relay_pair *pair)
+{
+    if (pair->opening->hello_needed > 1)
+        side_wake_at(&pair->client, 1);
+    pair->opening->hello_needed = 0;
+}
+
 /* A client of a TLS port that is not speaking TLS, or that stopped (or
  * was too slow) before its hello was whole, still has every byte it sent
  * in its socket. With a decoy it goes there, bytes and all, so a prober
@@ -4366,8 +4381,7 @@ static void pair_hello_failed(struct relay_thread *thread,
                               struct relay_pair *pair, const char *what,
                               long long now)
 {
-    if (pair->opening->hello_needed > 1)
-        side_wake_at(&pair->client, 1);
+    pair_hello_wait_ends(pair);
     if (!state.settings->decoy_enabled) {
         relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED, what);
         return;
@@ -4419,8 +4433,7 @@ static void pair_await_hello(struct relay_thread *thread,
         relay_watch(thread, pair);
         return;
     }
-    if (opening->hello_needed > 1)
-        side_wake_at(&pair->client, 1);
+    pair_hello_wait_ends(pair);
     pair->client.tls = tls_new(pair->client.fd);
     if (pair->client.tls == NULL) {
         relay_close_opening(thread, pair, COUNTER_TLS_HANDSHAKE_FAILED,
@@ -4725,10 +4738,7 @@ static int relay_expire_openings(struct relay_thread *thread, long long now)
                          (pair->state == PAIR_HANDSHAKING &&
                           pair->client.tls == NULL);
         if (state.settings->decoy_enabled && undecided) {
-            pair->opening->destination = TO_DECOY;
-            if (pair->opening->hello_needed > 1)
-                side_wake_at(&pair->client, 1);
-            pair_step_on(thread, pair, PAIR_READING_FIRST_BYTES, now);
+            pair_hello_failed(thread, pair, "undecided at the timeout", now);
             continue;
         }
         counter_add(list->expired, 1);
@@ -5027,7 +5037,7 @@ static bool check_certificate(const struct settings *settings)
     tls_certificate_names(context, text, sizeof text);
     printf("  valid for: %s\n", text);
     time_t expiry = tls_certificate_expiry(context);
-    long days_left = (long)((expiry - time(NULL)) / 86400);
+    long days_left = days_until(expiry);
     strftime(text, sizeof text, "%Y-%m-%d", gmtime(&expiry));
     printf("  expires:   %s (in %ld days)%s\n", text, days_left,
            days_left < 0 ? "  PROBLEM: it has expired; renew it"
@@ -5472,7 +5482,7 @@ static void stats_render_metrics(struct text *out)
 static bool stats_status(char *out, size_t out_size)
 {
     long long expiry = atomic_load(&state.certificate_expires_at);
-    long long days_left = (expiry - (long long)time(NULL)) / 86400;
+    long days_left = days_until((time_t)expiry);
     unsigned now = proxy_connections_now();
     if (!stats_healthy())
         snprintf(out, out_size, "No WhatsApp chat server can be reached, so "
@@ -5489,7 +5499,7 @@ static bool stats_status(char *out, size_t out_size)
                  "spare, or start a second proxy.", now,
                  state.settings->maxconn);
     else if (expiry != 0 && days_left < CERTIFICATE_WARN_DAYS)
-        snprintf(out, out_size, "The certificate expires in %lld days. Renew "
+        snprintf(out, out_size, "The certificate expires in %ld days. Renew "
                  "it (certbot renew), then reload: systemctl reload "
                  "whatsapp_proxy.", days_left);
     else {
@@ -5547,9 +5557,9 @@ static void stats_render_page(struct text *out)
         struct tm utc;
         gmtime_r(&when, &utc);
         strftime(date, sizeof date, "%Y-%m-%d", &utc);
-        long long days_left = (expiry - (long long)time(NULL)) / 86400;
+        long days_left = days_until((time_t)expiry);
         text_printf(out, "<p>Certificate expires %s (<span class=\"%s\">in "
-                    "%lld days</span>).</p>\n", date,
+                    "%ld days</span>).</p>\n", date,
                     days_left < CERTIFICATE_WARN_DAYS ? "down" : "up",
                     days_left);
     }
@@ -6084,7 +6094,7 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
         atomic_store(&state.certificate_expires_at,
                      tls_certificate_expiry(state.tls_context));
         tls_log_certificate(state.tls_context);
-        tls_save_made_chain(state.tls_context, settings); /* ports bound */
+        tls_save_made_certificate(state.tls_context, settings); /* ports bound */
     }
 
     if (settings->user[0] != '\0') {
