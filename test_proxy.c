@@ -1709,6 +1709,43 @@ START_TEST(test_tls_hello_look_knows_whole_partial_and_not_tls)
 }
 END_TEST
 
+static int http_get(uint16_t port, const char *path, char *out,
+                    size_t out_size); /* section 12 */
+
+/* A certificate with 10 days left: the log warns (the first warning comes
+ * at the start, then one a day), and the statistics page says so first. */
+START_TEST(test_a_certificate_near_its_end_is_warned_about)
+{
+    char dir[] = "/tmp/wp_expiring_XXXXXX", command[512];
+    ck_assert_ptr_nonnull(mkdtemp(dir));
+    snprintf(command, sizeof command,
+             "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 "
+             "-nodes -days 10 -subj /CN=proxy.example.org -keyout %s/key.pem "
+             "-out %s/cert.pem > /dev/null 2>&1", dir, dir);
+    ck_assert_int_eq(system(command), 0);
+    char cert[96], key[96];
+    snprintf(cert, sizeof cert, "%s/cert.pem", dir);
+    snprintf(key, sizeof key, "%s/key.pem", dir);
+    struct stderr_capture capture = stderr_capture_begin();
+    struct fake_upstream *upstream = proxy_start_before_echo(
+        "--listen", "127.0.0.1:0/tls", "--cert", cert, "--key", key,
+        "--log-level", "warn", "--stats", "127.0.0.1:0", NULL);
+    bool warned = stderr_capture_shows(&capture, "the certificate expires in",
+                                       PROMPTLY_MS);
+    char log[4096];
+    stderr_capture_end(&capture, log, sizeof log);
+    ck_assert_msg(warned, "the log warns of the near end: %s", log);
+    static char answer[65536];
+    ck_assert_int_eq(http_get(proxy_stats_port(), "/", answer, sizeof answer),
+                     200);
+    ck_assert_msg(strstr(answer, "The certificate expires in"),
+                  "the page says so first: %s", answer);
+    proxy_and_upstream_stop(upstream);
+    snprintf(command, sizeof command, "rm -rf %s", dir);
+    ck_assert_int_eq(system(command), 0);
+}
+END_TEST
+
 /* Reads the first certificate of a PEM file and returns its common name. */
 static void pem_common_name(const char *path, char *out, size_t out_size)
 {
@@ -4772,6 +4809,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_made_certificate_never_goes_through_a_planted_link);
     tcase_add_test(t,
         test_a_copy_that_cannot_start_leaves_the_certificate_files_alone);
+    tcase_add_test(t, test_a_certificate_near_its_end_is_warned_about);
     tcase_add_test(t, test_tls_1_1_is_refused);
     suite_add_tcase(suite, t);
 
