@@ -3465,14 +3465,14 @@ static void client_log(const struct listener *listener,
  * (enum pair_end): a reset is passed on as a reset.
  *
  * Timers. Each relay thread keeps its pairs in five lists ordered by last
- * activity, most recent first, one per timeout: opening pairs (the first
- * three states, --timeout-handshake from accept), connecting pairs
- * (--timeout-connect), pairs waiting to retry (UPSTREAM_RETRY_DELAY_MS),
- * open pairs (--timeout-idle) and half-closed pairs
- * waiting for their last source to say more (--timeout-fin). The list only
- * times a pair; its state says what it is doing. Activity moves a pair to
- * the front, so the oldest pair is always at the back, and finding the
- * expired ones never means walking through the live ones.
+ * activity, most recent first, one per timeout (enum timer): opening pairs
+ * (the first three states, --timeout-handshake from accept), connecting
+ * pairs (--timeout-connect), pairs waiting to retry, open pairs
+ * (--timeout-idle) and half-closed pairs waiting for their last source to
+ * say more (--timeout-fin). Activity moves a pair to the front, so the
+ * oldest pair is always at the back, and finding the expired ones never
+ * means walking through the live ones. The list only times a pair; when
+ * the time is up, its state says what happens (pair_timed_out()).
  *
  * Accepting. Every relay thread watches every listening socket in its own
  * epoll loop, with EPOLLEXCLUSIVE: the kernel wakes one of the waiting
@@ -3565,8 +3565,18 @@ struct relay_pair {
 struct pair_list {
     struct relay_pair *newest;
     struct relay_pair *oldest;
-    const int *timeout_ms;      /* the setting that times its pairs */
+    int timeout_ms;             /* how long its pairs may stay inactive */
     enum counter expired;       /* where a pair that times out is counted */
+};
+
+/* The timeouts that time a pair, one list each (see "Timers"). */
+enum timer {
+    TIMER_HANDSHAKE, /* the first steps: --timeout-handshake from accept */
+    TIMER_CONNECT,   /* a connect under way: --timeout-connect */
+    TIMER_RETRY,     /* the wait before the next try: UPSTREAM_RETRY_DELAY_MS */
+    TIMER_IDLE,      /* relaying: --timeout-idle */
+    TIMER_FIN,       /* half-closed, its source silent: --timeout-fin */
+    TIMER_COUNT
 };
 
 struct relay_thread {
@@ -3584,12 +3594,8 @@ struct relay_thread {
     /* Owned by the thread alone: */
     struct relay_side listening[MAX_LISTENERS]; /* see relay_accept() */
     bool listeners_watched;       /* false during a rest from accepting */
-    struct pair_list opening_pairs;    /* --timeout-handshake */
-    struct pair_list connecting_pairs; /* --timeout-connect */
-    struct pair_list retrying_pairs;   /* UPSTREAM_RETRY_DELAY_MS */
-    struct pair_list open_pairs;       /* --timeout-idle */
-    struct pair_list closing_pairs;    /* --timeout-fin */
-    struct relay_pair *closed_pairs;   /* to free after this epoll batch */
+    struct pair_list timers[TIMER_COUNT]; /* every pair is in one of them */
+    struct relay_pair *closed_pairs;      /* to free after this epoll batch */
 };
 
 /* Links pair in front of list (it must not be in a list), as active at
@@ -4104,8 +4110,8 @@ static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
                                                   : upstream_flow;
     bool waits_for_silence = pair->state == PAIR_HALF_CLOSED &&
                              open_flow->waiting_on != open_flow->to;
-    struct pair_list *list = waits_for_silence ? &thread->closing_pairs
-                                               : &thread->open_pairs;
+    struct pair_list *list =
+        &thread->timers[waits_for_silence ? TIMER_FIN : TIMER_IDLE];
     if (moved || pair->timer != list)
         pair_list_move(list, pair, now);
     relay_watch(thread, pair);
@@ -4133,7 +4139,7 @@ static void relay_connect_next(struct relay_thread *thread,
     }
     pair->upstream.fd = fd;
     relay_watch_new(thread, &pair->upstream);
-    pair_list_move(&thread->connecting_pairs, pair, now);
+    pair_list_move(&thread->timers[TIMER_CONNECT], pair, now);
 }
 
 /* The connect of pair's upstream failed (and was recorded): closes that
@@ -4151,7 +4157,7 @@ static void relay_connect_failed(struct relay_thread *thread,
         return;
     }
     pair->state = PAIR_RETRY_WAIT;
-    pair_list_move(&thread->retrying_pairs, pair, now);
+    pair_list_move(&thread->timers[TIMER_RETRY], pair, now);
 }
 
 /* The most bytes of a client sent in one go with our PROXY header. A
@@ -4221,7 +4227,7 @@ static void relay_connected(struct relay_thread *thread,
     pair->state = PAIR_RELAYING;
     flow_wait(&pair->to_upstream, &pair->client, EPOLLIN);
     flow_wait(&pair->to_client, &pair->upstream, EPOLLIN);
-    pair_list_move(&thread->open_pairs, pair, now);
+    pair_list_move(&thread->timers[TIMER_IDLE], pair, now);
     if (pair->client.tls != NULL && SSL_has_pending(pair->client.tls))
         relay_service(thread, pair, now);
     else
@@ -4503,7 +4509,7 @@ static void pair_read_first_bytes(struct relay_thread *thread,
 static void relay_start(struct relay_thread *thread, struct relay_pair *pair,
                         long long now)
 {
-    pair_list_push(&thread->opening_pairs, pair, now);
+    pair_list_push(&thread->timers[TIMER_HANDSHAKE], pair, now);
     pair->opening->client_wait = 0;
     relay_watch_new(thread, &pair->client);
     pair_step_on(thread, pair, PAIR_ACCEPTED, now);
@@ -4595,28 +4601,17 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
         relay_accept(thread, side, now);
         return;
     }
+    if (pair->state == PAIR_CLOSED)
+        return; /* closed earlier in this batch */
     /* A client that resets or vanishes before its bytes flow: nothing is
      * left to do for it. (While relaying, its flows find out themselves.) */
-    bool client_broke = side == &pair->client &&
-                        (events & (EPOLLERR | EPOLLHUP)) != 0;
-    switch (pair->state) {
-    case PAIR_ACCEPTED:
-    case PAIR_READING_HEADER:
-    case PAIR_HANDSHAKING:
-    case PAIR_READING_FIRST_BYTES:
-    case PAIR_CONNECTING:
-    case PAIR_RETRY_WAIT:
-        if (client_broke) {
-            relay_close_opening(thread, pair, COUNTER_COUNT,
-                                "gone before its bytes could flow");
-            return;
-        }
-        break;
-    case PAIR_RELAYING:
-    case PAIR_HALF_CLOSED:
-        break;
-    case PAIR_CLOSED:
-        return; /* closed earlier in this batch */
+    bool relaying = pair->state == PAIR_RELAYING ||
+                    pair->state == PAIR_HALF_CLOSED;
+    if (!relaying && side == &pair->client &&
+        (events & (EPOLLERR | EPOLLHUP)) != 0) {
+        relay_close_opening(thread, pair, COUNTER_COUNT,
+                            "gone before its bytes could flow");
+        return;
     }
     switch (pair->state) {
     case PAIR_READING_HEADER:
@@ -4659,23 +4654,6 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
     }
 }
 
-/* Closes the pairs of list whose last activity is its timeout or more ago,
- * counting each. Returns the milliseconds until the next one expires, or
- * -1 if the list is empty. */
-static int relay_expire_list(struct relay_thread *thread,
-                             struct pair_list *list, long long now)
-{
-    int timeout_ms = *list->timeout_ms;
-    while (list->oldest != NULL &&
-           list->oldest->last_active_ms + timeout_ms <= now) {
-        counter_add(list->expired, 1);
-        relay_close(thread, list->oldest, END_TIMED_OUT);
-    }
-    if (list->oldest == NULL)
-        return -1;
-    return (int)(list->oldest->last_active_ms + timeout_ms - now);
-}
-
 /* Returns the earlier of two waits in milliseconds (-1: none). */
 static int wait_earlier(int first_ms, int second_ms)
 {
@@ -4684,81 +4662,50 @@ static int wait_earlier(int first_ms, int second_ms)
     return first_ms;
 }
 
-/* Moves the connects that took --timeout-connect on to their next server
- * (which puts them at the front of the list, or closes them). Returns the
- * milliseconds until the next one is due, or -1 if none is under way. */
-static int relay_expire_connects(struct relay_thread *thread, long long now)
+/* Does what the state of pair calls for when its timer has run out (see
+ * "Timers"): the next try of a connect, or else the end of the pair,
+ * counted in the list's counter. But with a decoy, a client that has not
+ * shown what it is (its TLS hello is not whole, or its first bytes do not
+ * decide) goes to the decoy with what it sent, as to a web server, which
+ * waits longer: a scanner then sees the site's own patience, not a
+ * proxy's timeout. */
+static void pair_timed_out(struct relay_thread *thread,
+                           struct relay_pair *pair, long long now)
 {
-    struct pair_list *list = &thread->connecting_pairs;
-    int timeout_ms = *list->timeout_ms;
-    while (list->oldest != NULL &&
-           list->oldest->last_active_ms + timeout_ms <= now) {
-        struct relay_pair *pair = list->oldest;
+    bool undecided = pair->state == PAIR_READING_FIRST_BYTES ||
+                     (pair->state == PAIR_HANDSHAKING &&
+                      pair->client.tls == NULL);
+    if (pair->state == PAIR_CONNECTING) {
         upstream_attempt_failed(&pair->opening->attempts,
                                 strerror(ETIMEDOUT));
         relay_connect_failed(thread, pair, true, now);
-    }
-    if (list->oldest == NULL)
-        return -1;
-    return (int)(list->oldest->last_active_ms + timeout_ms - now);
-}
-
-/* Starts the next try of the pairs whose wait after a failed try is over.
- * Returns the milliseconds until the next one is due, or -1 if none
- * waits. */
-static int relay_expire_retries(struct relay_thread *thread, long long now)
-{
-    struct pair_list *list = &thread->retrying_pairs;
-    while (list->oldest != NULL &&
-           list->oldest->last_active_ms + UPSTREAM_RETRY_DELAY_MS <= now) {
-        struct relay_pair *pair = list->oldest;
+    } else if (pair->state == PAIR_RETRY_WAIT) {
         pair->state = PAIR_CONNECTING;
         relay_connect_next(thread, pair, now);
-    }
-    if (list->oldest == NULL)
-        return -1;
-    return (int)(list->oldest->last_active_ms + UPSTREAM_RETRY_DELAY_MS -
-                 now);
-}
-
-/* The opening pairs whose --timeout-handshake is over are closed and
- * counted; but with a decoy, a client that has not shown what it is (its
- * TLS hello is not whole, or its first bytes do not decide) goes to the
- * decoy with what it sent, as to a web server, which waits longer: a
- * scanner then sees the site's own patience, not a proxy's timeout.
- * Returns the milliseconds until the next one is due, or -1. */
-static int relay_expire_openings(struct relay_thread *thread, long long now)
-{
-    struct pair_list *list = &thread->opening_pairs;
-    int timeout_ms = *list->timeout_ms;
-    while (list->oldest != NULL &&
-           list->oldest->last_active_ms + timeout_ms <= now) {
-        struct relay_pair *pair = list->oldest;
-        bool undecided = pair->state == PAIR_READING_FIRST_BYTES ||
-                         (pair->state == PAIR_HANDSHAKING &&
-                          pair->client.tls == NULL);
-        if (state.settings->decoy_enabled && undecided) {
-            pair_hello_failed(thread, pair, "undecided at the timeout", now);
-            continue;
-        }
-        counter_add(list->expired, 1);
+    } else if (undecided && state.settings->decoy_enabled) {
+        pair_hello_failed(thread, pair, "undecided at the timeout", now);
+    } else {
+        counter_add(pair->timer->expired, 1);
         relay_close(thread, pair, END_TIMED_OUT);
     }
-    if (list->oldest == NULL)
-        return -1;
-    return (int)(list->oldest->last_active_ms + timeout_ms - now);
 }
 
-/* Closes expired pairs; returns how long epoll_wait() may sleep. */
+/* Deals with every pair whose timer has run out: each leaves the back of
+ * its list, closed or moved on. Returns how long epoll_wait() may sleep
+ * until the next one runs out (-1: no pair is timed). */
 static int relay_expire(struct relay_thread *thread, long long now)
 {
-    int opening = relay_expire_openings(thread, now);
-    int connect = wait_earlier(relay_expire_connects(thread, now),
-                               relay_expire_retries(thread, now));
-    int idle = relay_expire_list(thread, &thread->open_pairs, now);
-    int fin = relay_expire_list(thread, &thread->closing_pairs, now);
-    return wait_earlier(wait_earlier(opening, connect),
-                        wait_earlier(idle, fin));
+    int sleep_ms = -1;
+    for (size_t i = 0; i < TIMER_COUNT; i++) {
+        struct pair_list *list = &thread->timers[i];
+        while (list->oldest != NULL &&
+               list->oldest->last_active_ms + list->timeout_ms <= now)
+            pair_timed_out(thread, list->oldest, now);
+        if (list->oldest != NULL)
+            sleep_ms = wait_earlier(sleep_ms, (int)(list->oldest->last_active_ms
+                                                    + list->timeout_ms - now));
+    }
+    return sleep_ms;
 }
 
 /* Takes the pairs waiting in the inbox and starts them. Returns true if the
@@ -4849,13 +4796,9 @@ static void *relay_thread_run(void *argument)
         relay_free_closed(thread);
     }
 
-    struct pair_list *lists[] = {&thread->opening_pairs,
-                                 &thread->connecting_pairs,
-                                 &thread->retrying_pairs,
-                                 &thread->open_pairs, &thread->closing_pairs};
-    for (size_t i = 0; i < ARRAY_LENGTH(lists); i++)
-        while (lists[i]->oldest != NULL)
-            relay_close(thread, lists[i]->oldest, END_TIMED_OUT);
+    for (size_t i = 0; i < TIMER_COUNT; i++)
+        while (thread->timers[i].oldest != NULL)
+            relay_close(thread, thread->timers[i].oldest, END_TIMED_OUT);
     relay_free_closed(thread);
     return NULL;
 }
@@ -5891,17 +5834,17 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
             thread->listening[l] =
                 (struct relay_side){.fd = state.listeners[l].fd};
         const struct settings *settings = state.settings;
-        thread->opening_pairs = (struct pair_list){
-            .timeout_ms = &settings->timeout_handshake_ms,
+        struct pair_list *timers = thread->timers;
+        timers[TIMER_HANDSHAKE] = (struct pair_list){
+            .timeout_ms = settings->timeout_handshake_ms,
             .expired = COUNTER_HANDSHAKE_TIMEOUT};
-        thread->connecting_pairs = (struct pair_list){
-            .timeout_ms = &settings->timeout_connect_ms};
-        thread->retrying_pairs = (struct pair_list){0};
-        thread->open_pairs = (struct pair_list){
-            .timeout_ms = &settings->timeout_idle_ms,
+        timers[TIMER_CONNECT].timeout_ms = settings->timeout_connect_ms;
+        timers[TIMER_RETRY].timeout_ms = UPSTREAM_RETRY_DELAY_MS;
+        timers[TIMER_IDLE] = (struct pair_list){
+            .timeout_ms = settings->timeout_idle_ms,
             .expired = COUNTER_IDLE_TIMEOUT};
-        thread->closing_pairs = (struct pair_list){
-            .timeout_ms = &settings->timeout_fin_ms,
+        timers[TIMER_FIN] = (struct pair_list){
+            .timeout_ms = settings->timeout_fin_ms,
             .expired = COUNTER_FIN_TIMEOUT};
         relay_watch_listeners(thread, true);
         thread->listeners_watched = true;
