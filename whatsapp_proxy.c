@@ -4074,10 +4074,12 @@ static void relay_close_opening(struct relay_thread *thread,
     relay_close(thread, pair, END_TIMED_OUT);
 }
 
-/* Moves what can be moved both ways on pair, then decides its fate: closed
- * (error, or both flows ended), or kept in the list whose timeout fits
- * what it waits for, at the front if anything moved. Updates what epoll
- * watches.
+/* Moves what can be moved on pair, then decides its fate: closed (error,
+ * or both flows ended), or kept in the list whose timeout fits what it
+ * waits for, at the front if anything moved. Updates what epoll watches.
+ * Only the flows that wait on `woken`, the side epoll reported, can move
+ * (NULL: try both): a flow waiting on the other side would find it as
+ * blocked as before, at the cost of a system call.
  *
  * Which timeout? A half-closed pair whose open flow waits for its source
  * to say more is timed by --timeout-fin: that bounds a silence. But one
@@ -4085,13 +4087,14 @@ static void relay_close_opening(struct relay_thread *thread,
  * destination) is timed by --timeout-idle like an open pair: closing it
  * sooner would drop those bytes, though both ends would see a clean end. */
 static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
-                          long long now)
+                          const struct relay_side *woken, long long now)
 {
     bool moved = false;
-    struct relay_side *broken =
-        flow_pump(&pair->to_upstream, thread->scratch, &moved);
-    if (broken == NULL)
-        broken = flow_pump(&pair->to_client, thread->scratch, &moved);
+    struct relay_side *broken = NULL;
+    struct relay_flow *flows[2] = {&pair->to_upstream, &pair->to_client};
+    for (size_t i = 0; i < 2 && broken == NULL; i++)
+        if (woken == NULL || flows[i]->waiting_on == woken)
+            broken = flow_pump(flows[i], thread->scratch, &moved);
     if (broken != NULL) {
         relay_close_broken(thread, pair, broken);
         return;
@@ -4229,7 +4232,7 @@ static void relay_connected(struct relay_thread *thread,
     flow_wait(&pair->to_client, &pair->upstream, EPOLLIN);
     pair_list_move(&thread->timers[TIMER_IDLE], pair, now);
     if (pair->client.tls != NULL && SSL_has_pending(pair->client.tls))
-        relay_service(thread, pair, now);
+        relay_service(thread, pair, NULL, now);
     else
         relay_watch(thread, pair);
 }
@@ -4647,7 +4650,7 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
      * reads it to the end without waiting for an event (flow_pump()). */
     if (events & EPOLLHUP)
         side->hung_up = true;
-    relay_service(thread, pair, now);
+    relay_service(thread, pair, side, now);
     if (side->hung_up && pair->state != PAIR_CLOSED && side->in_epoll) {
         epoll_ctl(thread->epoll_fd, EPOLL_CTL_DEL, side->fd, NULL);
         side->in_epoll = false;
