@@ -2106,6 +2106,36 @@ static int tls_choose_protocol(SSL *tls, const unsigned char **chosen,
     return SSL_TLSEXT_ERR_OK;
 }
 
+/* OpenSSL calls this first on a client's hello, before it chooses a
+ * version. A client whose newest version is TLS 1.0 or 1.1 is refused
+ * here with the internal_error alert, which is how nginx refuses one on
+ * this OpenSSL: nginx enables both, but OpenSSL 3's security level leaves
+ * them no cipher. OpenSSL's own refusal (below TLS 1.2, the minimum set in
+ * tls_context_new()) would send protocol_version instead, and tell a
+ * scanner that tries old versions on purpose that this is no common web
+ * server. Older versions still (SSL 3) get protocol_version from both. */
+static int tls_refuse_old_versions(SSL *tls, int *alert, void *unused)
+{
+    (void)unused;
+    int newest = (int)SSL_client_hello_get0_legacy_version(tls);
+    const unsigned char *list;
+    size_t length;
+    /* A TLS 1.3 client lists its versions in an extension: a length
+     * byte, then two bytes each. Values above TLS 1.3 are drafts or
+     * GREASE, filler that a client sends to keep servers honest. */
+    if (SSL_client_hello_get0_ext(tls, TLSEXT_TYPE_supported_versions, &list,
+                                  &length) == 1)
+        for (size_t i = 1; i + 1 < length; i += 2) {
+            int version = list[i] << 8 | list[i + 1];
+            if (version > newest && version <= TLS1_3_VERSION)
+                newest = version;
+        }
+    if (newest != TLS1_VERSION && newest != TLS1_1_VERSION)
+        return SSL_CLIENT_HELLO_SUCCESS;
+    *alert = SSL_AD_INTERNAL_ERROR;
+    return SSL_CLIENT_HELLO_ERROR;
+}
+
 /* Makes the server TLS context with its certificate. Returns NULL with one
  * line in error on failure. The caller frees it with SSL_CTX_free(). */
 static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
@@ -2120,6 +2150,7 @@ static SSL_CTX *tls_context_new(const struct settings *settings, char *error,
     /* TLS 1.0 and 1.1 have known weaknesses (BEAST, weak MACs); every app
      * that supports proxies speaks TLS 1.2 or 1.3. */
     SSL_CTX_set_min_proto_version(context, TLS1_2_VERSION);
+    SSL_CTX_set_client_hello_cb(context, tls_refuse_old_versions, NULL);
     SSL_CTX_set_options(context,
                         /* Compression leaks secrets by length (CRIME). */
                         SSL_OP_NO_COMPRESSION |

@@ -1,7 +1,8 @@
 #!/bin/sh
 # tests/lookalike.sh - does whatsapp_proxy look like a web server to a
 # scanner? nginx serves a small web site over TLS with nginx's own
-# defaults; whatsapp_proxy, with the same certificate, has the same site
+# defaults (and TLS 1.3, as every nginx since 1.23.4 and Debian's packaged
+# configuration have it); whatsapp_proxy, with the same certificate, has the same site
 # as its --decoy. The same client asks both the same questions (TLS
 # details, bytes that are not TLS, silence, 17 probes) and the answers are
 # compared; lookalike.py asks and compares, and lists the differences that
@@ -11,8 +12,7 @@
 #
 # What runs (all on 127.0.0.1, all started and stopped here by PID):
 #
-#   client --TLS--> nginx "site"   the web site reached directly; a second
-#                                  server in it also has TLS 1.3
+#   client --TLS--> nginx "site"   the web site reached directly
 #   client --TLS--> whatsapp_proxy --decoy--> nginx "decoy" (plain HTTP,
 #                                  the same site)
 #                                  --WhatsApp--> fake chat server (in
@@ -76,8 +76,8 @@ chmod 755 "$TMP"
 # ---- 3. Ports, certificate, site and configurations ----------------------
 
 # Ports below the ephemeral range, checked free (peer_tool.py ports).
-set -- $(python3 "$TOOL" ports 7)
-SITE=$1 SITE13=$2 DECOY=$3 DECOY_PP=$4 WP=$5 WP_TOLD=$6 CHAT=$7
+set -- $(python3 "$TOOL" ports 6)
+SITE=$1 DECOY=$2 DECOY_PP=$3 WP=$4 WP_TOLD=$5 CHAT=$6
 
 # One certificate for nginx and whatsapp_proxy: ECDSA P-256, self-signed,
 # for proxy.example.org (a scanner compares certificates too; here they
@@ -125,17 +125,12 @@ PAGES="    root $TMP/www;
     location = /local-only { allow 127.0.0.1; deny all; }"
 
 # nginx "site": the web site reached directly over TLS. No ssl_* option
-# but the certificate: nginx's defaults are the point. The second server
-# is the same with TLS 1.3 on (nginx 1.22's default list lacks it; see
-# TLS_1_3_NOTE in lookalike.py): the TLS 1.3 questions go there.
+# but the certificate and the versions: nginx's defaults are the point.
+# The versions are the default of every nginx since 1.23.4, and the line
+# in Debian's packaged nginx.conf; nginx 1.22's own default lacks TLS 1.3
+# (see TLS_1_3_NOTE in lookalike.py).
 nginx_config site "  server {
     listen 127.0.0.1:$SITE ssl;
-    ssl_certificate $TMP/cert.pem;
-    ssl_certificate_key $TMP/key.pem;
-$PAGES
-  }
-  server {
-    listen 127.0.0.1:$SITE13 ssl;
     ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
     ssl_certificate $TMP/cert.pem;
     ssl_certificate_key $TMP/key.pem;
@@ -179,9 +174,7 @@ done
 echo "# $(nginx -v 2>&1); $(openssl version); $(python3 --version)"
 start nginx_site nginx_run site
 start nginx_decoy nginx_run decoy
-for port in $SITE $SITE13; do
-    wait_listen "$port" "nginx site" nginx_site
-done
+wait_listen "$SITE" "nginx site" nginx_site
 for port in $DECOY $DECOY_PP; do
     wait_listen "$port" "nginx decoy" nginx_decoy
 done
@@ -205,7 +198,7 @@ wait_listen "$WP_TOLD" "whatsapp_proxy --decoy-send-proxy v1" wp_told \
 # ---- 5. The questions (lookalike.py prints its own lines) ----------------
 
 start ask python3 -u "$HERE/lookalike.py" run "$TMP/counts" \
-    "nginx=$SITE" "nginx13=$SITE13" "proxy=$WP" "told=$WP_TOLD" \
+    "nginx=$SITE" "proxy=$WP" "told=$WP_TOLD" \
     "chat=$CHAT" "decoy_log=$TMP/decoy.access.log"
 add_counts ask lookalike.py
 
