@@ -261,7 +261,8 @@ struct settings {
     bool decoy_enabled;             /* --decoy was given */
     bool decoy_strict;              /* --decoy-rule strict (the default) */
     enum send_proxy decoy_send_proxy; /* header for the decoy */
-    bool decoy_tuned;               /* --decoy-rule or --decoy-send-proxy */
+    uint16_t decoy_tls_port;        /* the decoy's own TLS port, or 0 */
+    bool decoy_tuned;               /* another --decoy-... option given */
     char sni_names[MAX_SNI_NAMES][HOST_NAME_BYTES]; /* --sni, if any */
     size_t sni_count;
     unsigned max_per_ip;            /* connections from one address; 0: any */
@@ -636,6 +637,8 @@ static const struct option OPTIONS[] = {
      "web site"},
     {"--decoy-rule", "strict|http", "what is not WhatsApp (strict)"},
     {"--decoy-send-proxy", "none|v1|v2", "PROXY header sent to the decoy (none)"},
+    {"--decoy-tls-port", "PORT", "the decoy's own HTTPS port, for what is "
+     "not TLS on a TLS port (none)"},
     {"--sni", "NAME", "on TLS ports, serve only this server name "
      "(repeatable)"},
     {"--max-per-ip", "N", "connections at once from one address (no limit)"},
@@ -1045,6 +1048,14 @@ static int option_apply(struct settings *settings, const char *name,
         settings->decoy_tuned = true;
         return choice < 0 ? -1 : 0;
     }
+    if (strcmp(name, "--decoy-tls-port") == 0) {
+        settings->decoy_tuned = true;
+        if (!port_parse(value, strlen(value), &settings->decoy_tls_port) ||
+            settings->decoy_tls_port == 0)
+            return parse_failure(error, error_size, "bad --decoy-tls-port "
+                                 "'%s': give a port, 1 to 65535", value);
+        return 0;
+    }
     if (strcmp(name, "--sni") == 0) {
         if (settings->sni_count == MAX_SNI_NAMES)
             return parse_failure(error, error_size, "too many --sni (%d)",
@@ -1240,8 +1251,8 @@ enum parse_result settings_parse(struct settings *settings, int argc,
         return PARSE_ERROR;
     }
     if (settings->decoy_tuned && !settings->decoy_enabled) {
-        parse_failure(error, error_size, "--decoy-rule and --decoy-send-proxy "
-                      "need --decoy HOST:PORT");
+        parse_failure(error, error_size, "--decoy-rule, --decoy-send-proxy "
+                      "and --decoy-tls-port need --decoy HOST:PORT");
         return PARSE_ERROR;
     }
     return PARSE_RUN;
@@ -2619,6 +2630,8 @@ struct upstream_attempts {
     size_t looked_at;        /* servers of the pool looked at so far */
     unsigned tries;          /* connects started so far */
     struct upstream *trying; /* the server being connected to */
+    uint16_t port;           /* if not 0, the port to use instead of the
+                                server's own (--decoy-tls-port) */
 };
 
 /* Begins attempts on a pool of pool_size servers. */
@@ -2675,6 +2688,8 @@ static int upstream_attempt_next(struct upstream_attempts *attempts)
             upstream_attempt_failed(attempts, "name does not resolve");
             continue;
         }
+        if (attempts->port != 0) /* at the same offset in both families */
+            ((struct sockaddr_in *)&address)->sin_port = htons(attempts->port);
         int fd = socket_connect_start(&address, length);
         if (fd >= 0)
             return fd;
@@ -3250,6 +3265,14 @@ static int accept_rest_left(long long now)
  * site from 127.0.0.1, and a page the site allows only to local visitors
  * (a status page) is served to anybody. Either way, the site must grant
  * nothing to loopback.
+ *
+ * A client of a TLS port that is not speaking TLS (plain HTTP sent to an
+ * HTTPS port), or whose TLS hello is not whole at --timeout-handshake,
+ * goes to the decoy too, with its bytes as they are. A plain-HTTP site
+ * answers them as it answers any visitor, which no HTTPS server does;
+ * with --decoy-tls-port, the site's own TLS port (nginx: a second
+ * `listen ... ssl` with the same certificate) gets them instead, and
+ * answers as web servers answer plain HTTP on an HTTPS port.
  *
  * With --sni NAME, a TLS client that asks for another server name (or for
  * none, as a scanner that only knows the address does) goes to the decoy
@@ -4349,6 +4372,11 @@ static void pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
                                 opening->destination == TO_DECOY
                                     ? state.decoy_upstream
                                     : state.media_upstream, 1);
+    /* What a client of a TLS port sent before any TLS goes to the site's
+     * own TLS port, if it has one (section 9). */
+    if (opening->destination == TO_DECOY && pair->listener->spec.tls &&
+        pair->client.tls == NULL)
+        opening->attempts.port = state.settings->decoy_tls_port;
     relay_watch(thread, pair); /* nothing more on the client meanwhile */
     relay_connect_next(thread, pair, now);
 }
@@ -4412,11 +4440,12 @@ static void pair_hello_wait_ends(struct relay_pair *pair)
 
 /* A client of a TLS port that is not speaking TLS, or that stopped (or
  * was too slow) before its hello was whole, still has every byte it sent
- * in its socket. With a decoy it goes there, bytes and all, so a prober
- * that sent plain HTTP to an HTTPS port gets the site's own answer;
- * without a decoy it is closed and counted as a failed handshake. (A
- * made-up error page would claim a web site that is not there; closing
- * is what a TLS-only server does.) */
+ * in its socket. With a decoy it goes there, bytes and all (to the site's
+ * own TLS port with --decoy-tls-port), so a prober that sent plain HTTP
+ * to an HTTPS port gets the site's own answer; without a decoy it is
+ * closed and counted as a failed handshake. (A made-up error page would
+ * claim a web site that is not there; closing is what a TLS-only server
+ * does.) */
 static void pair_hello_failed(struct relay_thread *thread,
                               struct relay_pair *pair, const char *what,
                               long long now)
@@ -5112,6 +5141,12 @@ static int check_summary_print(const struct settings *settings)
                "%s):\n", settings->decoy_strict ? "strict" : "http");
         struct upstream decoy = {.spec = settings->decoy};
         ready &= check_upstream(&decoy);
+        if (settings->decoy_tls_port != 0) {
+            printf("\nThe decoy's own TLS port, for what is not TLS on a TLS "
+                   "port:\n");
+            decoy.spec.port = settings->decoy_tls_port;
+            ready &= check_upstream(&decoy);
+        }
     }
     for (size_t i = 0; i < settings->sni_count; i++)
         printf("%s%s", i == 0 ? "\nTLS server names served (--sni): " : ", ",
@@ -5868,18 +5903,15 @@ static int relay_threads_start(unsigned count, char *error, size_t error_size)
             thread->listening[l] =
                 (struct relay_side){.fd = state.listeners[l].fd};
         const struct settings *settings = state.settings;
-        struct pair_list *timers = thread->timers;
-        timers[TIMER_HANDSHAKE] = (struct pair_list){
-            .timeout_ms = settings->timeout_handshake_ms,
-            .expired = COUNTER_HANDSHAKE_TIMEOUT};
+        struct pair_list *timers = thread->timers; /* see enum timer */
+        timers[TIMER_HANDSHAKE].timeout_ms = settings->timeout_handshake_ms;
+        timers[TIMER_HANDSHAKE].expired = COUNTER_HANDSHAKE_TIMEOUT;
         timers[TIMER_CONNECT].timeout_ms = settings->timeout_connect_ms;
         timers[TIMER_RETRY].timeout_ms = UPSTREAM_RETRY_DELAY_MS;
-        timers[TIMER_IDLE] = (struct pair_list){
-            .timeout_ms = settings->timeout_idle_ms,
-            .expired = COUNTER_IDLE_TIMEOUT};
-        timers[TIMER_FIN] = (struct pair_list){
-            .timeout_ms = settings->timeout_fin_ms,
-            .expired = COUNTER_FIN_TIMEOUT};
+        timers[TIMER_IDLE].timeout_ms = settings->timeout_idle_ms;
+        timers[TIMER_IDLE].expired = COUNTER_IDLE_TIMEOUT;
+        timers[TIMER_FIN].timeout_ms = settings->timeout_fin_ms;
+        timers[TIMER_FIN].expired = COUNTER_FIN_TIMEOUT;
         relay_watch_listeners(thread, true);
         thread->listeners_watched = true;
     }
@@ -6135,12 +6167,9 @@ static unsigned connections_drain(int grace_ms)
 {
     struct timespec deadline;
     clock_gettime(CLOCK_MONOTONIC, &deadline);
-    deadline.tv_sec += grace_ms / 1000;
-    deadline.tv_nsec += (long)(grace_ms % 1000) * 1000000;
-    if (deadline.tv_nsec >= 1000000000) {
-        deadline.tv_sec++;
-        deadline.tv_nsec -= 1000000000;
-    }
+    long long end_ns = deadline.tv_nsec + grace_ms * 1000000LL;
+    deadline.tv_sec += end_ns / 1000000000;
+    deadline.tv_nsec = end_ns % 1000000000;
     pthread_mutex_lock(&state.stop_lock);
     while (atomic_load(&state.connections_now) > 0 &&
            pthread_cond_timedwait(&state.ended, &state.stop_lock,

@@ -880,14 +880,6 @@ LISTED_DIFFERENCES = {
         "inherent: these are a WhatsApp client's first bytes, so the proxy "
         "relays them to the chat server (here a silent one), where nginx "
         "refuses a request line it cannot read"),
-    "plain HTTP: GET / HTTP/1.1": (
-        'HTTP/1.1 400 Bad Request (page: "400 The plain HTTP request was '
-        'sent to HTTPS port"), then FIN', ANY,
-        "plain HTTP sent to a TLS port goes to the decoy as it is, and the "
-        "decoy, a plain-HTTP site, answers it as it answers any plain "
-        "visitor; making nginx's own error page here would mean the proxy "
-        "pretending to be one server version while the decoy may be "
-        "another (a NUL byte, which the decoy refuses itself, matches)"),
     "GET /local-only from %s, without --decoy-send-proxy" % VISITOR: (
         "HTTP/1.1 403 Forbidden", "HTTP/1.1 200 OK",
         "without --decoy-send-proxy the decoy sees every visitor as the "

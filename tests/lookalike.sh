@@ -76,8 +76,8 @@ chmod 755 "$TMP"
 # ---- 3. Ports, certificate, site and configurations ----------------------
 
 # Ports below the ephemeral range, checked free (peer_tool.py ports).
-set -- $(python3 "$TOOL" ports 6)
-SITE=$1 DECOY=$2 DECOY_PP=$3 WP=$4 WP_TOLD=$5 CHAT=$6
+set -- $(python3 "$TOOL" ports 7)
+SITE=$1 DECOY=$2 DECOY_PP=$3 DECOY_TLS=$4 WP=$5 WP_TOLD=$6 CHAT=$7
 
 # One certificate for nginx and whatsapp_proxy: ECDSA P-256, self-signed,
 # for proxy.example.org (a scanner compares certificates too; here they
@@ -140,10 +140,16 @@ $PAGES
 # nginx "decoy": the same site in plain HTTP, as whatsapp_proxy's decoy
 # (the proxy ends TLS and hands it the decrypted bytes). Its second
 # listener takes a PROXY header first, and real_ip makes the visitor's
-# address in it the one the access rules and the log see.
+# address in it the one the access rules and the log see. Its third is
+# the site's own TLS port (--decoy-tls-port), for what a client of the
+# proxy's TLS port sends before any TLS.
 nginx_config decoy "  server {
     listen 127.0.0.1:$DECOY;
     listen 127.0.0.1:$DECOY_PP proxy_protocol;
+    listen 127.0.0.1:$DECOY_TLS ssl;
+    ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
+    ssl_certificate $TMP/cert.pem;
+    ssl_certificate_key $TMP/key.pem;
     set_real_ip_from 127.0.0.1;
     real_ip_header proxy_protocol;
 $PAGES
@@ -175,7 +181,7 @@ echo "# $(nginx -v 2>&1); $(openssl version); $(python3 --version)"
 start nginx_site nginx_run site
 start nginx_decoy nginx_run decoy
 wait_listen "$SITE" "nginx site" nginx_site
-for port in $DECOY $DECOY_PP; do
+for port in $DECOY $DECOY_PP $DECOY_TLS; do
     wait_listen "$port" "nginx decoy" nginx_decoy
 done
 
@@ -187,7 +193,8 @@ wp() {
     start "$name" "$PROXY" --stats off --grace 1 --cert "$TMP/cert.pem" \
         --key "$TMP/key.pem" --upstream "127.0.0.1:$CHAT" "$@"
 }
-wp wp_main --listen "127.0.0.1:$WP/tls" --decoy "127.0.0.1:$DECOY"
+wp wp_main --listen "127.0.0.1:$WP/tls" --decoy "127.0.0.1:$DECOY" \
+    --decoy-tls-port "$DECOY_TLS"
 wp wp_told --listen "127.0.0.1:$WP_TOLD/tls" --decoy "127.0.0.1:$DECOY_PP" \
     --decoy-send-proxy v1
 wait_listen "$WP" "whatsapp_proxy --decoy" wp_main
