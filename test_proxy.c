@@ -3086,15 +3086,15 @@ END_TEST
  * the site with its bytes as sent (plain HTTP to an HTTPS port gets the
  * site's own answer); and a client that has not shown what it is when the
  * handshake timeout comes (half a TLS hello, or "GE" on a plain port) goes
- * to the site with what it sent, instead of being cut. */
+ * to the site with what it sent, instead of being cut. In the second
+ * round, with --decoy-tls-port, what came before any TLS on the TLS port
+ * goes to the site's own TLS port instead, and nothing else does. */
 START_TEST(test_undecided_and_non_tls_clients_go_to_the_decoy_as_sent)
 {
     struct fake_upstream *whatsapp = fake_upstream_start(UPSTREAM_ECHO, true);
     struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, false);
-    proxy_start("--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
-                "--decoy", address_text("127.0.0.1:%u", site->port),
-                "--timeout-handshake", "0.5", "--upstream",
-                address_text("127.0.0.1:%u", whatsapp->port), NULL);
+    struct fake_upstream *site_tls =
+        fake_upstream_start(UPSTREAM_WEB_SITE, false);
     static const struct {
         size_t listener;
         const char *bytes;
@@ -3104,89 +3104,55 @@ START_TEST(test_undecided_and_non_tls_clients_go_to_the_decoy_as_sent)
         {0, "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11},
         {1, "GE", 2},
     };
-    for (size_t i = 0; i < sizeof clients / sizeof clients[0]; i++) {
-        int fd = connect_local(proxy_listener_port(clients[i].listener));
-        send_all(fd, clients[i].bytes, clients[i].length);
-        char page[128] = "";
-        size_t got = receive_exactly(fd, page, strlen(WEB_PAGE),
-                                     PROMPTLY_MS + 500);
-        ck_assert_msg(got == strlen(WEB_PAGE) &&
-                          memcmp(page, WEB_PAGE, got) == 0,
-                      "client %zu gets the site's page", i);
-        pthread_mutex_lock(&site->lock);
-        ck_assert_msg(site->first_payload_length == clients[i].length &&
-                          memcmp(site->first_payload, clients[i].bytes,
-                                 clients[i].length) == 0,
-                      "client %zu's bytes reach the site as sent", i);
-        pthread_mutex_unlock(&site->lock);
-        close(fd);
+    for (int round = 0; round < 2; round++) {
+        bool tls_port = round == 1;
+        /* In the first round the NULL in place of --decoy-tls-port ends
+         * the list of arguments there. */
+        proxy_start("--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
+                    "--decoy", address_text("127.0.0.1:%u", site->port),
+                    "--timeout-handshake", "0.5", "--upstream",
+                    address_text("127.0.0.1:%u", whatsapp->port),
+                    tls_port ? "--decoy-tls-port" : NULL,
+                    address_text("%u", site_tls->port), NULL);
+        for (size_t i = 0; i < sizeof clients / sizeof clients[0]; i++) {
+            int fd = connect_local(proxy_listener_port(clients[i].listener));
+            send_all(fd, clients[i].bytes, clients[i].length);
+            char page[128] = "";
+            size_t got = receive_exactly(fd, page, strlen(WEB_PAGE),
+                                         PROMPTLY_MS + 500);
+            ck_assert_msg(got == strlen(WEB_PAGE) &&
+                              memcmp(page, WEB_PAGE, got) == 0,
+                          "client %zu gets the site's page", i);
+            struct fake_upstream *reached =
+                tls_port && clients[i].listener == 0 ? site_tls : site;
+            pthread_mutex_lock(&reached->lock);
+            ck_assert_msg(reached->first_payload_length == clients[i].length &&
+                              memcmp(reached->first_payload, clients[i].bytes,
+                                     clients[i].length) == 0,
+                          "round %d: client %zu's bytes reach the %s as sent",
+                          round, i, reached == site ? "site" : "TLS port");
+            pthread_mutex_unlock(&reached->lock);
+            close(fd);
+        }
+        ck_assert_int_eq(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT), 0);
+        if (tls_port) {
+            /* A request from inside TLS goes to the plain port. */
+            int fd = connect_local(proxy_listener_port(0));
+            socket_timeout(fd, PROMPTLY_MS);
+            SSL *tls = tls_client_start(fd, 0);
+            ck_assert_ptr_nonnull(tls);
+            tls_send_all(tls, "GET / HTTP/1.1\r\n\r\n", 18);
+            char page[128] = "";
+            ck_assert_int_eq(tls_receive_exactly(tls, page, strlen(WEB_PAGE)),
+                             strlen(WEB_PAGE));
+            tls_client_close(tls);
+            close(fd);
+        }
+        proxy_stop();
     }
     ck_assert_int_eq(upstream_connections(whatsapp), 0);
-    ck_assert_int_eq(proxy_counter(COUNTER_HANDSHAKE_TIMEOUT), 0);
-    proxy_stop();
-    fake_upstream_stop(whatsapp);
-    fake_upstream_stop(site);
-}
-END_TEST
-
-/* With --decoy-tls-port, what a client of a TLS port sent before any TLS
- * goes to the site's own TLS port (there, a web server answers plain HTTP
- * as HTTPS servers do), and nothing else does: bytes from inside TLS, and
- * undecided bytes on a plain port, go to the decoy's plain port. */
-START_TEST(test_decoy_tls_port_gets_what_came_before_any_tls)
-{
-    struct fake_upstream *whatsapp = fake_upstream_start(UPSTREAM_ECHO, true);
-    struct fake_upstream *site = fake_upstream_start(UPSTREAM_WEB_SITE, false);
-    struct fake_upstream *site_tls =
-        fake_upstream_start(UPSTREAM_WEB_SITE, false);
-    proxy_start("--listen", "127.0.0.1:0/tls", "--listen", "127.0.0.1:0",
-                "--decoy", address_text("127.0.0.1:%u", site->port),
-                "--decoy-tls-port", address_text("%u", site_tls->port),
-                "--timeout-handshake", "0.5", "--upstream",
-                address_text("127.0.0.1:%u", whatsapp->port), NULL);
-    static const struct {
-        size_t listener;
-        const char *bytes;
-        size_t length;
-        bool to_tls_port;
-    } clients[] = {
-        {0, "GET / HTTP/1.1\r\nHost: example.org\r\n\r\n", 37, true},
-        {0, "\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 11, true},
-        {1, "GE", 2, false},
-    };
-    for (size_t i = 0; i < sizeof clients / sizeof clients[0]; i++) {
-        int fd = connect_local(proxy_listener_port(clients[i].listener));
-        send_all(fd, clients[i].bytes, clients[i].length);
-        char page[128] = "";
-        ck_assert_int_eq(receive_exactly(fd, page, strlen(WEB_PAGE),
-                                         PROMPTLY_MS + 500),
-                         strlen(WEB_PAGE));
-        struct fake_upstream *reached = clients[i].to_tls_port ? site_tls
-                                                               : site;
-        pthread_mutex_lock(&reached->lock);
-        ck_assert_msg(reached->first_payload_length == clients[i].length &&
-                          memcmp(reached->first_payload, clients[i].bytes,
-                                 clients[i].length) == 0,
-                      "client %zu's bytes reach the %s port as sent", i,
-                      clients[i].to_tls_port ? "decoy's TLS" : "decoy's");
-        pthread_mutex_unlock(&reached->lock);
-        close(fd);
-    }
+    ck_assert_int_eq(upstream_connections(site), 3 + 1 + 1);
     ck_assert_int_eq(upstream_connections(site_tls), 2);
-    /* A TLS client's request, from inside TLS, goes to the plain port. */
-    int fd = connect_local(proxy_listener_port(0));
-    socket_timeout(fd, PROMPTLY_MS);
-    SSL *tls = tls_client_start(fd, 0);
-    ck_assert_ptr_nonnull(tls);
-    tls_send_all(tls, "GET / HTTP/1.1\r\n\r\n", 18);
-    char page[128] = "";
-    ck_assert_int_eq(tls_receive_exactly(tls, page, strlen(WEB_PAGE)),
-                     strlen(WEB_PAGE));
-    tls_client_close(tls);
-    close(fd);
-    ck_assert_int_eq(upstream_connections(site), 2);
-    ck_assert_int_eq(upstream_connections(site_tls), 2);
-    proxy_stop();
     fake_upstream_stop(whatsapp);
     fake_upstream_stop(site);
     fake_upstream_stop(site_tls);
@@ -4949,7 +4915,6 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_http_probe_on_a_tls_port_gets_the_decoy_page);
     tcase_add_test(t, test_decoy_send_proxy_tells_the_site_who_is_asking);
     tcase_add_test(t, test_undecided_and_non_tls_clients_go_to_the_decoy_as_sent);
-    tcase_add_test(t, test_decoy_tls_port_gets_what_came_before_any_tls);
     tcase_add_test(t, test_whatsapp_like_client_reaches_the_upstream_under_both_rules);
     tcase_add_test(t, test_wrong_server_name_goes_to_the_decoy_and_right_one_through);
     suite_add_tcase(suite, t);
