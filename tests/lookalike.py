@@ -16,7 +16,7 @@ openssl command. tests/lookalike.sh starts nginx and the proxies and runs
     nginx     nginx over TLS with nginx's own defaults, TLS 1.3 on (see
               TLS_1_3_NOTE): the web site
     proxy     whatsapp_proxy's TLS port, --decoy at the plain-HTTP twin
-              of that site
+              of that site, --decoy-tls-port at its TLS listener
     told      a second whatsapp_proxy, --decoy-send-proxy v1, its decoy
               the same site behind a PROXY-protocol listener
     chat      the fake chat server both proxies relay WhatsApp to: this
