@@ -2137,6 +2137,30 @@ START_TEST(test_connect_timeout_gives_up_on_a_silent_server)
 }
 END_TEST
 
+/* A connect that starts when a retry's wait is over is timed like any
+ * other: refused by the first server, the client waits 1 s, tries the
+ * silent second one, which --timeout-connect cuts, and so on, four tries
+ * in all (about 2.6 s). A relay thread with nothing else to do must wake
+ * up for each of those timeouts by itself. */
+START_TEST(test_a_connect_after_a_retry_is_timed_too)
+{
+    struct silent_server silent;
+    silent_server_start(&silent);
+    proxy_start("--listen", "127.0.0.1:0", "--timeout-connect", "0.3",
+                "--threads", "1",
+                "--upstream", address_text("127.0.0.1:%u", closed_port()),
+                "--upstream", address_text("127.0.0.1:%u", silent.port), NULL);
+    int client = connect_local(proxy_listener_port(0)); /* refused first */
+    ck_assert_msg(closed_within(client, 6000),
+                  "the client is closed after its four tries");
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_CONNECT_FAILED), 4);
+    ck_assert_int_eq(proxy_counter(COUNTER_UPSTREAM_UNREACHABLE), 1);
+    close(client);
+    proxy_stop();
+    silent_server_stop(&silent);
+}
+END_TEST
+
 /* The relay thread waits for connects in its epoll loop: one that times
  * out goes on to the next server, and the client is served there. */
 START_TEST(test_connect_timeout_tries_the_next_server)
@@ -4880,6 +4904,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_a_client_waits_out_a_server_restart);
     tcase_add_test(t, test_connect_timeout_gives_up_on_a_silent_server);
     tcase_add_test(t, test_connect_timeout_tries_the_next_server);
+    tcase_add_test(t, test_a_connect_after_a_retry_is_timed_too);
     tcase_add_test(t, test_health_checks_take_a_dead_server_out_and_back);
     tcase_add_test(t, test_health_checks_send_a_proxy_header_to_chat_servers);
     tcase_add_test(t, test_when_every_server_is_down_they_are_still_tried);

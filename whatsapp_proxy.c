@@ -4754,20 +4754,22 @@ static void pair_timed_out(struct relay_thread *thread,
 }
 
 /* Deals with every pair whose timer has run out: each leaves the back of
- * its list, closed or moved on. Returns how long epoll_wait() may sleep
- * until the next one runs out (-1: no pair is timed). */
+ * its list, closed or moved on, maybe to another list (a retry's wait
+ * ends in a connect). Only then, every list settled, returns how long
+ * epoll_wait() may sleep until the next one runs out (-1: none timed). */
 static int relay_expire(struct relay_thread *thread, long long now)
 {
+    struct pair_list *timers = thread->timers;
+    for (size_t i = 0; i < TIMER_COUNT; i++)
+        while (timers[i].oldest != NULL &&
+               timers[i].oldest->last_active_ms + timers[i].timeout_ms <= now)
+            pair_timed_out(thread, timers[i].oldest, now);
     int sleep_ms = -1;
-    for (size_t i = 0; i < TIMER_COUNT; i++) {
-        struct pair_list *list = &thread->timers[i];
-        while (list->oldest != NULL &&
-               list->oldest->last_active_ms + list->timeout_ms <= now)
-            pair_timed_out(thread, list->oldest, now);
-        if (list->oldest != NULL)
-            sleep_ms = wait_earlier(sleep_ms, (int)(list->oldest->last_active_ms
-                                                    + list->timeout_ms - now));
-    }
+    for (size_t i = 0; i < TIMER_COUNT; i++)
+        if (timers[i].oldest != NULL)
+            sleep_ms = wait_earlier(sleep_ms,
+                                    (int)(timers[i].oldest->last_active_ms +
+                                          timers[i].timeout_ms - now));
     return sleep_ms;
 }
 
