@@ -1123,6 +1123,38 @@ START_TEST(test_settings_parse_refuses_what_cannot_work)
                                  "strict", NULL), PARSE_ERROR);
     ck_assert_msg(strstr(error, "--decoy") != NULL,
                   "--decoy-rule without --decoy says why: %s", error);
+    const char *bad_tls_ports[] = {"0", "65536", "https", ""};
+    for (size_t i = 0; i < 4; i++) {
+        ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", "443/tls",
+                                     "--decoy", "127.0.0.1:8081",
+                                     "--decoy-tls-port", bad_tls_ports[i],
+                                     NULL), PARSE_ERROR);
+        ck_assert_msg(strstr(error, "bad --decoy-tls-port") != NULL,
+                      "--decoy-tls-port '%s' is refused: %s", bad_tls_ports[i],
+                      error);
+    }
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", "80",
+                                 "--decoy", "127.0.0.1:8081",
+                                 "--decoy-tls-port", "8444", NULL),
+                     PARSE_ERROR);
+    ck_assert_msg(strstr(error, "needs a TLS listener") != NULL,
+                  "--decoy-tls-port without a TLS port says why: %s", error);
+    /* A decoy on one of the proxy's own ports would send each client back
+     * to the proxy, again and again. */
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", "443/tls",
+                                 "--decoy", "127.0.0.1:8081",
+                                 "--decoy-tls-port", "443", NULL),
+                     PARSE_ERROR);
+    ck_assert_msg(strstr(error, "proxy's own") != NULL,
+                  "a decoy TLS port that is the proxy's own is refused: %s",
+                  error);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", "443/tls",
+                                 "--decoy", "localhost:443", NULL),
+                     PARSE_ERROR);
+    ck_assert_int_eq(parse_flags(error, sizeof error, "--listen", "443/tls",
+                                 "--decoy", "127.0.0.1:8081",
+                                 "--decoy-tls-port", "8444", NULL),
+                     PARSE_RUN);
     ck_assert_int_eq(parse_flags(error, sizeof error, "--upstream",
                                  "a\"b<i>:80", NULL), PARSE_ERROR);
     ck_assert_msg(strstr(error, "letters, digits, dots and hyphens") != NULL,

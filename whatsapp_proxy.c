@@ -361,7 +361,8 @@ static struct proxy_state {
     pthread_mutex_t upstream_lock;
     struct upstream *chat_upstreams; /* settings->chat_upstream_count */
     struct upstream *media_upstream;
-    struct upstream *decoy_upstream; /* NULL without --decoy */
+    struct upstream *decoy_upstreams; /* decoy_count(): the site, then
+                                         its TLS port; NULL without one */
 
     /* Guarded by per_ip_lock: connections per client address (section 8). */
     pthread_mutex_t per_ip_lock;
@@ -1171,6 +1172,23 @@ static int option_apply(struct settings *settings, const char *name,
     return -1;
 }
 
+/* Returns whether host:port would reach one of the proxy's own listeners:
+ * a local host and a port it listens on. A decoy there would hand each
+ * client back to the proxy, which would hand it on again, until --maxconn
+ * is used up. */
+static bool points_back_here(const struct settings *settings,
+                             const char *host, uint16_t port)
+{
+    static const char *const LOCAL[] = {"localhost", "::1", "0.0.0.0", "::"};
+    bool local = strncmp(host, "127.", 4) == 0;
+    for (size_t i = 0; i < ARRAY_LENGTH(LOCAL); i++)
+        local |= strcmp(host, LOCAL[i]) == 0;
+    for (size_t i = 0; local && i < settings->listener_count; i++)
+        if (settings->listeners[i].port == port)
+            return true;
+    return false;
+}
+
 /* Reads argv into settings; see whatsapp_proxy.h. */
 enum parse_result settings_parse(struct settings *settings, int argc,
                                  char **argv, char *error, size_t error_size)
@@ -1255,6 +1273,22 @@ enum parse_result settings_parse(struct settings *settings, int argc,
                       "and --decoy-tls-port need --decoy HOST:PORT");
         return PARSE_ERROR;
     }
+    if (settings->decoy_tls_port != 0 && !any_tls) {
+        parse_failure(error, error_size, "--decoy-tls-port needs a TLS "
+                      "listener (--listen PORT/tls)");
+        return PARSE_ERROR;
+    }
+    uint16_t decoy_ports[] = {settings->decoy.port, settings->decoy_tls_port};
+    for (size_t i = 0; settings->decoy_enabled && i < 2; i++)
+        if (decoy_ports[i] != 0 &&
+            points_back_here(settings, settings->decoy.host, decoy_ports[i])) {
+            parse_failure(error, error_size, "%s: port %u of %s is this "
+                          "proxy's own; the decoy must be another server "
+                          "(a local nginx on port 8081, say)",
+                          i == 0 ? "--decoy" : "--decoy-tls-port",
+                          decoy_ports[i], settings->decoy.host);
+            return PARSE_ERROR;
+        }
     return PARSE_RUN;
 }
 
@@ -2119,28 +2153,36 @@ static int tls_choose_protocol(SSL *tls, const unsigned char **chosen,
 
 /* OpenSSL calls this first on a client's hello, before it chooses a
  * version. A client whose newest version is TLS 1.0 or 1.1 is refused
- * here with the internal_error alert, which is how nginx refuses one on
- * this OpenSSL: nginx enables both, but OpenSSL 3's security level leaves
- * them no cipher. OpenSSL's own refusal (below TLS 1.2, the minimum set in
- * tls_context_new()) would send protocol_version instead, and tell a
- * scanner that tries old versions on purpose that this is no common web
- * server. Older versions still (SSL 3) get protocol_version from both. */
+ * here with the internal_error alert, as nginx refuses one where Debian's
+ * packaged configuration lists those versions: OpenSSL 3's security level
+ * then leaves them no cipher. OpenSSL's own refusal (below the TLS 1.2
+ * minimum set in tls_context_new()) would send protocol_version instead,
+ * and tell a scanner that tries old versions on purpose that this is no
+ * such web server. (nginx 1.27.3 and later leave TLS 1.0 and 1.1 off by
+ * default and answer protocol_version; the packaged configurations are
+ * the commoner sight.) SSL 3 gets protocol_version from both.
+ * Returning SSL_CLIENT_HELLO_ERROR makes OpenSSL send *alert and end the
+ * handshake. */
 static int tls_refuse_old_versions(SSL *tls, int *alert, void *unused)
 {
     (void)unused;
+    /* A hello's version field says at most TLS 1.2: a TLS 1.3 client lists
+     * its versions in an extension instead (a length byte, then two bytes
+     * each), and then only that list counts. Values above TLS 1.3 in it
+     * are drafts or GREASE (filler that keeps servers honest). A malformed
+     * list is OpenSSL's to refuse, later. */
     int newest = (int)SSL_client_hello_get0_legacy_version(tls);
     const unsigned char *list;
     size_t length;
-    /* A TLS 1.3 client lists its versions in an extension: a length
-     * byte, then two bytes each. Values above TLS 1.3 are drafts or
-     * GREASE, filler that a client sends to keep servers honest. */
     if (SSL_client_hello_get0_ext(tls, TLSEXT_TYPE_supported_versions, &list,
-                                  &length) == 1)
+                                  &length) == 1) {
+        newest = 0;
         for (size_t i = 1; i + 1 < length; i += 2) {
             int version = list[i] << 8 | list[i + 1];
             if (version > newest && version <= TLS1_3_VERSION)
                 newest = version;
         }
+    }
     if (newest != TLS1_VERSION && newest != TLS1_1_VERSION)
         return SSL_CLIENT_HELLO_SUCCESS;
     *alert = SSL_AD_INTERNAL_ERROR;
@@ -2630,8 +2672,6 @@ struct upstream_attempts {
     size_t looked_at;        /* servers of the pool looked at so far */
     unsigned tries;          /* connects started so far */
     struct upstream *trying; /* the server being connected to */
-    uint16_t port;           /* if not 0, the port to use instead of the
-                                server's own (--decoy-tls-port) */
 };
 
 /* Begins attempts on a pool of pool_size servers. */
@@ -2688,8 +2728,6 @@ static int upstream_attempt_next(struct upstream_attempts *attempts)
             upstream_attempt_failed(attempts, "name does not resolve");
             continue;
         }
-        if (attempts->port != 0) /* at the same offset in both families */
-            ((struct sockaddr_in *)&address)->sin_port = htons(attempts->port);
         int fd = socket_connect_start(&address, length);
         if (fd >= 0)
             return fd;
@@ -2755,9 +2793,9 @@ static bool upstream_check(struct upstream *upstream)
                 upstream < state.chat_upstreams +
                                state.settings->chat_upstream_count;
     enum send_proxy kind = chat ? state.settings->send_proxy
-                           : upstream == state.decoy_upstream
-                               ? state.settings->decoy_send_proxy
-                               : SEND_PROXY_NONE;
+                           : upstream == state.media_upstream
+                               ? SEND_PROXY_NONE
+                               : state.settings->decoy_send_proxy;
     struct proxy_addresses none = {.known = false};
     uint8_t header[PROXYHDR_ENCODED_MAX_BYTES];
     size_t header_length = proxyhdr_encode(kind, &none, header);
@@ -2768,15 +2806,25 @@ static bool upstream_check(struct upstream *upstream)
     return fd >= 0;
 }
 
+/* How many decoy servers settings name: none, the site (--decoy), or
+ * the site and its own TLS port (--decoy-tls-port), which is checked and
+ * counted as a server of its own: it may be down while the site is up. */
+static size_t decoy_count(const struct settings *settings)
+{
+    if (!settings->decoy_enabled)
+        return 0;
+    return settings->decoy_tls_port != 0 ? 2 : 1;
+}
+
 /* Returns server number i for the health thread: the chat pool, then the
- * media server, then the decoy (with --decoy). There are
- * chat_upstream_count + 1 + decoy_enabled of them. */
+ * media server, then the decoys. There are chat_upstream_count + 1 +
+ * decoy_count() of them. */
 static struct upstream *upstream_numbered(size_t i)
 {
     size_t chat_count = state.settings->chat_upstream_count;
     return i < chat_count ? &state.chat_upstreams[i]
            : i == chat_count ? state.media_upstream
-                             : state.decoy_upstream;
+                             : &state.decoy_upstreams[i - chat_count - 1];
 }
 
 /* Returns whether some listener of settings sends its clients to the media
@@ -2807,7 +2855,7 @@ static void *upstream_health_run(void *unused)
 {
     (void)unused;
     size_t count = state.settings->chat_upstream_count + 1 +
-                   (state.settings->decoy_enabled ? 1 : 0);
+                   decoy_count(state.settings);
     for (;;) {
         tls_warn_if_expiring(); /* section 5: a daily word, if due */
         long long now = now_ms();
@@ -4226,13 +4274,12 @@ static void relay_connect_failed(struct relay_thread *thread,
 /* Sends what must reach pair's new upstream before the relaying starts:
  * our PROXY header (to chat servers, in the version of --send-proxy; to
  * the decoy, in that of --decoy-send-proxy, so that the site learns who
- * is asking), and
- * the client's first bytes right behind it: those heard already (section
- * 9), or else those waiting in the client's socket, which are looked at
- * and taken only once they are sent. One send(), so the server gets the
- * header and what follows in one TCP segment instead of two, and wakes
- * once for both: one packet fewer for every new client. Returns false if
- * the connection is broken. */
+ * is asking), and the client's first bytes right behind it: those heard
+ * already (section 9), or else those waiting in the client's socket,
+ * which are looked at and taken only once they are sent. One send(), so
+ * the server gets the header and what follows in one TCP segment instead
+ * of two, and wakes once for both: one packet fewer for every new client.
+ * Returns false if the connection is broken. */
 static bool relay_send_opening(struct relay_thread *thread,
                                struct relay_pair *pair)
 {
@@ -4337,11 +4384,10 @@ static void pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
         pair_read_header(thread, pair, now);
         return;
     case PAIR_HANDSHAKING:
-        /* The ClientHello has usually arrived already, and epoll will say
-         * so at once; stepping here instead would do a burst of new
-         * clients' costly first steps before any other client's events.
-         * The SSL object is made once the hello is whole (pair_await_hello
-         * ()), so a silent client costs none. */
+        /* Not stepped here: epoll reports the hello at once, and the
+         * costly steps of a burst of new clients then wait behind other
+         * clients' events ("Fairness"). No SSL object until the hello is
+         * whole (pair_await_hello()): a silent client costs none. */
         relay_watch(thread, pair);
         return;
     case PAIR_READING_FIRST_BYTES:
@@ -4367,16 +4413,17 @@ static void pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
     if (opening->destination == TO_CHAT_SERVERS)
         upstream_attempts_begin(&opening->attempts, state.chat_upstreams,
                                 state.settings->chat_upstream_count);
-    else
+    else if (opening->destination == TO_MEDIA_SERVER)
+        upstream_attempts_begin(&opening->attempts, state.media_upstream, 1);
+    else {
+        /* The decoy: with --decoy-tls-port, what a client of a TLS port
+         * sent before any TLS goes to the site's own TLS port (9). */
+        bool before_tls = pair->listener->spec.tls &&
+                          pair->client.tls == NULL &&
+                          decoy_count(state.settings) == 2;
         upstream_attempts_begin(&opening->attempts,
-                                opening->destination == TO_DECOY
-                                    ? state.decoy_upstream
-                                    : state.media_upstream, 1);
-    /* What a client of a TLS port sent before any TLS goes to the site's
-     * own TLS port, if it has one (section 9). */
-    if (opening->destination == TO_DECOY && pair->listener->spec.tls &&
-        pair->client.tls == NULL)
-        opening->attempts.port = state.settings->decoy_tls_port;
+                                &state.decoy_upstreams[before_tls ? 1 : 0], 1);
+    }
     relay_watch(thread, pair); /* nothing more on the client meanwhile */
     relay_connect_next(thread, pair, now);
 }
@@ -5980,8 +6027,8 @@ static void proxy_free(void)
     state.stats_listener = NULL;
     free(state.chat_upstreams);
     free(state.media_upstream);
-    free(state.decoy_upstream);
-    state.chat_upstreams = state.media_upstream = state.decoy_upstream = NULL;
+    free(state.decoy_upstreams);
+    state.chat_upstreams = state.media_upstream = state.decoy_upstreams = NULL;
     SSL_CTX_free(state.tls_context);
     state.tls_context = NULL;
     if (state.abort_fd >= 0)
@@ -6000,13 +6047,16 @@ static void upstreams_prepare(const struct settings *settings)
     state.chat_upstreams = xcalloc(count, sizeof *state.chat_upstreams);
     state.media_upstream = xcalloc(1, sizeof *state.media_upstream);
     if (settings->decoy_enabled)
-        state.decoy_upstream = xcalloc(1, sizeof *state.decoy_upstream);
-    size_t total = count + 1 + (settings->decoy_enabled ? 1 : 0);
+        state.decoy_upstreams = xcalloc(decoy_count(settings),
+                                        sizeof *state.decoy_upstreams);
+    size_t total = count + 1 + decoy_count(settings);
     for (size_t i = 0; i < total; i++) {
         struct upstream *upstream = upstream_numbered(i);
         upstream->spec = i < count    ? settings->chat_upstreams[i]
                          : i == count ? settings->media_upstream
                                       : settings->decoy;
+        if (i == count + 2) /* the decoy's own TLS port */
+            upstream->spec.port = settings->decoy_tls_port;
         upstream->up = true;
         upstream->next_check_ms = now_ms() + settings->check_interval_ms;
         snprintf(upstream->last_result, sizeof upstream->last_result,
@@ -6057,8 +6107,7 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
     atomic_store(&state.log_level, settings->log_level);
     for (size_t i = 0; i < COUNTER_COUNT; i++)
         atomic_store(&state.counters[i], 0);
-    atomic_store(&state.next_chat_upstream, 0); /* the first client goes to
-                                                 * the first server */
+    atomic_store(&state.next_chat_upstream, 0); /* first client, first server */
     atomic_store(&state.accept_rest_until_ms, 0);
     atomic_store(&state.accept_warned_ms, LLONG_MIN / 2); /* never warned */
     atomic_store(&state.certificate_expires_at, 0);

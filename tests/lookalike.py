@@ -736,13 +736,13 @@ TLS_1_3_OFFER_AES128 = ["TLS_AES_128_GCM_SHA256",
 
 TLS_1_3_NOTE = (
     "nginx 1.22's own default is ssl_protocols TLSv1 TLSv1.1 TLSv1.2: no "
-    "TLS 1.3. Debian's packaged nginx.conf and nginx 1.23.4 and later "
-    "enable it, so a web server on the Internet almost always has it; "
-    "the nginx here has that line, ssl_protocols TLSv1 TLSv1.1 TLSv1.2 "
-    "TLSv1.3, and nginx's defaults for everything else. TLS 1.0 and 1.1 "
+    "TLS 1.3. Debian's packaged nginx.conf (and nginx 1.23.4 to 1.27.2 "
+    "by default) list TLSv1 TLSv1.1 TLSv1.2 TLSv1.3; the nginx here has "
+    "that line, and nginx's defaults for everything else. TLS 1.0 and 1.1 "
     "are on in it, but OpenSSL 3's security level leaves them no cipher "
     "suite: it refuses them with internal_error, and so does "
-    "whatsapp_proxy, whose minimum is TLS 1.2")
+    "whatsapp_proxy, whose minimum is TLS 1.2 (nginx 1.27.3 and later "
+    "leave them off and answer protocol_version)")
 
 
 class Comparison:

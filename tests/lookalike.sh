@@ -1,8 +1,8 @@
 #!/bin/sh
 # tests/lookalike.sh - does whatsapp_proxy look like a web server to a
 # scanner? nginx serves a small web site over TLS with nginx's own
-# defaults (and TLS 1.3, as every nginx since 1.23.4 and Debian's packaged
-# configuration have it); whatsapp_proxy, with the same certificate, has the same site
+# defaults and the versions of Debian's packaged configuration (TLS 1.0
+# to 1.3); whatsapp_proxy, with the same certificate, has the same site
 # as its --decoy. The same client asks both the same questions (TLS
 # details, bytes that are not TLS, silence, 17 probes) and the answers are
 # compared; lookalike.py asks and compares, and lists the differences that
@@ -126,9 +126,9 @@ PAGES="    root $TMP/www;
 
 # nginx "site": the web site reached directly over TLS. No ssl_* option
 # but the certificate and the versions: nginx's defaults are the point.
-# The versions are the default of every nginx since 1.23.4, and the line
-# in Debian's packaged nginx.conf; nginx 1.22's own default lacks TLS 1.3
-# (see TLS_1_3_NOTE in lookalike.py).
+# The versions are the line in Debian's packaged nginx.conf (and the
+# default of nginx 1.23.4 to 1.27.2); nginx 1.22's own default lacks TLS
+# 1.3 (see TLS_1_3_NOTE in lookalike.py).
 nginx_config site "  server {
     listen 127.0.0.1:$SITE ssl;
     ssl_protocols TLSv1 TLSv1.1 TLSv1.2 TLSv1.3;
