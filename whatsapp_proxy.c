@@ -4868,12 +4868,10 @@ static int relay_accept_rest(struct relay_thread *thread, long long now)
 
 /* The most handshake steps one pass through the event loop takes, after
  * every other event of the pass (see "Fairness" in the section comment).
- * One step of an ECDSA P-256 handshake costs a fraction of a millisecond,
- * so 16 of them hold up an established connection for a few milliseconds
- * at worst: what the scheduler of a busy machine adds anyway, and a
- * smaller bound did not shorten its waits in the benchmark. A bound much
- * smaller slows a burst of new TLS clients instead (bench/README.md). */
-#define HANDSHAKE_STEPS_PER_PASS 16
+ * One step of an ECDSA P-256 handshake costs roughly a tenth of a
+ * millisecond, so an established connection waits about that much longer
+ * per step allowed here. */
+#define HANDSHAKE_STEPS_PER_PASS 4
 
 /* The body of a relay thread: wait for events, serve them (handshakes
  * last), expire what timed out; at stop, close every pair. */
