@@ -4515,7 +4515,6 @@ static void pair_await_hello(struct relay_thread *thread,
                              struct relay_pair *pair, long long now)
 {
     struct opening *opening = pair->opening;
-    const uint8_t *hello = thread->scratch;
     size_t seen = 0;
     uint32_t wait;
     enum io_status status =
@@ -4531,7 +4530,7 @@ static void pair_await_hello(struct relay_thread *thread,
         return;
     }
     int needed = 0;
-    enum hello_verdict verdict = tls_hello_look(hello, seen, &needed);
+    enum hello_verdict verdict = tls_hello_look(thread->scratch, seen, &needed);
     if (verdict == HELLO_NOT_TLS) {
         pair_hello_failed(thread, pair, "not TLS on a TLS port", now);
         return;
