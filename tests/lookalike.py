@@ -784,22 +784,21 @@ def comparisons():
             ",".join(offer) if offer else "nothing"),
             lambda port, offer=offer: ask_alpn(port, offer),
             nginx_1_22=answer)
-    by_openssl(section, "TLS 1.2 suite, the client offers CHACHA20, "
-               "AES128-GCM, AES256-GCM",
-               lambda port: ask_suite(port, "tls1_2", TLS_1_2_OFFER),
-               nginx_1_22="ECDHE-ECDSA-CHACHA20-POLY1305")
-    by_openssl(section, "TLS 1.2 suite, the client offers AES128-GCM, "
-               "CHACHA20, AES256-GCM",
-               lambda port: ask_suite(port, "tls1_2", TLS_1_2_OFFER_AES128),
-               nginx_1_22="ECDHE-ECDSA-AES128-GCM-SHA256")
-    by_openssl(section, "TLS 1.3 suite, the client offers CHACHA20, "
-               "AES128-GCM, AES256-GCM",
-               lambda port: ask_suite(port, "tls1_3", TLS_1_3_OFFER),
-               nginx_1_22="TLS_CHACHA20_POLY1305_SHA256")
-    by_openssl(section, "TLS 1.3 suite, the client offers AES128-GCM, "
-               "CHACHA20, AES256-GCM",
-               lambda port: ask_suite(port, "tls1_3", TLS_1_3_OFFER_AES128),
-               nginx_1_22="TLS_AES_128_GCM_SHA256")
+    # (version, what the client offers, in its order, nginx's choice)
+    for version, offer, offered, answer in (
+            ("1.2", TLS_1_2_OFFER, "CHACHA20, AES128-GCM, AES256-GCM",
+             "ECDHE-ECDSA-CHACHA20-POLY1305"),
+            ("1.2", TLS_1_2_OFFER_AES128, "AES128-GCM, CHACHA20, AES256-GCM",
+             "ECDHE-ECDSA-AES128-GCM-SHA256"),
+            ("1.3", TLS_1_3_OFFER, "CHACHA20, AES128-GCM, AES256-GCM",
+             "TLS_CHACHA20_POLY1305_SHA256"),
+            ("1.3", TLS_1_3_OFFER_AES128, "AES128-GCM, CHACHA20, AES256-GCM",
+             "TLS_AES_128_GCM_SHA256")):
+        by_openssl(section, "TLS %s suite, the client offers %s"
+                   % (version, offered),
+                   lambda port, version=version, offer=offer: ask_suite(
+                       port, "tls" + version.replace(".", "_"), offer),
+                   nginx_1_22=answer)
     by_openssl(section, "the version a default client gets",
                lambda port: ask_version(port, []), nginx_1_22="TLSv1.3")
     for version in ("1", "1_1"):
