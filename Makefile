@@ -112,18 +112,23 @@ bench-quick: whatsapp_proxy
 certs:
 	sh certs/generate-certs.sh certs
 
+# Shell lines that tell a user who is not root how to run `make $(1)` as
+# root: with sudo where there is one, else with su.
+how_to_run_as_root = \
+	if command -v sudo >/dev/null 2>&1; then \
+	    echo "Run: sudo make $(1)"; \
+	    echo "(if you may not use sudo: become root with su -, go back to this folder with cd $(CURDIR), then run: make $(1))"; \
+	else \
+	    echo "There is no sudo here: become root with su -, go back to this folder with cd $(CURDIR), then run: make $(1)"; \
+	fi
+
 # Installs the binary, the systemd unit and (if absent) its options file. An
 # options file already there is kept, with the changes you made to it.
 install: deps whatsapp_proxy
 	@for dir in $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(UNITDIR) $(DESTDIR)$(DEFAULTDIR); do \
 	    while [ ! -e "$$dir" ]; do dir=$$(dirname "$$dir"); done; \
 	    [ -w "$$dir" ] || { echo "make install writes into $$dir, so it needs root."; \
-	        if command -v sudo >/dev/null 2>&1; then \
-	            echo "Run: sudo make install"; \
-	            echo "(if you may not use sudo: become root with su -, go back to this folder with cd $(CURDIR), then run: make install)"; \
-	        else \
-	            echo "There is no sudo here: become root with su -, go back to this folder with cd $(CURDIR), then run: make install"; \
-	        fi; \
+	        $(call how_to_run_as_root,install); \
 	        exit 1; }; \
 	done
 	install -D -m 0755 whatsapp_proxy $(DESTDIR)$(PREFIX)/bin/whatsapp_proxy
@@ -144,12 +149,7 @@ install: deps whatsapp_proxy
 setcap: deps whatsapp_proxy
 	@if [ "$$(id -u)" != 0 ]; then \
 	    echo "make setcap needs root."; \
-	    if command -v sudo >/dev/null 2>&1; then \
-	        echo "Run: sudo make setcap"; \
-	        echo "(if you may not use sudo: become root with su -, go back to this folder with cd $(CURDIR), then run: make setcap)"; \
-	    else \
-	        echo "There is no sudo here: become root with su -, go back to this folder with cd $(CURDIR), then run: make setcap"; \
-	    fi; \
+	    $(call how_to_run_as_root,setcap); \
 	    exit 1; \
 	fi
 	@PATH="$$PATH:/usr/sbin:/sbin"; \
