@@ -2750,11 +2750,15 @@ static bool upstream_attempts_left(const struct upstream_attempts *attempts)
     return attempts->tries < UPSTREAM_TRIES_MAX;
 }
 
-/* Says whether the connect started on fd, now writable, has worked, and
- * records the result against the server. */
-static bool upstream_attempt_ended(struct upstream_attempts *attempts, int fd)
+/* Says whether the connect started on fd has worked, and records the
+ * result against the server. events is what epoll reported on fd: writable
+ * with no error or hang-up means connected, and only a failure needs the
+ * system call that asks the socket why. */
+static bool upstream_attempt_ended(struct upstream_attempts *attempts, int fd,
+                                   uint32_t events)
 {
-    int failure = socket_connect_result(fd);
+    int failure = events & (EPOLLERR | EPOLLHUP) ? socket_connect_result(fd)
+                                                 : 0;
     if (failure != 0) {
         upstream_attempt_failed(attempts, strerror(failure));
         return false;
@@ -3954,6 +3958,7 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
                                     bool *moved)
 {
     size_t moved_this_turn = 0;
+    bool source_emptied = false;
     uint32_t wait = 0;
     flow_wait(flow, NULL, 0);
 
@@ -3969,14 +3974,15 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
         if (flow->state == FLOW_ENDED)
             return NULL;
 
-        /* 2. Fair share: after RELAY_TURN_BYTES let other pairs move. Bytes
-         * that no socket event would ever announce must be moved now,
-         * though: those OpenSSL has decrypted already, and those of a
-         * socket that has hung up, which is watched no more. */
+        /* 2. Stop for now after RELAY_TURN_BYTES (other pairs' turn), or
+         * once a plain source gave less than asked for (it is empty; epoll
+         * says when more comes). But bytes that no socket event would
+         * announce must be moved now: those OpenSSL has decrypted already,
+         * and those of a socket that has hung up, watched no more. */
         bool tls_holds_bytes =
             flow->from->tls != NULL && SSL_has_pending(flow->from->tls);
-        if (moved_this_turn >= RELAY_TURN_BYTES && !tls_holds_bytes &&
-            !flow->from->hung_up) {
+        if ((moved_this_turn >= RELAY_TURN_BYTES || source_emptied) &&
+            !tls_holds_bytes && !flow->from->hung_up) {
             flow_wait(flow, flow->from, EPOLLIN);
             return NULL;
         }
@@ -3999,6 +4005,7 @@ static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
             flow->state = FLOW_ENDING;
             continue;
         }
+        source_emptied = flow->from->tls == NULL && seen < RELAY_SCRATCH_BYTES;
         size_t sent;
         status = side_write(flow->to, scratch, seen, &sent, &wait);
         if (sent > 0) {
@@ -4098,18 +4105,19 @@ enum pair_end {
  * peer gets a FIN (see side_close()). */
 #define CLOSE_DRAIN_BYTES (64 * 1024)
 
-/* Closes side's socket: with a reset (abort true), or else with
+/* Closes side's socket as `end` says: with a reset, or else with
  * close_notify first when TLS is up on it, and a FIN. Best effort: a peer
  * that cannot take the close_notify now does without. A socket closed
  * with bytes still unread in it sends RST instead of FIN, so up to
  * CLOSE_DRAIN_BYTES of them are dropped first: a client that has sent a
- * few bytes that no server will ever read still sees a clean end. Frees
+ * few bytes that no server will ever read still sees a clean end. (A
+ * finished pair has read both sockets to their end: none are left.) Frees
  * its SSL object. */
-static void side_close(struct relay_side *side, bool abort)
+static void side_close(struct relay_side *side, enum pair_end end)
 {
     if (side->fd < 0)
         return;
-    if (abort) {
+    if (end == END_CLIENT_BROKE) {
         /* A zero linger time makes close() send RST instead of FIN. */
         struct linger reset_now = {.l_onoff = 1, .l_linger = 0};
         setsockopt(side->fd, SOL_SOCKET, SO_LINGER, &reset_now,
@@ -4120,7 +4128,8 @@ static void side_close(struct relay_side *side, bool abort)
             SSL_shutdown(side->tls); /* sends close_notify once, if not yet */
         }
         uint8_t sink[4096];
-        for (size_t dropped = 0; dropped < CLOSE_DRAIN_BYTES;
+        for (size_t dropped = 0;
+             end != END_FINISHED && dropped < CLOSE_DRAIN_BYTES;
              dropped += sizeof sink)
             if (recv(side->fd, sink, sizeof sink, MSG_TRUNC | MSG_DONTWAIT) <= 0)
                 break; /* MSG_TRUNC: dropped without a copy */
@@ -4142,8 +4151,8 @@ static void relay_close(struct relay_thread *thread, struct relay_pair *pair,
 {
     pair_list_remove(pair);
     /* The broken side itself needs no goodbye: it cannot hear one. */
-    side_close(&pair->client, end == END_CLIENT_BROKE);
-    side_close(&pair->upstream, end == END_CLIENT_BROKE);
+    side_close(&pair->client, end);
+    side_close(&pair->upstream, end);
     free(pair->opening);
     pair->opening = NULL;
     atomic_fetch_sub(&thread->pairs_now, 1);
@@ -4201,18 +4210,16 @@ static void relay_service(struct relay_thread *thread, struct relay_pair *pair,
         relay_close_broken(thread, pair, broken);
         return;
     }
-    struct relay_flow *upstream_flow = &pair->to_upstream;
-    struct relay_flow *client_flow = &pair->to_client;
-    bool upstream_ended = upstream_flow->state == FLOW_ENDED;
-    bool client_ended = client_flow->state == FLOW_ENDED;
+    bool upstream_ended = pair->to_upstream.state == FLOW_ENDED;
+    bool client_ended = pair->to_client.state == FLOW_ENDED;
     if (upstream_ended && client_ended) {
         relay_close(thread, pair, END_FINISHED);
         return;
     }
     if (upstream_ended || client_ended)
         pair->state = PAIR_HALF_CLOSED;
-    struct relay_flow *open_flow = upstream_ended ? client_flow
-                                                  : upstream_flow;
+    struct relay_flow *open_flow = upstream_ended ? &pair->to_client
+                                                  : &pair->to_upstream;
     bool waits_for_silence = pair->state == PAIR_HALF_CLOSED &&
                              open_flow->waiting_on != open_flow->to;
     struct pair_list *list =
@@ -4735,7 +4742,7 @@ static void relay_on_event(struct relay_thread *thread, struct relay_side *side,
     case PAIR_CONNECTING:
         if (side != &pair->upstream)
             return; /* the client is not watched meanwhile */
-        if (upstream_attempt_ended(&pair->opening->attempts, side->fd))
+        if (upstream_attempt_ended(&pair->opening->attempts, side->fd, events))
             relay_connected(thread, pair, now);
         else
             relay_connect_failed(thread, pair, false, now);
@@ -4865,11 +4872,9 @@ static int relay_accept_rest(struct relay_thread *thread, long long now)
     return watch ? -1 : left;
 }
 
-/* The most handshake steps one pass through the event loop takes, after
- * every other event of the pass (see "Fairness" in the section comment).
- * One step of an ECDSA P-256 handshake costs roughly a tenth of a
- * millisecond, so an established connection waits about that much longer
- * per step allowed here. */
+/* The most handshake steps one pass of the event loop takes, after every
+ * other event ("Fairness"). A step of an ECDSA P-256 handshake costs about
+ * 0.1 ms: an established connection may wait that much longer per step. */
 #define HANDSHAKE_STEPS_PER_PASS 4
 
 /* The body of a relay thread: wait for events, serve them (handshakes
