@@ -2407,6 +2407,51 @@ START_TEST(test_listener_without_address_takes_ipv4_and_ipv6)
 }
 END_TEST
 
+/* The TCP_NODELAY setting of the connected IPv4 socket in this process
+ * (the proxy runs here) whose own port is local_port (0: any) and whose
+ * peer's port is peer_port; -1 if there is none. */
+static int nodelay_of_socket(uint16_t local_port, uint16_t peer_port)
+{
+    for (int fd = 0; fd < 4096; fd++) {
+        struct sockaddr_in local, peer;
+        socklen_t local_length = sizeof local, peer_length = sizeof peer;
+        if (getsockname(fd, (struct sockaddr *)&local, &local_length) != 0 ||
+            getpeername(fd, (struct sockaddr *)&peer, &peer_length) != 0 ||
+            local.sin_family != AF_INET ||
+            (local_port != 0 && ntohs(local.sin_port) != local_port) ||
+            ntohs(peer.sin_port) != peer_port)
+            continue;
+        int on = 0;
+        socklen_t length = sizeof on;
+        getsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, &length);
+        return on;
+    }
+    return -1;
+}
+
+/* A chat message is small, and Nagle's algorithm would hold a small write
+ * back until the one before it has been acknowledged. Both sockets of a
+ * connection have it off: the client's, which inherits that from the
+ * listening socket, and the upstream's. */
+START_TEST(test_small_messages_are_held_back_on_neither_side)
+{
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0", NULL);
+    int client = connect_local(proxy_listener_port(0));
+    expect_echo(client, "both sockets are open now");
+    struct sockaddr_in mine;
+    socklen_t length = sizeof mine;
+    getsockname(client, (struct sockaddr *)&mine, &length);
+    ck_assert_msg(nodelay_of_socket(proxy_listener_port(0),
+                                    ntohs(mine.sin_port)) == 1,
+                  "the proxy's socket to the client has TCP_NODELAY");
+    ck_assert_msg(nodelay_of_socket(0, upstream->port) == 1,
+                  "the proxy's socket to the upstream has TCP_NODELAY");
+    close(client);
+    proxy_and_upstream_stop(upstream);
+}
+END_TEST
+
 START_TEST(test_port_in_use_is_named_with_the_fix)
 {
     uint16_t port;
@@ -4945,6 +4990,7 @@ static Suite *proxy_suite(void)
 
     t = section("Listeners", 30);
     tcase_add_test(t, test_listener_without_address_takes_ipv4_and_ipv6);
+    tcase_add_test(t, test_small_messages_are_held_back_on_neither_side);
     tcase_add_test(t, test_port_in_use_is_named_with_the_fix);
     tcase_add_test(t, test_privileged_port_without_permission_names_the_fixes);
     suite_add_tcase(suite, t);

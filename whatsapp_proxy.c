@@ -2992,6 +2992,9 @@ static int listener_open(struct listener *listener, const char *flag_name,
     /* SO_REUSEADDR: restarting the proxy must not wait for the old
      * connections' TIME_WAIT to expire before it can bind again. */
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    /* Nagle's delay off once, here: every socket accept() returns inherits
+     * it from the listening socket, which spares a system call per client. */
+    socket_set_nodelay(fd);
     if (address.ss_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY,
                    spec->address[0] == '\0' ? &off : &on, sizeof on);
@@ -4680,7 +4683,6 @@ static void relay_accept(struct relay_thread *thread,
         getsockname(fd, (struct sockaddr *)&addresses.destination, &length);
         address_unmap_ipv4(&addresses.source);
         address_unmap_ipv4(&addresses.destination);
-        socket_set_nodelay(fd);
         if (listener->spec.accept_proxy && !address_trusted(&addresses.source)) {
             counter_add(COUNTER_REJECTED_UNTRUSTED, 1);
             close(fd);
