@@ -3675,7 +3675,8 @@ struct pair_list {
     struct relay_pair *newest;
     struct relay_pair *oldest;
     int timeout_ms;             /* how long its pairs may stay inactive */
-    enum counter expired;       /* where a pair that times out is counted */
+    enum counter expired;       /* where a timed-out pair is counted (none
+                                   for connects and retries: they go on) */
 };
 
 /* The timeouts that time a pair, one list each (see "Timers"). */
