@@ -4067,6 +4067,35 @@ START_TEST(test_a_tls_client_gets_close_notify_on_a_reset_and_a_timeout)
 }
 END_TEST
 
+/* A TLS client's close_notify ends its flow, but bytes may follow it in
+ * the socket (TLS says to ignore them). When the pair is done, they are
+ * dropped before close(): otherwise the kernel would end the connection
+ * with a reset, not with the FIN the client is owed. */
+START_TEST(test_bytes_after_a_close_notify_do_not_turn_the_end_into_a_reset)
+{
+    struct fake_upstream *upstream =
+        proxy_start_before_echo("--listen", "127.0.0.1:0/tls", NULL);
+    int fd;
+    SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
+    char back[5];
+    tls_send_all(tls, "hello", 5);
+    ck_assert_uint_eq(tls_receive_exactly(tls, back, 5), 5);
+    SSL_shutdown(tls); /* close_notify */
+    static const uint8_t after[40 * 1024];
+    send_all(fd, after, sizeof after);
+    ck_assert_msg(connections_become(0, PROMPTLY_MS),
+                  "the pair ends: the server answers the end with its own");
+    int error = 0;
+    socklen_t length = sizeof error;
+    getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length);
+    ck_assert_msg(error == 0, "the client gets a FIN, not a reset (%s)",
+                  strerror(error));
+    tls_client_close(tls);
+    close(fd);
+    proxy_and_upstream_stop(upstream);
+}
+END_TEST
+
 START_TEST(test_idle_connection_is_closed_after_idle_timeout)
 {
     struct fake_upstream *upstream =
@@ -5035,6 +5064,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_an_upload_after_the_server_half_closed_arrives_whole);
     tcase_add_test(t, test_a_client_reset_reaches_the_server_as_a_reset);
     tcase_add_test(t, test_a_tls_client_gets_close_notify_on_a_reset_and_a_timeout);
+    tcase_add_test(t, test_bytes_after_a_close_notify_do_not_turn_the_end_into_a_reset);
     tcase_add_test(t, test_idle_connection_is_closed_after_idle_timeout);
     tcase_add_test(t, test_half_closed_connection_is_closed_after_fin_timeout);
     tcase_add_test(t, test_two_thousand_connections_at_once_all_echo);

@@ -2607,8 +2607,9 @@ static void socket_set_nodelay(int fd)
 
 /* Starts a TCP connect to address from a new non-blocking socket, without
  * waiting for it. Returns the socket, or -1 with errno set if no socket
- * could be made or the connect failed at once. The result comes later:
- * when the socket turns writable, socket_connect_result() tells it. */
+ * could be made or the connect failed at once. The result comes later,
+ * when the socket turns writable: with no error, it has worked; else
+ * socket_connect_result() says why not. */
 static int socket_connect_start(const struct sockaddr_storage *address,
                                 socklen_t length)
 {
@@ -4115,8 +4116,8 @@ enum pair_end {
  * with bytes still unread in it sends RST instead of FIN, so up to
  * CLOSE_DRAIN_BYTES of them are dropped first: a client that has sent a
  * few bytes that no server will ever read still sees a clean end. (A
- * finished pair has read both sockets to their end: none are left.) Frees
- * its SSL object. */
+ * finished pair has read a plain socket to its end: none are left. TLS
+ * ends at close_notify, and bytes may follow it.) Frees its SSL object. */
 static void side_close(struct relay_side *side, enum pair_end end)
 {
     if (side->fd < 0)
@@ -4133,8 +4134,8 @@ static void side_close(struct relay_side *side, enum pair_end end)
         }
         uint8_t sink[4096];
         for (size_t dropped = 0;
-             end != END_FINISHED && dropped < CLOSE_DRAIN_BYTES;
-             dropped += sizeof sink)
+             (end != END_FINISHED || side->tls != NULL) &&
+             dropped < CLOSE_DRAIN_BYTES; dropped += sizeof sink)
             if (recv(side->fd, sink, sizeof sink, MSG_TRUNC | MSG_DONTWAIT) <= 0)
                 break; /* MSG_TRUNC: dropped without a copy */
     }
