@@ -4110,13 +4110,13 @@ enum pair_end {
  * peer gets a FIN (see side_close()). */
 #define CLOSE_DRAIN_BYTES (64 * 1024)
 
-/* Closes side's socket as `end` says: with a reset, or else with
- * close_notify first when TLS is up on it, and a FIN. Best effort: a peer
- * that cannot take the close_notify now does without. A socket closed
- * with bytes still unread in it sends RST instead of FIN, so up to
- * CLOSE_DRAIN_BYTES of them are dropped first: a client that has sent a
- * few bytes that no server will ever read still sees a clean end. (A
- * finished pair has read a plain socket to its end: none are left. TLS
+/* Closes side's socket as `end` says: with a reset (END_CLIENT_BROKE), or
+ * else with close_notify first when TLS is up on it, and a FIN. Best
+ * effort: a peer that cannot take the close_notify now does without. A
+ * socket closed with bytes still unread in it sends RST instead of FIN, so
+ * up to CLOSE_DRAIN_BYTES of them are dropped first: a client that has
+ * sent a few bytes that no server will ever read still sees a clean end.
+ * (A finished pair has read a plain socket to its end: none are left. TLS
  * ends at close_notify, and bytes may follow it.) Frees its SSL object. */
 static void side_close(struct relay_side *side, enum pair_end end)
 {
