@@ -4067,24 +4067,49 @@ START_TEST(test_a_tls_client_gets_close_notify_on_a_reset_and_a_timeout)
 }
 END_TEST
 
+/* Waits until the peer's TCP has acknowledged every byte sent on fd: they
+ * are in its socket then. */
+static bool all_sent_arrives_within(int fd, int timeout_ms)
+{
+    long long deadline = clock_ms() + timeout_ms;
+    for (;;) {
+        struct tcp_info info;
+        socklen_t length = sizeof info;
+        if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &info, &length) == 0 &&
+            info.tcpi_unacked == 0 && info.tcpi_notsent_bytes == 0)
+            return true;
+        if (clock_ms() > deadline)
+            return false;
+        usleep(1000);
+    }
+}
+
 /* A TLS client's close_notify ends its flow, but bytes may follow it in
  * the socket (TLS says to ignore them). When the pair is done, they are
  * dropped before close(): otherwise the kernel would end the connection
  * with a reset, not with the FIN the client is owed. */
 START_TEST(test_bytes_after_a_close_notify_do_not_turn_the_end_into_a_reset)
 {
-    struct fake_upstream *upstream =
-        proxy_start_before_echo("--listen", "127.0.0.1:0/tls", NULL);
+    uint16_t server_port;
+    int listening = listen_local(&server_port, 1);
+    proxy_start("--listen", "127.0.0.1:0/tls", "--send-proxy", "none",
+                "--upstream", address_text("127.0.0.1:%u", server_port), NULL);
     int fd;
     SSL *tls = tls_connect_local(proxy_listener_port(0), &fd);
-    char back[5];
     tls_send_all(tls, "hello", 5);
-    ck_assert_uint_eq(tls_receive_exactly(tls, back, 5), 5);
-    SSL_shutdown(tls); /* close_notify */
-    static const uint8_t after[40 * 1024];
-    send_all(fd, after, sizeof after);
-    ck_assert_msg(connections_become(0, PROMPTLY_MS),
-                  "the pair ends: the server answers the end with its own");
+    ck_assert(readable_within(listening, PROMPTLY_MS));
+    int server = accept(listening, NULL, NULL);
+    char got[5];
+    ck_assert_uint_eq(receive_exactly(server, got, 5, PROMPTLY_MS), 5);
+
+    SSL_shutdown(tls); /* close_notify: the proxy passes the end on */
+    ck_assert_msg(ends_with_fin_within(server, PROMPTLY_MS),
+                  "the server gets the client's end as a FIN");
+    static const uint8_t after[16 * 1024];
+    send_all(fd, after, sizeof after); /* nobody reads these any more */
+    ck_assert(all_sent_arrives_within(fd, PROMPTLY_MS));
+    close(server); /* the server's end: now the pair is done */
+    ck_assert_msg(connections_become(0, PROMPTLY_MS), "the pair ends");
     int error = 0;
     socklen_t length = sizeof error;
     getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &length);
@@ -4092,7 +4117,8 @@ START_TEST(test_bytes_after_a_close_notify_do_not_turn_the_end_into_a_reset)
                   strerror(error));
     tls_client_close(tls);
     close(fd);
-    proxy_and_upstream_stop(upstream);
+    close(listening);
+    proxy_stop();
 }
 END_TEST
 
