@@ -206,6 +206,51 @@ ha_restart() { stop_pid "$HA_PID"; HA_PID=""; ha_start; }
 
 # ---- 3. Setup: limits, certificate, HAProxy configuration --------------
 
+# TCP's congestion control decides when a sender may send, and on loopback
+# the machine's choice can move the bulk rows more than any proxy does.
+# BBR paces each connection with a timer; on loopback that costs CPU for
+# every paced burst, and a proxied byte crosses two connections where a
+# direct one crosses one. On the machine of bench/README.md (finding 12),
+# plain bulk with 8 connections down went from 0.42x of direct under BBR
+# to 0.8x under cubic, for the same binaries. So that a row means the same
+# on every machine, run.sh runs itself in a network namespace of its own
+# (a loopback of its own, nothing else on it) and sets cubic there, the
+# default that Linux and Debian ship. The machine's own setting is left
+# alone. Where no namespace can be made (no unshare or ip, or a kernel
+# that refuses), it runs on the machine's loopback; either way the table
+# names the congestion control it ran with.
+MACHINE_CONGESTION=${BENCH_MACHINE_CONGESTION:-$(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null)}
+
+# Starts run.sh again inside a new network namespace, once (as root
+# directly, else as root of a new user namespace: --map-root-user).
+network_own() {
+    if [ -n "${BENCH_NETNS:-}" ]; then
+        ip link set lo up
+        echo cubic >/proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null
+        return 0
+    fi
+    command -v unshare >/dev/null 2>&1 && command -v ip >/dev/null 2>&1 || return 0
+    local as_root=""
+    [ "$(id -u)" = 0 ] || as_root=--map-root-user
+    unshare --net $as_root true 2>/dev/null || return 0
+    BENCH_NETNS=1 BENCH_MACHINE_CONGESTION=$MACHINE_CONGESTION \
+        exec unshare --net $as_root bash "$0" "$MODE"
+}
+
+# One line for the table's header: where the traffic ran, with which
+# congestion control.
+network_describe() {
+    local used
+    used=$(cat /proc/sys/net/ipv4/tcp_congestion_control 2>/dev/null)
+    if [ -n "${BENCH_NETNS:-}" ]; then
+        echo "TCP congestion control: $used, in run.sh's own network namespace" \
+            "(this machine's: $MACHINE_CONGESTION)"
+    else
+        echo "TCP congestion control: $used, on this machine's loopback" \
+            "(no network namespace of its own could be made)"
+    fi
+}
+
 setup() {
     TMP=$(mktemp -d /tmp/whatsapp_proxy_bench.XXXXXX)
     # Each process gets the hard limit; children inherit it.
@@ -625,6 +670,7 @@ EOF
 main() {
     local started=$SECONDS run target
     tools_check
+    network_own
     [ -x "$LOADGEN" ] || { echo "build loadgen first: make -C bench" >&2; exit 1; }
     [ -x "$PROXY" ] || { echo "build it first: make -C bench whatsapp_proxy_bench" >&2; exit 1; }
     if nm "$PROXY" 2>/dev/null | grep -qE '__asan|__ubsan|__tsan|__gcov'; then
@@ -636,6 +682,7 @@ main() {
     : >"$RESULTS"
     echo "whatsapp_proxy benchmark ($MODE), $(date -u +%Y-%m-%dT%H:%MZ)," \
         "$CPUS CPUs, open-file limit $FD_LIMIT"
+    network_describe
     upstream_start
     wp_start
     ha_start
