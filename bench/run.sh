@@ -88,6 +88,11 @@ tools_check() {
     local missing=""
     command -v haproxy >/dev/null 2>&1 || missing="$missing haproxy"
     command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
+    # ip brings up the loopback of run.sh's own network (see section 3);
+    # without it run.sh still runs, on the machine's loopback.
+    if ! command -v ip >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+        missing="$missing iproute2"
+    fi
     [ -z "$missing" ] && return 0
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "installing:$missing"
