@@ -78,7 +78,7 @@ UPSTREAM_WP_PORT=$((PORT_BASE + 6)); UPSTREAM_HA_PORT=$((PORT_BASE + 7))
 CPUS=$(nproc)
 IDLE_STEPS="1000 5000"   # connections held in the memory test
 FLOOD_CLIENTS=64         # looping handshake clients of the TLS flood
-FLOOD_NICE=19            # their niceness (see measure_flood_rtt)
+FLOOD_POLICY="chrt --idle 0"  # their CPU policy (see measure_flood_rtt)
 MAXCONN_CAP=27500        # the reference's maxconn
 
 # ---- 1. Tools ----------------------------------------------------------
@@ -352,15 +352,18 @@ measure_rtt() {
 # WARMUP after its start for FLOOD_SECONDS + FLOOD_SLACK, a window that
 # holds the round trips' one; if it has ended before the round-trip client
 # did, the notes say so.
-# The flood runs at nice 19, as if it came from other machines: on 2
-# cores, its 64 threads (doing the client's half of every handshake) at
-# the proxy's priority made the round trip wait for a CPU, not for the
-# proxy. Measured so: p50 2-27 ms and p99 16-200 ms through either proxy,
-# the scheduler's time slices; at nice 19, p50 40-110 us plain, and the
-# flood made as many handshakes a second or more.
+# The flood runs under the scheduler's SCHED_IDLE policy, as if it came
+# from other machines: it gets only the CPU time that nothing else wants,
+# and whatever else wakes takes the CPU from it at once. On 2 cores its 64
+# threads (doing the client's half of every handshake) otherwise decide
+# the row: at the proxies' priority the round trip waited for a CPU
+# (p50 2-27 ms, p99 16-200 ms through either proxy); at nice 19 it still
+# waited out a flood thread's time slice now and then (p99 0.4-5.5 ms for
+# one binary from round to round). Under SCHED_IDLE what is left is the
+# wait inside the proxy, behind the handshake steps of its event loop.
 measure_flood_rtt() {
     local kind=$1 target=$2 out flood
-    nice -n "$FLOOD_NICE" "$LOADGEN" rate --connect "$(target_address "$target" tls)" --tls \
+    $FLOOD_POLICY "$LOADGEN" rate --connect "$(target_address "$target" tls)" --tls \
         --handshake-only --clients "$FLOOD_CLIENTS" --warmup "$WARMUP" \
         --seconds "$(awk -v a="$FLOOD_SECONDS" -v b="$FLOOD_SLACK" 'BEGIN {print a + b}')" \
         >"$TMP/flood.out" 2>>"$TMP/loadgen.log" &
@@ -655,7 +658,7 @@ EOF
     awk '$1 == "rate_errors" && $3 > 0 {e[$2] += $3} END {
         for (t in e) printf "connection-rate errors (%s): %d\n", t, e[t] }' "$RESULTS"
     cat <<EOF
-Round trip in TLS flood: $FLOOD_CLIENTS clients (nice $FLOOD_NICE) loop on the proxy's
+Round trip in TLS flood: $FLOOD_CLIENTS clients (SCHED_IDLE, by $FLOOD_POLICY) loop on the proxy's
 TLS port: connect, full TLS handshake, close, no data. Meanwhile one
 connection to the same proxy, on its plain or TLS port, measures 64-byte
 round trips for $FLOOD_SECONDS s after a $WARMUP s warm-up. The flood's TLS
