@@ -4376,6 +4376,105 @@ START_TEST(test_a_stalled_tls_handshake_holds_up_no_other_client)
 }
 END_TEST
 
+/* A TLS client whose bytes go through memory, so that the test decides
+ * when each of its flights leaves: SSL_connect() writes into `out`, and
+ * bytes from the server are put into `in`. */
+static SSL *memory_tls_client(void)
+{
+    SSL_CTX *context = SSL_CTX_new(TLS_client_method());
+    SSL *tls = SSL_new(context);
+    SSL_CTX_free(context);
+    SSL_set_bio(tls, BIO_new(BIO_s_mem()), BIO_new(BIO_s_mem()));
+    return tls;
+}
+
+/* Sends what the memory client has written so far on fd, but for the
+ * last `keep` bytes, which stay for the next call. */
+static void memory_tls_flush_but(SSL *tls, int fd, int keep)
+{
+    char bytes[16384];
+    int count = BIO_read(SSL_get_wbio(tls), bytes, sizeof bytes);
+    if (count <= 0)
+        return;
+    int now = count > keep ? count - keep : 0;
+    send_all(fd, bytes, (size_t)now);
+    if (count > now)
+        BIO_write(SSL_get_wbio(tls), bytes + now, count - now);
+}
+
+static void memory_tls_flush(SSL *tls, int fd)
+{
+    memory_tls_flush_but(tls, fd, 0);
+}
+
+/* Handshakes under way are stepped before new ones ("Fairness"): with one
+ * relay thread, a client whose last flight arrives behind many new
+ * clients' hellos is finished before most of them are answered. Stepped in
+ * the order they arrived, it would wait behind all of them. */
+START_TEST(test_a_handshake_under_way_goes_before_new_ones)
+{
+    enum { NEW_CLIENTS = 40 };
+    struct fake_upstream *echo = fake_upstream_start(UPSTREAM_ECHO, true);
+    proxy_start("--threads", "1", "--listen", "127.0.0.1:0/tls",
+                "--upstream", address_text("127.0.0.1:%u", echo->port), NULL);
+    uint16_t port = proxy_listener_port(0);
+
+    /* The client under way: hello sent, the server's flight read, its own
+     * last flight (Finished) made but held back. */
+    int late_fd = connect_local(port);
+    SSL *late = memory_tls_client();
+    int done = SSL_connect(late);
+    for (int tries = 0; done != 1 && tries < 100; tries++) {
+        memory_tls_flush(late, late_fd);
+        char bytes[16384];
+        ck_assert_msg(readable_within(late_fd, PROMPTLY_MS),
+                      "the server's flight should come");
+        ssize_t count = recv(late_fd, bytes, sizeof bytes, 0);
+        ck_assert_int_gt(count, 0);
+        BIO_write(SSL_get_rbio(late), bytes, (int)count);
+        done = SSL_connect(late);
+    }
+    ck_assert_msg(done == 1, "the client should be ready to send Finished");
+
+    /* Many new clients, each hello sent but for its last byte: the proxy
+     * waits for a whole hello, so none is answered yet. */
+    int fds[NEW_CLIENTS];
+    SSL *hellos[NEW_CLIENTS];
+    for (int i = 0; i < NEW_CLIENTS; i++) {
+        fds[i] = connect_local(port);
+        hellos[i] = memory_tls_client();
+        SSL_connect(hellos[i]);
+        memory_tls_flush_but(hellos[i], fds[i], 1);
+    }
+    ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED,
+                                  NEW_CLIENTS + 1, PROMPTLY_MS),
+                  "every client is taken in");
+    for (int i = 0; i < NEW_CLIENTS; i++)
+        memory_tls_flush(hellos[i], fds[i]); /* the last bytes */
+    memory_tls_flush(late, late_fd); /* behind all the hellos */
+
+    /* The server's answer to Finished (its session tickets) marks when the
+     * late client was finished; count the hellos answered by then. */
+    ck_assert_msg(readable_within(late_fd, PROMPTLY_MS),
+                  "the late client's handshake should finish");
+    int answered = 0;
+    for (int i = 0; i < NEW_CLIENTS; i++)
+        answered += readable_within(fds[i], 0);
+    ck_assert_msg(answered <= NEW_CLIENTS * 3 / 4,
+                  "%d of %d new clients were answered before the one under "
+                  "way was finished", answered, NEW_CLIENTS);
+
+    for (int i = 0; i < NEW_CLIENTS; i++) {
+        SSL_free(hellos[i]);
+        close(fds[i]);
+    }
+    SSL_free(late);
+    close(late_fd);
+    proxy_stop();
+    fake_upstream_stop(echo);
+}
+END_TEST
+
 /* A client that stops reading (or has vanished: on loopback we cannot cut
  * the wire, but to the proxy both look the same, bytes that nobody takes)
  * is closed at the idle timeout; the others flow on. */
@@ -5098,6 +5197,7 @@ static Suite *proxy_suite(void)
     tcase_add_test(t, test_server_that_never_reads_stalls_only_its_client);
     tcase_add_test(t, test_a_hanging_connect_holds_up_no_other_client);
     tcase_add_test(t, test_a_stalled_tls_handshake_holds_up_no_other_client);
+    tcase_add_test(t, test_a_handshake_under_way_goes_before_new_ones);
     tcase_add_test(t, test_header_and_first_bytes_reach_the_server_in_one_segment);
     tcase_add_test(t, test_client_that_stops_reading_is_closed_at_idle_timeout);
     suite_add_tcase(suite, t);

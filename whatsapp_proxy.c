@@ -2456,6 +2456,13 @@ static enum handshake_progress tls_handshake_step(SSL *tls)
     }
 }
 
+/* Whether the handshake on tls has begun: the client's hello has been
+ * answered, and its last flight is awaited. NULL has not begun. */
+static bool tls_handshake_begun(const SSL *tls)
+{
+    return tls != NULL && !SSL_in_before(tls);
+}
+
 /* ==== 6. Upstreams ==== */
 
 /*
@@ -3457,11 +3464,10 @@ static int opening_hear_header(struct opening *opening, size_t seen,
     return header_length - (int)have;
 }
 
-/* Step 3: the first bytes, when there is a decoy. `seen` more bytes have
- * just been taken behind those heard before. Returns true once the bytes
- * decide, after setting opening->destination: the decoy for a probe, else
- * the chat pool. The heard bytes must then be relayed before anything
- * else. */
+/* Step 3: the first bytes, when there is a decoy. `seen` more bytes have just
+ * been taken behind those heard before. Returns true once the bytes decide,
+ * after setting opening->destination: the decoy for a probe, else the chat
+ * pool. The heard bytes must then be relayed before anything else. */
 static bool opening_hear_first_bytes(struct opening *opening, size_t seen)
 {
     opening->heard_length += seen;
@@ -3597,9 +3603,11 @@ static void client_log(const struct listener *listener,
  * Fairness. Relaying comes before handshakes: a TLS handshake step costs
  * far more CPU than moving a chat message, so in each pass through the
  * loop the events of other pairs are served first, and at most
- * HANDSHAKE_STEPS_PER_PASS handshake steps follow. The others stay ready,
- * and epoll reports them again in the next pass. A flood of handshakes
- * then delays established connections by one pass, not by the flood.
+ * HANDSHAKE_STEPS_PER_PASS handshake steps follow: first those of
+ * handshakes under way, then new ones, so that a client waits in that
+ * queue once per handshake, not twice. The others stay ready, and epoll
+ * reports them again in the next pass. A flood of handshakes then delays
+ * established connections by one pass, not by the flood.
  *
  * Ownership: a pair belongs to exactly one relay thread, and only that
  * thread touches it or its SSL object.
@@ -3709,8 +3717,7 @@ struct relay_thread {
     struct relay_pair *closed_pairs;      /* to free after this epoll batch */
 };
 
-/* Links pair in front of list (it must not be in a list), as active at
- * now. */
+/* Links pair in front of list (it must not be in a list), as active at now. */
 static void pair_list_push(struct pair_list *list, struct relay_pair *pair,
                            long long now)
 {
@@ -3777,13 +3784,12 @@ static struct relay_pair *pair_new(struct listener *listener, int client_fd,
     return pair;
 }
 
-/* Chooses the relay thread for a new pair and counts the pair for it.
- * The relay thread that accepted the client (asking) keeps it, with no
- * hand-over, unless another holds at least two pairs fewer. Without this,
- * the thread that happens to wake for a burst of new clients could take
- * them all, and 8 bulk transfers on one thread move half as much. Handing
- * over at any difference would cost a hand-over for every other client
- * when the threads are even. */
+/* Chooses the relay thread for a new pair and counts the pair for it. The
+ * relay thread that accepted the client (asking) keeps it, with no hand-over,
+ * unless another holds at least two pairs fewer. Without this, the thread that
+ * happens to wake for a burst of new clients could take them all, and 8 bulk
+ * transfers on one thread move half as much. Handing over at any difference
+ * would cost a hand-over for every other client when the threads are even. */
 static struct relay_thread *relay_thread_choose(struct relay_thread *asking)
 {
     struct relay_thread *chosen = asking;
@@ -4087,13 +4093,12 @@ static void relay_watch_new(struct relay_thread *thread,
     epoll_ctl(thread->epoll_fd, EPOLL_CTL_ADD, side->fd, &event);
 }
 
-/* How a pair ends, which decides what each side is told. An abort is
- * passed on as an abort, always, so that WhatsApp's servers can tell a
- * phone that vanished from one that said goodbye (HAProxy does so when it
- * meets the reset while reading, and sends a FIN otherwise; see
- * tests/README.md, the differential test); and a TLS client
- * is always told with close_notify before the FIN, the TLS way to say
- * "this is the real end, not a cut connection". */
+/* How a pair ends, which decides what each side is told. An abort is passed on
+ * as an abort, always, so that WhatsApp's servers can tell a phone that
+ * vanished from one that said goodbye (HAProxy does so when it meets the reset
+ * while reading, and sends a FIN otherwise; see tests/README.md, the
+ * differential test); and a TLS client is always told with close_notify before
+ * the FIN, the TLS way to say "this is the real end, not a cut connection". */
 enum pair_end {
     END_FINISHED,       /* both flows ended: each side has had its FIN */
     END_CLIENT_BROKE,   /* reset or error on the client's side: the
@@ -4277,10 +4282,9 @@ static void relay_connect_failed(struct relay_thread *thread,
     pair_list_move(&thread->timers[TIMER_RETRY], pair, now);
 }
 
-/* The most bytes of a client sent in one go with our PROXY header. A
- * WhatsApp client's first message is a few hundred bytes, and a new
- * connection's send buffer (16 KiB or more, and empty) takes this much in
- * one call. */
+/* The most bytes of a client sent in one go with our PROXY header. A WhatsApp
+ * client's first message is a few hundred bytes, and a new connection's send
+ * buffer (16 KiB or more, and empty) takes this much in one call. */
 #define FIRST_BYTES_WITH_HEADER 4096
 
 /* Sends what must reach pair's new upstream before the relaying starts:
@@ -4314,8 +4318,7 @@ static bool relay_send_opening(struct relay_thread *thread,
         first = peeked;
     if (length + first == 0)
         return true;
-    /* The send buffer is empty, so a short count means a broken
-     * connection. */
+    /* The send buffer is empty, so a short count means a broken connection. */
     if (send(pair->upstream.fd, out, length + first, MSG_NOSIGNAL) !=
         (ssize_t)(length + first))
         return false;
@@ -4479,10 +4482,9 @@ static void pair_read_header(struct relay_thread *thread,
     pair_step_on(thread, pair, PAIR_READING_HEADER, now);
 }
 
-/* Sets how many bytes side's socket must hold before epoll reports it
- * readable (SO_RCVLOWAT; 1 is the normal), so that a step waiting for a
- * whole record is not woken for each piece of it. A FIN or an error wakes
- * it anyway. */
+/* Sets how many bytes side's socket must hold before epoll reports it readable
+ * (SO_RCVLOWAT; 1 is the normal), so that a step waiting for a whole record is
+ * not woken for each piece of it. A FIN or an error wakes it anyway. */
 static void side_wake_at(struct relay_side *side, int bytes)
 {
     setsockopt(side->fd, SOL_SOCKET, SO_RCVLOWAT, &bytes, sizeof bytes);
@@ -4783,12 +4785,11 @@ static int wait_earlier(int first_ms, int second_ms)
 }
 
 /* Does what the state of pair calls for when its timer has run out (see
- * "Timers"): the next try of a connect, or else the end of the pair,
- * counted in the list's counter. But with a decoy, a client that has not
- * shown what it is (its TLS hello is not whole, or its first bytes do not
- * decide) goes to the decoy with what it sent, as to a web server, which
- * waits longer: a scanner then sees the site's own patience, not a
- * proxy's timeout. */
+ * "Timers"): the next try of a connect, or else the end of the pair, counted
+ * in the list's counter. But with a decoy, a client that has not shown what it
+ * is (its TLS hello is not whole, or its first bytes do not decide) goes to
+ * the decoy with what it sent, as to a web server, which waits longer: a
+ * scanner then sees the site's own patience, not a proxy's timeout. */
 static void pair_timed_out(struct relay_thread *thread,
                            struct relay_pair *pair, long long now)
 {
@@ -4877,8 +4878,8 @@ static int relay_accept_rest(struct relay_thread *thread, long long now)
 }
 
 /* The most handshake steps one pass of the event loop takes, after every
- * other event ("Fairness"). A step of an ECDSA P-256 handshake costs about
- * 0.1 ms: an established connection may wait that much longer per step. */
+ * other event ("Fairness"). A step of an ECDSA P-256 handshake costs 0.1
+ * to 0.3 ms, which an established connection may wait longer per step. */
 #define HANDSHAKE_STEPS_PER_PASS 4
 
 /* The body of a relay thread: wait for events, serve them (handshakes
@@ -4896,23 +4897,27 @@ static void *relay_thread_run(void *argument)
         int ready = epoll_wait(thread->epoll_fd, events, ARRAY_LENGTH(events),
                                sleep_ms);
         long long now = now_ms();
-        bool handshake[ARRAY_LENGTH(events)];
+        /* Each event's turn ("Fairness"): 0 at once; 1 a handshake under
+         * way; 2 a new one. */
+        int turn[ARRAY_LENGTH(events)];
         for (int i = 0; i < ready; i++) {
             struct relay_side *side = events[i].data.ptr;
-            handshake[i] = side != NULL && side->pair != NULL &&
-                           side->pair->state == PAIR_HANDSHAKING;
+            turn[i] = side == NULL || side->pair == NULL ||
+                              side->pair->state != PAIR_HANDSHAKING ? 0
+                      : tls_handshake_begun(side->pair->client.tls) ? 1 : 2;
             if (side == NULL)
                 stop = relay_take_inbox(thread, now);
-            else if (!handshake[i])
+            else if (turn[i] == 0)
                 relay_on_event(thread, side, events[i].events, now);
         }
         int steps = 0;
-        for (int i = 0; i < ready && steps < HANDSHAKE_STEPS_PER_PASS; i++) {
-            if (!handshake[i])
-                continue;
-            relay_on_event(thread, events[i].data.ptr, events[i].events, now);
-            steps++;
-        }
+        for (int round = 1; round <= 2; round++)
+            for (int i = 0; i < ready && steps < HANDSHAKE_STEPS_PER_PASS; i++)
+                if (turn[i] == round) {
+                    relay_on_event(thread, events[i].data.ptr,
+                                   events[i].events, now);
+                    steps++;
+                }
         relay_free_closed(thread);
     }
 
