@@ -3131,15 +3131,14 @@ struct per_ip {
 };
 
 /* Takes one connection for the client at address, if it has fewer than
- * --max-per-ip. Returns its table entry (give it back with
- * per_ip_release()), or NULL when the address is over the limit. Takes
- * per_ip_lock.
- * SHORTCUT: --max-per-ip limits connections at once, not how fast one
- * address opens them; a limit on new connections per second would stop a
- * client that connects and leaves in a loop. And an IPv6 address is
- * counted whole, but one home usually has a whole /64 network of them;
- * counting by the first 8 bytes would stop that (tutorial.md, exercise "a
- * rate limit per address", does both here). */
+ * --max-per-ip. Returns its table entry (give it back with per_ip_release()),
+ * or NULL when the address is over the limit. Takes per_ip_lock.
+ * SHORTCUT: --max-per-ip limits connections at once, not how fast one address
+ * opens them; a limit on new connections per second would stop a client that
+ * connects and leaves in a loop. And an IPv6 address is counted whole, but one
+ * home usually has a whole /64 network of them; counting by the first 8 bytes
+ * would stop that (tutorial.md, exercise "a rate limit per address", does both
+ * here). */
 static struct per_ip *per_ip_take(const struct sockaddr_storage *address)
 {
     uint8_t length;
@@ -3960,11 +3959,10 @@ static void flow_wait(struct relay_flow *flow, struct relay_side *side,
     flow->waiting_events = events;
 }
 
-/* Moves bytes along flow until one side would block, using scratch to
- * carry them: look at what the source holds, write it, take what was
- * written (see the section comment). Sets *moved if any byte moved.
- * Returns the side that broke (a reset or other error: the pair must be
- * closed), or NULL. */
+/* Moves bytes along flow until one side would block, using scratch to carry
+ * them: look at what the source holds, write it, take what was written (see
+ * the section comment). Sets *moved if any byte moved. Returns the side that
+ * broke (a reset or other error: the pair must be closed), or NULL. */
 static struct relay_side *flow_pump(struct relay_flow *flow, uint8_t *scratch,
                                     bool *moved)
 {
@@ -4138,9 +4136,9 @@ static void side_close(struct relay_side *side, enum pair_end end)
             SSL_shutdown(side->tls); /* sends close_notify once, if not yet */
         }
         uint8_t sink[4096];
-        for (size_t dropped = 0;
-             (end != END_FINISHED || side->tls != NULL) &&
-             dropped < CLOSE_DRAIN_BYTES; dropped += sizeof sink)
+        bool may_hold_bytes = end != END_FINISHED || side->tls != NULL;
+        for (size_t dropped = 0; may_hold_bytes && dropped < CLOSE_DRAIN_BYTES;
+             dropped += sizeof sink)
             if (recv(side->fd, sink, sizeof sink, MSG_TRUNC | MSG_DONTWAIT) <= 0)
                 break; /* MSG_TRUNC: dropped without a copy */
     }
@@ -4420,11 +4418,10 @@ static void pair_step_on(struct relay_thread *thread, struct relay_pair *pair,
     default:
         break;
     }
-    /* PAIR_CONNECTING. SHORTCUT: a media client goes to the one media
-     * server whatever name it asks for in its TLS ClientHello; reading
-     * that name (SNI) and allowing only WhatsApp's media hosts would be
-     * stricter (tutorial.md, exercise "an allow-list of media host
-     * names"). */
+    /* PAIR_CONNECTING. SHORTCUT: a media client goes to the one media server
+     * whatever name it asks for in its TLS ClientHello; reading that name
+     * (SNI) and allowing only WhatsApp's media hosts would be stricter
+     * (tutorial.md, exercise "an allow-list of media host names"). */
     if (opening->destination == TO_CHAT_SERVERS)
         upstream_attempts_begin(&opening->attempts, state.chat_upstreams,
                                 state.settings->chat_upstream_count);
@@ -4499,14 +4496,13 @@ static void pair_hello_wait_ends(struct relay_pair *pair)
     pair->opening->hello_needed = 0;
 }
 
-/* A client of a TLS port that is not speaking TLS, or that stopped (or
- * was too slow) before its hello was whole, still has every byte it sent
- * in its socket. With a decoy it goes there, bytes and all (to the site's
- * own TLS port with --decoy-tls-port), so a prober that sent plain HTTP
- * to an HTTPS port gets the site's own answer; without a decoy it is
- * closed and counted as a failed handshake. (A made-up error page would
- * claim a web site that is not there; closing is what a TLS-only server
- * does.) */
+/* A client of a TLS port that is not speaking TLS, or that stopped (or was too
+ * slow) before its hello was whole, still has every byte it sent in its
+ * socket. With a decoy it goes there, bytes and all (to the site's own TLS
+ * port with --decoy-tls-port), so a prober that sent plain HTTP to an HTTPS
+ * port gets the site's own answer; without a decoy it is closed and counted as
+ * a failed handshake. (A made-up error page would claim a web site that is not
+ * there; closing is what a TLS-only server does.) */
 static void pair_hello_failed(struct relay_thread *thread,
                               struct relay_pair *pair, const char *what,
                               long long now)
@@ -4877,10 +4873,21 @@ static int relay_accept_rest(struct relay_thread *thread, long long now)
     return watch ? -1 : left;
 }
 
-/* The most handshake steps one pass of the event loop takes, after every
- * other event ("Fairness"). A step of an ECDSA P-256 handshake costs 0.1
- * to 0.3 ms, which an established connection may wait longer per step. */
+/* When a pass of the event loop serves an event ("Fairness"): at once, or
+ * else as one of at most HANDSHAKE_STEPS_PER_PASS handshake steps, those of
+ * handshakes under way before new ones. A step of an ECDSA P-256 handshake
+ * costs 0.1 to 0.3 ms, which an established connection may wait per step. */
 #define HANDSHAKE_STEPS_PER_PASS 4
+enum turn { TURN_AT_ONCE, TURN_HANDSHAKE_BEGUN, TURN_HANDSHAKE_NEW };
+
+static enum turn event_turn(const struct relay_side *side)
+{
+    const struct relay_pair *pair = side != NULL ? side->pair : NULL;
+    if (pair == NULL || pair->state != PAIR_HANDSHAKING)
+        return TURN_AT_ONCE;
+    return tls_handshake_begun(pair->client.tls) ? TURN_HANDSHAKE_BEGUN
+                                                 : TURN_HANDSHAKE_NEW;
+}
 
 /* The body of a relay thread: wait for events, serve them (handshakes
  * last), expire what timed out; at stop, close every pair. */
@@ -4897,23 +4904,19 @@ static void *relay_thread_run(void *argument)
         int ready = epoll_wait(thread->epoll_fd, events, ARRAY_LENGTH(events),
                                sleep_ms);
         long long now = now_ms();
-        /* Each event's turn ("Fairness"): 0 at once; 1 a handshake under
-         * way; 2 a new one. */
-        int turn[ARRAY_LENGTH(events)];
+        enum turn turn[ARRAY_LENGTH(events)];
         for (int i = 0; i < ready; i++) {
             struct relay_side *side = events[i].data.ptr;
-            turn[i] = side == NULL || side->pair == NULL ||
-                              side->pair->state != PAIR_HANDSHAKING ? 0
-                      : tls_handshake_begun(side->pair->client.tls) ? 1 : 2;
+            turn[i] = event_turn(side);
             if (side == NULL)
                 stop = relay_take_inbox(thread, now);
-            else if (turn[i] == 0)
+            else if (turn[i] == TURN_AT_ONCE)
                 relay_on_event(thread, side, events[i].events, now);
         }
         int steps = 0;
-        for (int round = 1; round <= 2; round++)
+        for (enum turn t = TURN_HANDSHAKE_BEGUN; t <= TURN_HANDSHAKE_NEW; t++)
             for (int i = 0; i < ready && steps < HANDSHAKE_STEPS_PER_PASS; i++)
-                if (turn[i] == round) {
+                if (turn[i] == t) {
                     relay_on_event(thread, events[i].data.ptr,
                                    events[i].events, now);
                     steps++;
@@ -6132,8 +6135,8 @@ int proxy_open(struct settings *settings, char *error, size_t error_size)
      * kill the whole process with SIGPIPE (OpenSSL writes with write()). */
     signal(SIGPIPE, SIG_IGN);
 
-    /* The timed waits (the grace period, idle workers) need a monotonic
-     * clock, which only a condition made at run time can have. */
+    /* The grace period's timed wait needs a monotonic clock, which only a
+     * condition made at run time can have. */
     pthread_condattr_t attributes;
     pthread_condattr_init(&attributes);
     pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC);
@@ -6209,9 +6212,8 @@ failed:
     return -1;
 }
 
-/* What the main thread does while the relay threads serve: waits for a
- * signal, reloads the certificate when asked, and returns when a stop is
- * requested. */
+/* What the main thread does while the relay threads serve: waits for a signal,
+ * reloads the certificate when asked, and returns when a stop is requested. */
 static void main_wait_for_stop(void)
 {
     while (!stop_requested) {
