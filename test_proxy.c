@@ -4377,8 +4377,9 @@ START_TEST(test_a_stalled_tls_handshake_holds_up_no_other_client)
 END_TEST
 
 /* A TLS client whose bytes go through memory, so that the test decides
- * when each of its flights leaves: SSL_connect() writes into `out`, and
- * bytes from the server are put into `in`. */
+ * when each of its flights leaves: SSL_connect() writes into its write BIO,
+ * where memory_tls_written() takes the bytes from, and bytes from the
+ * server are put into its read BIO. */
 static SSL *memory_tls_client(void)
 {
     SSL_CTX *context = SSL_CTX_new(TLS_client_method());
@@ -4388,23 +4389,12 @@ static SSL *memory_tls_client(void)
     return tls;
 }
 
-/* Sends what the memory client has written so far on fd, but for the
- * last `keep` bytes, which stay for the next call. */
-static void memory_tls_flush_but(SSL *tls, int fd, int keep)
+/* Takes up to size bytes that the memory client has written so far into
+ * out; returns the count. */
+static size_t memory_tls_written(SSL *tls, uint8_t *out, size_t size)
 {
-    char bytes[16384];
-    int count = BIO_read(SSL_get_wbio(tls), bytes, sizeof bytes);
-    if (count <= 0)
-        return;
-    int now = count > keep ? count - keep : 0;
-    send_all(fd, bytes, (size_t)now);
-    if (count > now)
-        BIO_write(SSL_get_wbio(tls), bytes + now, count - now);
-}
-
-static void memory_tls_flush(SSL *tls, int fd)
-{
-    memory_tls_flush_but(tls, fd, 0);
+    int count = BIO_read(SSL_get_wbio(tls), out, (int)size);
+    return count > 0 ? (size_t)count : 0;
 }
 
 /* Handshakes under way are stepped before new ones ("Fairness"): with one
@@ -4423,10 +4413,10 @@ START_TEST(test_a_handshake_under_way_goes_before_new_ones)
      * last flight (Finished) made but held back. */
     int late_fd = connect_local(port);
     SSL *late = memory_tls_client();
+    uint8_t bytes[16384];
     int done = SSL_connect(late);
     for (int tries = 0; done != 1 && tries < 100; tries++) {
-        memory_tls_flush(late, late_fd);
-        char bytes[16384];
+        send_all(late_fd, bytes, memory_tls_written(late, bytes, sizeof bytes));
         ck_assert_msg(readable_within(late_fd, PROMPTLY_MS),
                       "the server's flight should come");
         ssize_t count = recv(late_fd, bytes, sizeof bytes, 0);
@@ -4439,19 +4429,24 @@ START_TEST(test_a_handshake_under_way_goes_before_new_ones)
     /* Many new clients, each hello sent but for its last byte: the proxy
      * waits for a whole hello, so none is answered yet. */
     int fds[NEW_CLIENTS];
-    SSL *hellos[NEW_CLIENTS];
+    uint8_t last_bytes[NEW_CLIENTS];
     for (int i = 0; i < NEW_CLIENTS; i++) {
         fds[i] = connect_local(port);
-        hellos[i] = memory_tls_client();
-        SSL_connect(hellos[i]);
-        memory_tls_flush_but(hellos[i], fds[i], 1);
+        SSL *hello = memory_tls_client();
+        SSL_connect(hello);
+        size_t length = memory_tls_written(hello, bytes, sizeof bytes);
+        ck_assert_uint_gt(length, 1);
+        send_all(fds[i], bytes, length - 1);
+        last_bytes[i] = bytes[length - 1];
+        SSL_free(hello);
     }
     ck_assert_msg(counter_reaches(COUNTER_CONNECTIONS_ACCEPTED,
                                   NEW_CLIENTS + 1, PROMPTLY_MS),
                   "every client is taken in");
     for (int i = 0; i < NEW_CLIENTS; i++)
-        memory_tls_flush(hellos[i], fds[i]); /* the last bytes */
-    memory_tls_flush(late, late_fd); /* behind all the hellos */
+        send_all(fds[i], &last_bytes[i], 1);
+    /* The late client's Finished, behind all the hellos. */
+    send_all(late_fd, bytes, memory_tls_written(late, bytes, sizeof bytes));
 
     /* The server's answer to Finished (its session tickets) marks when the
      * late client was finished; count the hellos answered by then. */
@@ -4464,10 +4459,8 @@ START_TEST(test_a_handshake_under_way_goes_before_new_ones)
                   "%d of %d new clients were answered before the one under "
                   "way was finished", answered, NEW_CLIENTS);
 
-    for (int i = 0; i < NEW_CLIENTS; i++) {
-        SSL_free(hellos[i]);
+    for (int i = 0; i < NEW_CLIENTS; i++)
         close(fds[i]);
-    }
     SSL_free(late);
     close(late_fd);
     proxy_stop();
