@@ -216,8 +216,8 @@ ha_restart() { stop_pid "$HA_PID"; HA_PID=""; ha_start; }
 # BBR paces each connection with a timer; on loopback that costs CPU for
 # every paced burst, and a proxied byte crosses two connections where a
 # direct one crosses one. On the machine of bench/README.md (finding 12),
-# plain bulk with 8 connections down went from 0.42x of direct under BBR
-# to 0.8x under cubic, for the same binaries. So that a row means the same
+# plain bulk with 8 connections down measured 0.35x-0.45x of direct under
+# BBR and 0.70x-0.76x under cubic, same binaries. So that a row means the same
 # on every machine, run.sh runs itself in a network namespace of its own
 # (a loopback of its own, nothing else on it) and sets cubic there, the
 # default that Linux and Debian ship. The machine's own setting is left
